@@ -1,0 +1,471 @@
+"""Clients of a device server: `DeviceClient` (sync, thread-safe) and `AsyncDeviceClient`.
+
+Both connect with a handshake, read `describe`, and bind the device's operations as methods,
+so `client.move_to(3.0)` calls the remote `move_to`. Every request carries an id and a reply
+with another id is dropped, so a late reply can never answer the next question. When no reply
+comes in time the socket is replaced (lazy pirate); queries, describe and ping are retried a
+bounded number of times, writes and calls never (unless the operation is declared idempotent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import math
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from labmesh.protocol import native
+from labmesh.protocol.errors import ProtocolError, remote_error
+from labmesh.transport import dealer_socket
+
+log = logging.getLogger("labmesh.client")
+
+#: Request types that are safe to send again after a timeout.
+RETRYABLE = frozenset({"describe", "query", "ping", "help", "locks"})
+#: Extra wait beyond a server budget so the server's own TimeoutError reply can arrive (ms).
+GRACE_MS = 1000
+#: How long close() waits for the server to confirm the disconnect (ms).
+CLOSE_TIMEOUT_MS = 1000
+
+
+class _ClientCore:
+    """Request building and reply handling shared by the sync and async clients (no I/O)."""
+
+    def __init__(
+        self,
+        address: str,
+        timeout: int,
+        resources: Any,
+        client_id: str | None,
+        connect_kwargs: dict | None,
+        retries: int,
+    ) -> None:
+        self.address = address
+        self.default_timeout = int(timeout)
+        self.resources = resources if resources is not None else []
+        self.client_id = client_id or f"client-{uuid.uuid4().hex}"
+        self.connect_kwargs = dict(connect_kwargs or {})
+        self.retries = retries
+        self.session: str | None = None
+        self.connection_info: dict[str, Any] | None = None
+        self.description: dict[str, Any] = {}
+        self._idempotent: frozenset[str] = frozenset()
+        self._budgets: dict[str, float] = {}
+        self._id_prefix = secrets.token_hex(3)
+        self._counter = 0
+        self._connected = False
+
+    # ---- payloads -------------------------------------------------------------------------
+    def _new_id(self) -> str:
+        self._counter += 1
+        return f"{self._id_prefix}:{self._counter}"
+
+    def _recv_timeout_ms(self, budget_s: float | None) -> int:
+        if budget_s is None:
+            return self.default_timeout
+        budget_ms = int(math.ceil(budget_s * 1000))
+        return max(self.default_timeout, budget_ms + max(GRACE_MS, budget_ms // 5))
+
+    def _attempts(self, payload: dict[str, Any]) -> int:
+        rtype = payload["type"]
+        safe = rtype in RETRYABLE or (rtype == "call" and payload["func"] in self._idempotent)
+        return 1 + self.retries if safe else 1
+
+    def _stamp(self, payload: dict[str, Any]) -> str:
+        rid = self._new_id()
+        payload["id"] = rid
+        if self.session is not None and "session" not in payload:
+            payload["session"] = self.session
+        return rid
+
+    def _connect_payload(self) -> dict[str, Any]:
+        return {"type": "connect", "resources": self.resources, **self.connect_kwargs}
+
+    def _call_payload(self, func: str, args: tuple, kwargs: dict, timeout: float | None) -> dict:
+        if timeout is None:
+            timeout = self._budgets.get(func)
+        return {"type": "call", "func": func, "args": list(args), "kwargs": kwargs,
+                "timeout": timeout}
+
+    @staticmethod
+    def _matches(reply: dict[str, Any], rid: str) -> bool:
+        """A reply answers our request if it echoes our id (or the server echoes no ids)."""
+        return reply.get("id", rid) == rid
+
+    @staticmethod
+    def _result(reply: dict[str, Any]) -> Any:
+        if reply["status"] == "ok":
+            return reply.get("result")
+        raise remote_error(str(reply.get("type")), str(reply.get("error")), reply)
+
+    def _timeout_error(self, payload: dict[str, Any], wait_ms: int, attempts: int) -> TimeoutError:
+        what = payload["type"] + (f" {payload.get('func') or payload.get('param')}"
+                                  if payload["type"] in ("call", "query", "write") else "")
+        tries = f" (sent {attempts} times)" if attempts > 1 else ""
+        return TimeoutError(
+            f"no reply from {self.address} to {what} within {wait_ms} ms{tries}; is the server "
+            "running and reachable? For long operations pass timeout= (seconds)"
+        )
+
+    # ---- after connect --------------------------------------------------------------------
+    def _connected_with(self, info: dict[str, Any]) -> None:
+        self.connection_info = info
+        self.session = info.get("session") if isinstance(info, dict) else None
+        self._connected = True
+
+    def _described(self, description: dict[str, Any]) -> None:
+        self.description = description
+        self._budgets = dict(description.get("budgets") or {})
+        self._idempotent = frozenset(description.get("idempotent") or ())
+        functions = {f.get("name"): f for f in (description.get("doc") or {}).get("functions", [])
+                     if isinstance(f, dict)}
+        for name in description.get("methods", []):
+            if not isinstance(name, str) or not name.isidentifier() or hasattr(self, name):
+                continue
+            setattr(self, name, self._make_proxy(name, functions.get(name)))
+
+    def _make_proxy(self, name: str, info: dict[str, Any] | None) -> Callable[..., Any]:
+        raise NotImplementedError
+
+    def get_config_list(self) -> list[str]:
+        """Names of the device's parameters (from describe; no round trip)."""
+        params = (self.description.get("doc") or {}).get("parameters") or {}
+        return sorted(p["name"] for group in params.values() for p in group)
+
+
+def _signature(info: dict[str, Any] | None) -> inspect.Signature | None:
+    """Rebuild a remote operation's signature from describe, for help() and IDEs."""
+    if not info:
+        return None
+    try:
+        params = [
+            inspect.Parameter(
+                p["name"],
+                getattr(inspect.Parameter, str(p.get("kind")), inspect.Parameter.POSITIONAL_OR_KEYWORD),
+                default=inspect.Parameter.empty if p.get("required") else p.get("default"),
+            )
+            for p in info.get("iparams", [])
+        ]
+        return inspect.Signature(params)
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def _decorate(proxy: Callable[..., Any], name: str, info: dict[str, Any] | None) -> None:
+    proxy.__name__ = name
+    proxy.__qualname__ = name
+    proxy.__doc__ = (info or {}).get("description") or f"Remote operation {name}."
+    sig = _signature(info)
+    if sig is not None:
+        proxy.__signature__ = sig  # type: ignore[attr-defined]
+
+
+class DeviceClient(_ClientCore):
+    """A synchronous client of one device server; safe to share between threads.
+
+    Parameters:
+        address: the server, e.g. `tcp://localhost:5555`.
+        timeout: default receive timeout in milliseconds.
+        resources: what to lock at connect: a string (`"Dev1/port0"` = every line below it), a
+            list, or a nested dict tree.
+        client_id: a stable identity (the DEALER routing id); random when not given.
+        connect_kwargs: metadata sent with connect (e.g. `{"name": "experiment-42"}`), shown to
+            other users as the holder of your locks.
+        retries: how many times a safe request (query, describe, ping) is re-sent after a timeout.
+        context: the ZeroMQ context (default: the process-wide one).
+    """
+
+    def __init__(
+        self,
+        address: str = "tcp://localhost:5555",
+        timeout: int = 5000,
+        resources: Any = None,
+        client_id: str | None = None,
+        connect_kwargs: dict | None = None,
+        *,
+        retries: int = 2,
+        context: zmq.Context | None = None,
+    ) -> None:
+        super().__init__(address, timeout, resources, client_id, connect_kwargs, retries)
+        self._ctx = context or zmq.Context.instance()
+        self._lock = threading.RLock()
+        self._socket: zmq.Socket | None = dealer_socket(
+            self._ctx, address, self.client_id.encode()
+        )
+        try:
+            self.connect()
+        except BaseException:
+            self._close_socket()
+            raise
+
+    def connect(self) -> None:
+        """Handshake (locks `resources`), read describe and bind the device's operations."""
+        self._connected_with(self._request(self._connect_payload()))
+        self._described(self.describe())
+
+    def _reset_socket(self) -> None:
+        """Replace the socket after a timeout so nothing stale can arrive on it."""
+        self._close_socket()
+        self._socket = dealer_socket(self._ctx, self.address, self.client_id.encode())
+
+    def _close_socket(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    def _request(self, payload: dict[str, Any], attempts: int | None = None,
+                 wait_ms: int | None = None) -> Any:
+        attempts = attempts or self._attempts(payload)
+        wait_ms = wait_ms or self._recv_timeout_ms(payload.get("timeout"))
+        with self._lock:
+            if self._socket is None:
+                raise ConnectionError(f"client of {self.address} is closed")
+            for attempt in range(attempts):
+                rid = self._stamp(payload)
+                reply = self._exchange(native.encode(payload), rid, wait_ms)
+                if reply is not None:
+                    return self._result(reply)
+                log.info("%s: no reply to %s (attempt %d/%d); resetting socket",
+                         self.address, payload["type"], attempt + 1, attempts)
+                self._reset_socket()
+            raise self._timeout_error(payload, wait_ms, attempts)
+
+    def _exchange(self, body: bytes, rid: str, wait_ms: int) -> dict[str, Any] | None:
+        sock = self._socket
+        assert sock is not None
+        sock.send(body)
+        deadline = time.monotonic() + wait_ms / 1000
+        while True:
+            left = int((deadline - time.monotonic()) * 1000)
+            if left <= 0 or not sock.poll(left):
+                return None
+            try:
+                reply = native.decode_reply(sock.recv())
+            except ProtocolError as exc:
+                log.warning("%s: %s; ignored", self.address, exc)
+                continue
+            if self._matches(reply, rid):
+                return reply
+            log.info("%s: dropped a late reply (id %r, waiting for %r)", self.address,
+                     reply.get("id"), rid)
+
+    # ---- public API -----------------------------------------------------------------------
+    def query(self, param: str, timeout: float | None = None) -> Any:
+        """Read a parameter. `timeout` (s) is the server-side budget."""
+        return self._request({"type": "query", "param": param, "timeout": timeout})
+
+    def write(self, param: str, value: Any, timeout: float | None = None) -> Any:
+        """Write a parameter (never re-sent by the library)."""
+        return self._request({"type": "write", "param": param, "value": value,
+                              "timeout": timeout})
+
+    def call(self, func: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        """Call an operation by name; waits its declared budget unless `timeout` is given."""
+        return self._request(self._call_payload(func, args, kwargs, timeout))
+
+    def describe(self) -> dict[str, Any]:
+        return self._request({"type": "describe"})
+
+    def help(self) -> str:
+        """The server's human-readable summary of the device."""
+        return self._request({"type": "help"})["help"]
+
+    def ping(self) -> dict[str, Any]:
+        """Liveness: answered without waiting for the device."""
+        return self._request({"type": "ping"})
+
+    def identity(self) -> str:
+        return self.call("identity")
+
+    def locks(self) -> dict[str, Any]:
+        """Who holds which resource of the device."""
+        return self._request({"type": "locks"})
+
+    def _make_proxy(self, name: str, info: dict[str, Any] | None) -> Callable[..., Any]:
+        def proxy(*args: Any, **kwargs: Any) -> Any:
+            return self.call(name, *args, **kwargs)
+
+        _decorate(proxy, name, info)
+        return proxy
+
+    def close(self) -> None:
+        """Release locks (disconnect) and close; returns within about a second if the server
+        is gone."""
+        with self._lock:
+            if self._socket is None:
+                return
+            if self._connected:
+                self._connected = False
+                try:
+                    self._request({"type": "disconnect"}, attempts=1,
+                                  wait_ms=min(self.default_timeout, CLOSE_TIMEOUT_MS))
+                except (TimeoutError, ConnectionError) as exc:
+                    log.info("%s: disconnect not confirmed (%s); closing anyway",
+                             self.address, exc)
+            self._close_socket()
+
+    def __enter__(self) -> DeviceClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<DeviceClient {self.description.get('name', '?')} at {self.address}>"
+
+
+def build_client(
+    address: str = "tcp://localhost:5555",
+    timeout: int = 5000,
+    resources: Any = None,
+    client_id: str | None = None,
+    connect_kwargs: dict | None = None,
+    **options: Any,
+) -> DeviceClient:
+    """Connect to a device server (PLESTY's signature); `options` go to DeviceClient."""
+    return DeviceClient(address, timeout, resources, client_id, connect_kwargs, **options)
+
+
+class AsyncDeviceClient(_ClientCore):
+    """The asyncio twin of DeviceClient: same methods, as coroutines.
+
+    Create it with `await build_async_client(...)` (or construct and `await client.connect()`).
+    """
+
+    def __init__(
+        self,
+        address: str = "tcp://localhost:5555",
+        timeout: int = 5000,
+        resources: Any = None,
+        client_id: str | None = None,
+        connect_kwargs: dict | None = None,
+        *,
+        retries: int = 2,
+        context: zmq.asyncio.Context | None = None,
+    ) -> None:
+        super().__init__(address, timeout, resources, client_id, connect_kwargs, retries)
+        self._ctx = context or zmq.asyncio.Context.instance()
+        self._lock = asyncio.Lock()
+        self._socket: zmq.asyncio.Socket | None = dealer_socket(
+            self._ctx, address, self.client_id.encode()
+        )
+
+    async def connect(self) -> AsyncDeviceClient:
+        try:
+            self._connected_with(await self._request(self._connect_payload()))
+            self._described(await self.describe())
+        except BaseException:
+            self._close_socket()
+            raise
+        return self
+
+    def _close_socket(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    async def _request(self, payload: dict[str, Any], attempts: int | None = None,
+                       wait_ms: int | None = None) -> Any:
+        attempts = attempts or self._attempts(payload)
+        wait_ms = wait_ms or self._recv_timeout_ms(payload.get("timeout"))
+        async with self._lock:
+            if self._socket is None:
+                raise ConnectionError(f"client of {self.address} is closed")
+            for _ in range(attempts):
+                rid = self._stamp(payload)
+                reply = await self._exchange(native.encode(payload), rid, wait_ms)
+                if reply is not None:
+                    return self._result(reply)
+                self._close_socket()
+                self._socket = dealer_socket(self._ctx, self.address, self.client_id.encode())
+            raise self._timeout_error(payload, wait_ms, attempts)
+
+    async def _exchange(self, body: bytes, rid: str, wait_ms: int) -> dict[str, Any] | None:
+        sock = self._socket
+        assert sock is not None
+        await sock.send(body)
+        deadline = time.monotonic() + wait_ms / 1000
+        while True:
+            left = int((deadline - time.monotonic()) * 1000)
+            if left <= 0 or not await sock.poll(left):
+                return None
+            try:
+                reply = native.decode_reply(await sock.recv())
+            except ProtocolError as exc:
+                log.warning("%s: %s; ignored", self.address, exc)
+                continue
+            if self._matches(reply, rid):
+                return reply
+
+    async def query(self, param: str, timeout: float | None = None) -> Any:
+        return await self._request({"type": "query", "param": param, "timeout": timeout})
+
+    async def write(self, param: str, value: Any, timeout: float | None = None) -> Any:
+        return await self._request({"type": "write", "param": param, "value": value,
+                                    "timeout": timeout})
+
+    async def call(self, func: str, *args: Any, timeout: float | None = None,
+                   **kwargs: Any) -> Any:
+        return await self._request(self._call_payload(func, args, kwargs, timeout))
+
+    async def describe(self) -> dict[str, Any]:
+        return await self._request({"type": "describe"})
+
+    async def help(self) -> str:
+        return (await self._request({"type": "help"}))["help"]
+
+    async def ping(self) -> dict[str, Any]:
+        return await self._request({"type": "ping"})
+
+    async def identity(self) -> str:
+        return await self.call("identity")
+
+    async def locks(self) -> dict[str, Any]:
+        return await self._request({"type": "locks"})
+
+    def _make_proxy(self, name: str, info: dict[str, Any] | None) -> Callable[..., Any]:
+        async def proxy(*args: Any, **kwargs: Any) -> Any:
+            return await self.call(name, *args, **kwargs)
+
+        _decorate(proxy, name, info)
+        return proxy
+
+    async def close(self) -> None:
+        if self._socket is None:
+            return
+        if self._connected:
+            self._connected = False
+            try:
+                await self._request({"type": "disconnect"}, attempts=1,
+                                    wait_ms=min(self.default_timeout, CLOSE_TIMEOUT_MS))
+            except (TimeoutError, ConnectionError) as exc:
+                log.info("%s: disconnect not confirmed (%s); closing anyway", self.address, exc)
+        self._close_socket()
+
+    async def __aenter__(self) -> AsyncDeviceClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def build_async_client(
+    address: str = "tcp://localhost:5555",
+    timeout: int = 5000,
+    resources: Any = None,
+    client_id: str | None = None,
+    connect_kwargs: dict | None = None,
+    **options: Any,
+) -> AsyncDeviceClient:
+    """Connect an AsyncDeviceClient (same arguments as build_client)."""
+    client = AsyncDeviceClient(address, timeout, resources, client_id, connect_kwargs, **options)
+    return await client.connect()

@@ -1,0 +1,348 @@
+"""The device contract a driver author subclasses, and the `@operation` decorator.
+
+A driver is synchronous code: it implements `connect`/`disconnect`, the `_write_`/`_query_`
+hooks for its declared parameters, and exposes extra operations with `@operation`. The same
+object works locally (`with MyDevice() as dev: dev.query("POWER")`) and remotely through
+`build_server(dev)` + `build_client(...)`, where the client gets the same methods.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar, overload
+
+from labmesh.device.parameters import Parameter
+from labmesh.protocol.errors import ParameterValueError, UnknownParameterError
+
+log = logging.getLogger("labmesh.device")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+OPERATION_MARKER = "__labmesh_operation__"
+#: Markers PLESTY's `@expose_to_api` leaves on a function; honoured so its drivers serve as-is.
+_PLESTY_EXPOSE_MARKER = "__plesty_expose_in_api__"
+_PLESTY_BUDGET_MARKER = "__plesty_op_budget_s__"
+
+
+@dataclass(frozen=True)
+class OperationSpec:
+    """What `@operation` declares about a method.
+
+    Attributes:
+        budget_s: how long the call may take; the client waits that long and the server uses it
+            as the call's budget when the caller gives none.
+        idempotent: safe to send twice; only then does a client retry it after a timeout.
+        resources: the lockable resources the call touches (None = the whole device).
+    """
+
+    budget_s: float | None = None
+    idempotent: bool = False
+    resources: tuple[str, ...] | None = None
+
+
+@overload
+def operation(func: F) -> F: ...
+@overload
+def operation(
+    *,
+    budget_s: float | None = None,
+    idempotent: bool = False,
+    resources: Iterable[str] | None = None,
+) -> Callable[[F], F]: ...
+
+
+def operation(
+    func: Callable[..., Any] | None = None,
+    *,
+    budget_s: float | None = None,
+    idempotent: bool = False,
+    resources: Iterable[str] | None = None,
+) -> Any:
+    """Expose a device method to remote clients (`call`), optionally with a time budget.
+
+    Use as `@operation` or `@operation(budget_s=30, idempotent=True)`.
+    """
+    if budget_s is not None and (isinstance(budget_s, bool) or budget_s <= 0):
+        raise ValueError(f"budget_s must be a positive number of seconds, got {budget_s!r}")
+    spec = OperationSpec(
+        float(budget_s) if budget_s is not None else None,
+        idempotent,
+        tuple(resources) if resources is not None else None,
+    )
+
+    def mark(f: F) -> F:
+        setattr(f, OPERATION_MARKER, spec)
+        return f
+
+    return mark(func) if func is not None else mark
+
+
+def _operation_spec(attr: Any) -> OperationSpec | None:
+    if isinstance(attr, (staticmethod, classmethod)):
+        attr = attr.__func__
+    if not callable(attr):
+        return None
+    base = inspect.unwrap(attr)
+    spec = getattr(base, OPERATION_MARKER, None) or getattr(attr, OPERATION_MARKER, None)
+    if spec is not None:
+        return spec
+    if getattr(base, _PLESTY_EXPOSE_MARKER, False):
+        return OperationSpec(budget_s=getattr(base, _PLESTY_BUDGET_MARKER, None))
+    return None
+
+
+def find_operations(obj: Any) -> dict[str, OperationSpec]:
+    """Public methods of `obj`'s class (and bases) marked as operations, by name."""
+    found: dict[str, OperationSpec] = {}
+    for cls in type(obj).__mro__:
+        if cls is object:
+            continue
+        for name, attr in vars(cls).items():
+            if name.startswith("_") or name in found or isinstance(attr, property):
+                continue
+            spec = _operation_spec(attr)
+            if spec is not None:
+                found[name] = spec
+    # a subclass can hide an operation by overriding it without the marker
+    return {n: s for n, s in found.items() if _operation_spec(getattr(type(obj), n, None))}
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return repr(value)
+
+
+def _annotation_name(annotation: Any) -> str | None:
+    if annotation is inspect.Parameter.empty:
+        return None
+    if isinstance(annotation, str):
+        return annotation
+    return getattr(annotation, "__name__", None) or str(annotation)
+
+
+def describe_operation(name: str, method: Callable[..., Any], spec: OperationSpec) -> dict:
+    """JSON description of one operation: doc, arguments (for client signatures), budget."""
+    try:
+        sig = inspect.signature(method)
+    except (TypeError, ValueError):
+        sig = None
+    iparams = []
+    if sig is not None:
+        for p in sig.parameters.values():
+            if p.name == "self":
+                continue
+            iparams.append(
+                {
+                    "name": p.name,
+                    "kind": p.kind.name,
+                    "dtype": _annotation_name(p.annotation),
+                    "required": p.default is inspect.Parameter.empty
+                    and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD),
+                    "default": None if p.default is p.empty else _jsonable(p.default),
+                }
+            )
+    returns = _annotation_name(sig.return_annotation) if sig is not None else None
+    return {
+        "name": name,
+        "source": "labmesh",
+        "description": inspect.getdoc(method) or "",
+        "iparams": iparams,
+        "oparams": [{"name": "result", "dtype": returns}] if returns else [],
+        "kind": {"budget_s": spec.budget_s, "idempotent": spec.idempotent},
+        "resources": list(spec.resources) if spec.resources is not None else None,
+    }
+
+
+class Device:
+    """Base class of every labmesh driver.
+
+    Subclass it, declare parameters as class attributes (`POWER = Parameter(float, unit="W",
+    read_only=True)`), implement `connect`, `disconnect`, `_query_` and `_write_`, and mark
+    extra methods with `@operation`. `resources` declares what clients can lock: a flat list
+    (`["x", "y"]`) or a nested tree (`{"Dev1": {"port0": ["line0", "line1"]}}`).
+
+    Parameters:
+        name: the device's name in the lab (defaults to the class name).
+        resources: overrides the class's `resources`.
+    """
+
+    kind: str = "device"
+    resources: list[str] | dict[str, Any] | None = None
+
+    def __init__(self, name: str | None = None, *, resources: Any = None) -> None:
+        self.name = name or type(self).__name__
+        if resources is not None:
+            self.resources = resources
+        self.parameters: dict[str, Parameter] = {}
+        for cls in reversed(type(self).__mro__):
+            for attr_name, attr in vars(cls).items():
+                if isinstance(attr, Parameter):
+                    self.parameters[attr_name] = attr
+        self.connected = False
+
+    # ---- lifecycle (override) -------------------------------------------------------------
+    def connect(self) -> None:
+        """Open the instrument. Called once, on the thread that runs the device's calls."""
+
+    def disconnect(self) -> None:
+        """Close the instrument. Must be safe to call after a failed or partial connect."""
+
+    # ---- parameter hooks (override) -------------------------------------------------------
+    def _query_(self, name: str) -> Any:
+        """Read parameter `name` from the instrument; a raw string is converted to its type."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement _query_({name!r})")
+
+    def _write_(self, name: str, value: Any) -> bool | None:
+        """Send validated `value` for `name`; return False if the instrument refused it."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement _write_({name!r})")
+
+    # ---- the contract ---------------------------------------------------------------------
+    def declare(self, parameter: Parameter) -> None:
+        """Add or replace a parameter at run time (e.g. from a YAML parameter map)."""
+        if not parameter.name:
+            raise ValueError("a parameter declared at run time needs a name")
+        self.parameters[parameter.name] = parameter
+
+    def set_limits(self, name: str, *, min: float | None = None, max: float | None = None) -> None:  # noqa: A002
+        """Narrow or widen the limits of a numeric parameter for this instance."""
+        self.parameters[name] = self.parameter(name).replace(min=min, max=max)
+
+    def parameter(self, name: str) -> Parameter:
+        """The declared parameter `name`, or UnknownParameterError listing the known ones."""
+        try:
+            return self.parameters[name]
+        except (KeyError, TypeError):
+            raise UnknownParameterError(
+                f"{self.name} has no parameter {name!r}; known: {sorted(self.parameters)}"
+            ) from None
+
+    def query(self, name: str, **_request: Any) -> Any:
+        """Read a declared parameter, converted to its declared type."""
+        param = self.parameter(name)
+        if param.write_only:
+            raise ParameterValueError(f"{name} is write-only; it can be written, not queried")
+        return _from_device(param, self._query_(name))
+
+    def write(self, name: str, value: Any, **_request: Any) -> bool:
+        """Validate `value` against the declaration of `name` and write it; True on success."""
+        value = self.parameter(name).validate(value)
+        return self._write_(name, value) is not False
+
+    def get_config_list(self) -> list[str]:
+        """Names of the declared parameters."""
+        return sorted(self.parameters)
+
+    @operation(idempotent=True)
+    def identity(self) -> str:
+        """The instrument's identity string (e.g. the answer to `*IDN?`)."""
+        return f"labmesh,{type(self).__name__},{self.name},0"
+
+    @operation(idempotent=True)
+    def check_errors(self) -> list[str]:
+        """Errors the instrument reports (empty list when none)."""
+        return []
+
+    @operation(idempotent=True)
+    def check_operatability(self) -> bool:
+        """True when the instrument is connected and answers."""
+        return self.connected
+
+    def describe(self) -> dict[str, Any]:
+        """Static description (no instrument I/O): parameters, operations, resources."""
+        return describe_device(self)
+
+    def __enter__(self) -> Device:
+        self.connect()
+        self.connected = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.disconnect()
+        finally:
+            self.connected = False
+
+
+def describe_device(device: Any) -> dict[str, Any]:
+    """Describe any served object: a labmesh Device, or a PLESTY-style driver.
+
+    Reads only class metadata and declarations, never the instrument, so the server can answer
+    `describe` while a 20 s exposure runs.
+    """
+    ops = find_operations(device)
+    functions = [describe_operation(n, getattr(device, n), s) for n, s in sorted(ops.items())]
+    parameters = getattr(device, "parameters", None)
+    params = parameters.items() if isinstance(parameters, dict) else ()
+    resources = getattr(device, "resources", None)
+    if resources is None:
+        resources = getattr(device, "_resources", None)
+    return {
+        "name": getattr(device, "name", None) or type(device).__name__,
+        "kind": getattr(device, "kind", "device"),
+        "methods": sorted(ops),
+        "budgets": {n: s.budget_s for n, s in ops.items() if s.budget_s is not None},
+        "idempotent": sorted(n for n, s in ops.items() if s.idempotent),
+        "doc": {
+            "description": inspect.getdoc(type(device)) or "",
+            "parameters": {
+                "default": [
+                    {"name": n, **_plesty_param(p)}
+                    for n, p in sorted(params)
+                    if isinstance(p, Parameter)
+                ]
+            },
+            "functions": functions,
+            "standard_methods": [],
+        },
+        "resources": _jsonable(resources) if resources else [],
+    }
+
+
+def _plesty_param(p: Parameter) -> dict[str, Any]:
+    """A parameter in the field names PLESTY's describe uses (dtype, min_value, ...)."""
+    return {
+        "dtype": p.type_name,
+        "unit": p.unit,
+        "default": _jsonable(p.default),
+        "read_only": p.read_only,
+        "write_only": p.write_only,
+        "min_value": p.min,
+        "max_value": p.max,
+        "options": list(p.options) if p.options is not None else None,
+        "description": p.description,
+    }
+
+
+_TRUE = {"1", "on", "true", "yes"}
+_FALSE = {"0", "off", "false", "no"}
+
+
+def _from_device(param: Parameter, raw: Any) -> Any:
+    """Convert what `_query_` returned (often an SCPI string) to the parameter's type."""
+    if not isinstance(raw, (str, bytes)) or param.type in (None, str):
+        return raw.strip() if isinstance(raw, str) and param.type is str else raw
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    text = text.strip()
+    try:
+        if param.type is float:
+            return float(text)
+        if param.type is int:
+            return int(float(text))
+        if param.type is bool:
+            low = text.lower()
+            if low in _TRUE or low in _FALSE:
+                return low in _TRUE
+            raise ValueError(text)
+    except ValueError:
+        raise ParameterValueError(
+            f"{param.name}: instrument answered {text!r}, which is not a {param.type_name}"
+        ) from None
+    return text

@@ -1,0 +1,250 @@
+"""Resource locks as leases: a pure table (no sockets, no threads; the clock is passed in).
+
+A device registers its lockable resources as a flat list or a nested tree; each leaf is a
+`/`-separated path (`Dev1/port0/line0`). A session (the token connect returns) holds a grant: a
+set of leaves, all-or-nothing. A grant with a lease runs out `lease_s` after the session was
+last seen; a grant without one (a PLESTY client) runs out after the table's idle limit, so
+nothing is held forever by a client that crashed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from labmesh.protocol.errors import (
+    LeaseExpiredError,
+    ResourceAllocationError,
+    ResourceLockedError,
+)
+
+DEFAULT_IDLE_LIMIT_S = 600.0
+
+
+def normalize_path(path: Any) -> str:
+    """`" /Dev1//port0/ "` -> `Dev1/port0`."""
+    return "/".join(part.strip() for part in str(path).split("/") if part.strip())
+
+
+def flatten(spec: Any, prefix: str = "") -> list[str]:
+    """All paths named by a resource spec: a string, a collection, or a nested dict tree."""
+    if spec is None:
+        return [prefix] if prefix else []
+    if isinstance(spec, Mapping):
+        out: list[str] = []
+        for key, value in spec.items():
+            out.extend(flatten(value, _join(prefix, key)))
+        return out
+    if isinstance(spec, (str, bytes)) or not isinstance(spec, Iterable):
+        text = spec.decode() if isinstance(spec, bytes) else spec
+        path = _join(prefix, text)
+        return [path] if path else []
+    out = []
+    for item in spec:
+        out.extend(flatten(item, prefix))
+    return out
+
+
+def _join(prefix: str, name: Any) -> str:
+    name = normalize_path(name)
+    return f"{prefix}/{name}" if prefix and name else prefix or name
+
+
+@dataclass
+class Grant:
+    """What one session holds.
+
+    Attributes:
+        session: the secret token the holder proves itself with.
+        client_id: the holder's DEALER identity (shown to others, never trusted).
+        leaves: the resources held.
+        metadata: what the holder sent at connect (e.g. experiment name), shown to others.
+        since: when the grant was made.
+        lease_s: the lease length, or None for a PLESTY-style grant held until disconnect.
+        last_seen: the last time the session renewed (a heartbeat or any request).
+    """
+
+    session: str
+    client_id: str
+    leaves: tuple[str, ...]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    since: float = 0.0
+    lease_s: float | None = None
+    last_seen: float = 0.0
+
+    def expires_at(self, idle_limit_s: float) -> float:
+        return self.last_seen + (self.lease_s if self.lease_s is not None else idle_limit_s)
+
+    def describe_holder(self) -> str:
+        label = self.metadata.get("name") or self.metadata.get("experiment")
+        return f"{self.client_id} ({label})" if label else self.client_id
+
+
+class LeaseTable:
+    """Who holds which resource of one device, with leases.
+
+    Parameters:
+        resources: the device's lockable resources (flat list or nested tree).
+        idle_limit_s: how long a grant without a lease survives without any request.
+    """
+
+    def __init__(self, resources: Any = None, *, idle_limit_s: float = DEFAULT_IDLE_LIMIT_S):
+        self.idle_limit_s = idle_limit_s
+        self._leaves: set[str] = set()
+        self._grants: dict[str, Grant] = {}
+        self._holder: dict[str, str] = {}
+        self.register(resources)
+
+    def register(self, resources: Any) -> None:
+        """Add lockable resources (leaves of a tree, or paths of a flat list)."""
+        self._leaves.update(flatten(resources))
+
+    @property
+    def leaves(self) -> frozenset[str]:
+        return frozenset(self._leaves)
+
+    def expand(self, spec: Any) -> tuple[str, ...]:
+        """The registered leaves a request names (a prefix means every leaf below it).
+
+        Raises ResourceAllocationError naming what is unknown and listing what exists.
+        """
+        out: list[str] = []
+        unknown: list[str] = []
+        for path in flatten(spec):
+            if path in self._leaves:
+                matches = [path]
+            else:
+                below = f"{path}/"
+                matches = sorted(leaf for leaf in self._leaves if leaf.startswith(below))
+            if not matches:
+                unknown.append(path)
+            out.extend(m for m in matches if m not in out)
+        if unknown:
+            known = sorted(self._leaves)
+            raise ResourceAllocationError(
+                f"unknown resource(s) {unknown}; this device's lockable resources are "
+                f"{known}" if known else f"unknown resource(s) {unknown}; this device declares "
+                "no lockable resources",
+                unknown=unknown,
+            )
+        return tuple(out)
+
+    def grant(self, session: str) -> Grant | None:
+        return self._grants.get(session)
+
+    def holder(self, leaf: str) -> Grant | None:
+        session = self._holder.get(leaf)
+        return self._grants.get(session) if session is not None else None
+
+    def remaining(self, grant: Grant, now: float) -> float:
+        return max(0.0, grant.expires_at(self.idle_limit_s) - now)
+
+    def conflicts(self, session: str | None, leaves: Iterable[str]) -> list[Grant]:
+        """Grants of other sessions that hold any of `leaves` (each grant once)."""
+        found: dict[str, Grant] = {}
+        for leaf in leaves:
+            holder = self._holder.get(leaf)
+            if holder is not None and holder != session:
+                found[holder] = self._grants[holder]
+        return list(found.values())
+
+    def _busy_message(self, leaves: Iterable[str], grants: list[Grant], now: float) -> str:
+        parts = [
+            f"{sorted(set(g.leaves) & set(leaves))} held by {g.describe_holder()} for "
+            f"{now - g.since:.1f} s (lease ends in {self.remaining(g, now):.1f} s)"
+            for g in grants
+        ]
+        return "; ".join(parts)
+
+    def acquire(
+        self,
+        session: str,
+        client_id: str,
+        spec: Any,
+        now: float,
+        *,
+        lease_s: float | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Grant:
+        """Grant every leaf `spec` names to `session`, or nothing.
+
+        A session that already holds a grant has it replaced (as PLESTY's re-connect does).
+        Raises ResourceAllocationError (unknown or busy resources, naming the holder).
+        """
+        leaves = self.expand(spec)
+        busy = self.conflicts(session, leaves)
+        if busy:
+            raise ResourceAllocationError(
+                "requested resources are not available: " + self._busy_message(leaves, busy, now),
+                holders=[self.holder_info(g, now) for g in busy],
+            )
+        self.release(session)
+        grant = Grant(session, client_id, leaves, dict(metadata or {}), now, lease_s, now)
+        self._grants[session] = grant
+        for leaf in leaves:
+            self._holder[leaf] = session
+        return grant
+
+    def release(self, session: str) -> Grant | None:
+        """Drop a session and free what it held."""
+        grant = self._grants.pop(session, None)
+        if grant is not None:
+            for leaf in grant.leaves:
+                if self._holder.get(leaf) == session:
+                    del self._holder[leaf]
+        return grant
+
+    def renew(self, session: str, now: float) -> Grant:
+        """Extend a session's lease from now; LeaseExpiredError if the session is unknown."""
+        grant = self._grants.get(session)
+        if grant is None:
+            raise LeaseExpiredError(
+                "this session is unknown to the server (its lease ran out or the server "
+                "restarted); its locks are gone: connect again to re-acquire them"
+            )
+        grant.last_seen = now
+        return grant
+
+    def expire(self, now: float) -> list[Grant]:
+        """Remove and return every grant whose lease (or idle limit) has run out."""
+        dead = [g for g in self._grants.values() if g.expires_at(self.idle_limit_s) <= now]
+        for grant in dead:
+            self.release(grant.session)
+        return dead
+
+    def next_expiry(self) -> float | None:
+        """When the earliest grant runs out (None with no grants)."""
+        return min((g.expires_at(self.idle_limit_s) for g in self._grants.values()), default=None)
+
+    def check(self, session: str | None, leaves: Iterable[str], now: float) -> None:
+        """Raise ResourceLockedError if another session holds any of `leaves`."""
+        leaves = tuple(leaves)
+        busy = self.conflicts(session, leaves)
+        if busy:
+            raise ResourceLockedError(
+                "resource locked: " + self._busy_message(leaves, busy, now)
+                + "; wait for it to be released or ask its holder",
+                holders=[self.holder_info(g, now) for g in busy],
+            )
+
+    def holder_info(self, grant: Grant, now: float) -> dict[str, Any]:
+        return {
+            "client_id": grant.client_id,
+            "metadata": grant.metadata,
+            "resources": list(grant.leaves),
+            "since_s": round(now - grant.since, 3),
+            "lease_s": grant.lease_s,
+            "remaining_s": round(self.remaining(grant, now), 3),
+        }
+
+    def holders(self, now: float) -> list[dict[str, Any]]:
+        """One row per held resource: resource, holder, age and time left."""
+        rows = []
+        for leaf, session in sorted(self._holder.items()):
+            grant = self._grants[session]
+            rows.append({"resource": leaf, **self.holder_info(grant, now)})
+        return rows
+
+    def sessions(self) -> list[Grant]:
+        return list(self._grants.values())

@@ -1,0 +1,55 @@
+"""Where every labmesh ZeroMQ socket is made, one function per role.
+
+Keeping socket creation here means security (CurveZMQ keys, read-only vs control roles) and
+tuning are applied in one place, without touching the protocol or the server logic.
+"""
+
+from __future__ import annotations
+
+import zmq
+
+#: How quickly a DEALER reconnects after its server went away (ms), and the cap of its backoff.
+RECONNECT_IVL_MS = 100
+RECONNECT_IVL_MAX_MS = 1000
+
+
+def router_socket(ctx: zmq.Context, address: str, max_message_bytes: int) -> zmq.Socket:
+    """The device server's ROUTER, bound to `address` (e.g. `tcp://127.0.0.1:5555`).
+
+    Replies to a peer that has gone raise instead of vanishing (ROUTER_MANDATORY) so they can be
+    logged; a reconnecting client with the same identity takes over its old route
+    (ROUTER_HANDOVER). Messages far beyond the size limit are cut off by ZeroMQ itself; those
+    between the limit and twice it still get a readable error reply.
+    """
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    sock.setsockopt(zmq.MAXMSGSIZE, 2 * max_message_bytes + 1024)
+    sock.setsockopt(zmq.SNDHWM, 10000)
+    sock.setsockopt(zmq.RCVHWM, 10000)
+    try:
+        sock.bind(address)
+    except zmq.ZMQError as exc:
+        sock.close()
+        raise OSError(
+            f"cannot listen on {address}: {exc} (is another server on that port? "
+            "choose another port or stop the other server)"
+        ) from None
+    return sock
+
+
+def dealer_socket(ctx: zmq.Context, address: str, identity: bytes) -> zmq.Socket:
+    """A client's DEALER connected to `address`, with `identity` as its routing id."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IDENTITY, identity)
+    sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+    sock.connect(address)
+    return sock
+
+
+def bound_address(sock: zmq.Socket) -> str:
+    """The endpoint a socket really bound (resolves port 0 and wildcards)."""
+    return sock.getsockopt(zmq.LAST_ENDPOINT).decode()
