@@ -1,6 +1,6 @@
 """labmesh: networked lab instruments over ZeroMQ, with locks, discovery and metrics.
 
-    from labmesh import Device, operation, build_server, build_client, RemoteError
+from labmesh import Device, operation, build_server, build_client, RemoteError
 """
 
 from labmesh.client import AsyncDeviceClient, DeviceClient, build_async_client, build_client

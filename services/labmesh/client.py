@@ -72,7 +72,7 @@ class _ClientCore:
     def _recv_timeout_ms(self, budget_s: float | None) -> int:
         if budget_s is None:
             return self.default_timeout
-        budget_ms = int(math.ceil(budget_s * 1000))
+        budget_ms = math.ceil(budget_s * 1000)
         return max(self.default_timeout, budget_ms + max(GRACE_MS, budget_ms // 5))
 
     def _attempts(self, payload: dict[str, Any]) -> int:
@@ -93,8 +93,13 @@ class _ClientCore:
     def _call_payload(self, func: str, args: tuple, kwargs: dict, timeout: float | None) -> dict:
         if timeout is None:
             timeout = self._budgets.get(func)
-        return {"type": "call", "func": func, "args": list(args), "kwargs": kwargs,
-                "timeout": timeout}
+        return {
+            "type": "call",
+            "func": func,
+            "args": list(args),
+            "kwargs": kwargs,
+            "timeout": timeout,
+        }
 
     @staticmethod
     def _matches(reply: dict[str, Any], rid: str) -> bool:
@@ -108,8 +113,11 @@ class _ClientCore:
         raise remote_error(str(reply.get("type")), str(reply.get("error")), reply)
 
     def _timeout_error(self, payload: dict[str, Any], wait_ms: int, attempts: int) -> TimeoutError:
-        what = payload["type"] + (f" {payload.get('func') or payload.get('param')}"
-                                  if payload["type"] in ("call", "query", "write") else "")
+        what = payload["type"] + (
+            f" {payload.get('func') or payload.get('param')}"
+            if payload["type"] in ("call", "query", "write")
+            else ""
+        )
         tries = f" (sent {attempts} times)" if attempts > 1 else ""
         return TimeoutError(
             f"no reply from {self.address} to {what} within {wait_ms} ms{tries}; is the server "
@@ -126,8 +134,11 @@ class _ClientCore:
         self.description = description
         self._budgets = dict(description.get("budgets") or {})
         self._idempotent = frozenset(description.get("idempotent") or ())
-        functions = {f.get("name"): f for f in (description.get("doc") or {}).get("functions", [])
-                     if isinstance(f, dict)}
+        functions = {
+            f.get("name"): f
+            for f in (description.get("doc") or {}).get("functions", [])
+            if isinstance(f, dict)
+        }
         for name in description.get("methods", []):
             if not isinstance(name, str) or not name.isidentifier() or hasattr(self, name):
                 continue
@@ -142,6 +153,9 @@ class _ClientCore:
         return sorted(p["name"] for group in params.values() for p in group)
 
 
+_POSITIONAL_OR_KEYWORD = inspect.Parameter.POSITIONAL_OR_KEYWORD
+
+
 def _signature(info: dict[str, Any] | None) -> inspect.Signature | None:
     """Rebuild a remote operation's signature from describe, for help() and IDEs."""
     if not info:
@@ -150,7 +164,7 @@ def _signature(info: dict[str, Any] | None) -> inspect.Signature | None:
         params = [
             inspect.Parameter(
                 p["name"],
-                getattr(inspect.Parameter, str(p.get("kind")), inspect.Parameter.POSITIONAL_OR_KEYWORD),
+                getattr(inspect.Parameter, str(p.get("kind")), _POSITIONAL_OR_KEYWORD),
                 default=inspect.Parameter.empty if p.get("required") else p.get("default"),
             )
             for p in info.get("iparams", [])
@@ -198,9 +212,7 @@ class DeviceClient(_ClientCore):
         super().__init__(address, timeout, resources, client_id, connect_kwargs, retries)
         self._ctx = context or zmq.Context.instance()
         self._lock = threading.RLock()
-        self._socket: zmq.Socket | None = dealer_socket(
-            self._ctx, address, self.client_id.encode()
-        )
+        self._socket: zmq.Socket | None = dealer_socket(self._ctx, address, self.client_id.encode())
         try:
             self.connect()
         except BaseException:
@@ -222,8 +234,9 @@ class DeviceClient(_ClientCore):
             self._socket.close(linger=0)
             self._socket = None
 
-    def _request(self, payload: dict[str, Any], attempts: int | None = None,
-                 wait_ms: int | None = None) -> Any:
+    def _request(
+        self, payload: dict[str, Any], attempts: int | None = None, wait_ms: int | None = None
+    ) -> Any:
         attempts = attempts or self._attempts(payload)
         wait_ms = wait_ms or self._recv_timeout_ms(payload.get("timeout"))
         with self._lock:
@@ -234,8 +247,13 @@ class DeviceClient(_ClientCore):
                 reply = self._exchange(native.encode(payload), rid, wait_ms)
                 if reply is not None:
                     return self._result(reply)
-                log.info("%s: no reply to %s (attempt %d/%d); resetting socket",
-                         self.address, payload["type"], attempt + 1, attempts)
+                log.info(
+                    "%s: no reply to %s (attempt %d/%d); resetting socket",
+                    self.address,
+                    payload["type"],
+                    attempt + 1,
+                    attempts,
+                )
                 self._reset_socket()
             raise self._timeout_error(payload, wait_ms, attempts)
 
@@ -255,8 +273,12 @@ class DeviceClient(_ClientCore):
                 continue
             if self._matches(reply, rid):
                 return reply
-            log.info("%s: dropped a late reply (id %r, waiting for %r)", self.address,
-                     reply.get("id"), rid)
+            log.info(
+                "%s: dropped a late reply (id %r, waiting for %r)",
+                self.address,
+                reply.get("id"),
+                rid,
+            )
 
     # ---- public API -----------------------------------------------------------------------
     def query(self, param: str, timeout: float | None = None) -> Any:
@@ -265,8 +287,7 @@ class DeviceClient(_ClientCore):
 
     def write(self, param: str, value: Any, timeout: float | None = None) -> Any:
         """Write a parameter (never re-sent by the library)."""
-        return self._request({"type": "write", "param": param, "value": value,
-                              "timeout": timeout})
+        return self._request({"type": "write", "param": param, "value": value, "timeout": timeout})
 
     def call(self, func: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         """Call an operation by name; waits its declared budget unless `timeout` is given."""
@@ -306,11 +327,13 @@ class DeviceClient(_ClientCore):
             if self._connected:
                 self._connected = False
                 try:
-                    self._request({"type": "disconnect"}, attempts=1,
-                                  wait_ms=min(self.default_timeout, CLOSE_TIMEOUT_MS))
+                    self._request(
+                        {"type": "disconnect"},
+                        attempts=1,
+                        wait_ms=min(self.default_timeout, CLOSE_TIMEOUT_MS),
+                    )
                 except (TimeoutError, ConnectionError) as exc:
-                    log.info("%s: disconnect not confirmed (%s); closing anyway",
-                             self.address, exc)
+                    log.info("%s: disconnect not confirmed (%s); closing anyway", self.address, exc)
             self._close_socket()
 
     def __enter__(self) -> DeviceClient:
@@ -373,8 +396,9 @@ class AsyncDeviceClient(_ClientCore):
             self._socket.close(linger=0)
             self._socket = None
 
-    async def _request(self, payload: dict[str, Any], attempts: int | None = None,
-                       wait_ms: int | None = None) -> Any:
+    async def _request(
+        self, payload: dict[str, Any], attempts: int | None = None, wait_ms: int | None = None
+    ) -> Any:
         attempts = attempts or self._attempts(payload)
         wait_ms = wait_ms or self._recv_timeout_ms(payload.get("timeout"))
         async with self._lock:
@@ -410,11 +434,11 @@ class AsyncDeviceClient(_ClientCore):
         return await self._request({"type": "query", "param": param, "timeout": timeout})
 
     async def write(self, param: str, value: Any, timeout: float | None = None) -> Any:
-        return await self._request({"type": "write", "param": param, "value": value,
-                                    "timeout": timeout})
+        return await self._request(
+            {"type": "write", "param": param, "value": value, "timeout": timeout}
+        )
 
-    async def call(self, func: str, *args: Any, timeout: float | None = None,
-                   **kwargs: Any) -> Any:
+    async def call(self, func: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         return await self._request(self._call_payload(func, args, kwargs, timeout))
 
     async def describe(self) -> dict[str, Any]:
@@ -445,8 +469,11 @@ class AsyncDeviceClient(_ClientCore):
         if self._connected:
             self._connected = False
             try:
-                await self._request({"type": "disconnect"}, attempts=1,
-                                    wait_ms=min(self.default_timeout, CLOSE_TIMEOUT_MS))
+                await self._request(
+                    {"type": "disconnect"},
+                    attempts=1,
+                    wait_ms=min(self.default_timeout, CLOSE_TIMEOUT_MS),
+                )
             except (TimeoutError, ConnectionError) as exc:
                 log.info("%s: disconnect not confirmed (%s); closing anyway", self.address, exc)
         self._close_socket()

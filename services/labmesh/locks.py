@@ -123,9 +123,9 @@ class LeaseTable:
         if unknown:
             known = sorted(self._leaves)
             raise ResourceAllocationError(
-                f"unknown resource(s) {unknown}; this device's lockable resources are "
-                f"{known}" if known else f"unknown resource(s) {unknown}; this device declares "
-                "no lockable resources",
+                f"unknown resource(s) {unknown}; this device's lockable resources are {known}"
+                if known
+                else f"unknown resource(s) {unknown}; this device declares no lockable resources",
                 unknown=unknown,
             )
         return tuple(out)
@@ -223,7 +223,8 @@ class LeaseTable:
         busy = self.conflicts(session, leaves)
         if busy:
             raise ResourceLockedError(
-                "resource locked: " + self._busy_message(leaves, busy, now)
+                "resource locked: "
+                + self._busy_message(leaves, busy, now)
                 + "; wait for it to be released or ask its holder",
                 holders=[self.holder_info(g, now) for g in busy],
             )

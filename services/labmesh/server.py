@@ -11,6 +11,7 @@ really ends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import inspect
 import itertools
@@ -197,10 +198,9 @@ class DeviceServer:
 
     # ---- the I/O loop ---------------------------------------------------------------------
     def _wake(self) -> None:
-        try:
+        # a full buffer means a wake-up is already pending; OSError: we are shutting down
+        with contextlib.suppress(BlockingIOError, OSError):
             self._wake_w.send(b"\0")
-        except (BlockingIOError, OSError):
-            pass  # buffer full: a wake-up is already pending (or we are shutting down)
 
     def _job_done(self, job: Job) -> None:
         """Runs on the worker thread: hand the finished job to the I/O thread."""
@@ -231,10 +231,8 @@ class DeviceServer:
                             break
                         self._handle(frames)
                 if self._wake_r.fileno() in events:
-                    try:
+                    with contextlib.suppress(BlockingIOError):
                         self._wake_r.recv(65536)
-                    except BlockingIOError:
-                        pass
                 while self._results:
                     self._deliver(self._results.popleft())
                 if self._deadlines:
@@ -251,7 +249,7 @@ class DeviceServer:
                     pending.route,
                     self._error(pending.request, "server is shutting down", "ShutdownError"),
                 )
-        if self.connected or self.executor.busy:
+        if self.executor.healthy and (self.connected or self.executor.busy):
             self.executor.submit(Job(_exit_device, (self.device,), label="disconnect"))
         if not self.executor.shutdown(SHUTDOWN_BUDGET_S):
             current = self.executor.current
@@ -313,8 +311,10 @@ class DeviceServer:
             self._send(parts.route, self._error(request, str(exc), exc.wire_type, **_details(exc)))
         except Exception as exc:  # a bug of ours must cost one request, never the server
             log.exception("%s: failed to handle a request", self.name)
-            self._send(parts.route, self._error(request, f"internal server error: {exc!r}",
-                                                "InternalError"))
+            self._send(
+                parts.route,
+                self._error(request, f"internal server error: {exc!r}", "InternalError"),
+            )
 
     # ---- control requests (answered on the I/O thread) ------------------------------------
     def _session_of(self, parts: native.Frames, request: native.Request) -> str | None:
@@ -373,8 +373,9 @@ class DeviceServer:
         if session is not None:
             grant = self.locks.release(session)
             if grant is not None and grant.leaves:
-                log.info("%s: %s released %s", self.name, grant.describe_holder(),
-                         list(grant.leaves))
+                log.info(
+                    "%s: %s released %s", self.name, grant.describe_holder(), list(grant.leaves)
+                )
             if self._plesty_sessions.get(client_id) == session:
                 del self._plesty_sessions[client_id]
         self._send(parts.route, native.ok_reply({"client_id": client_id}, request))
@@ -487,9 +488,7 @@ class DeviceServer:
         if known is None:
             try:
                 params = inspect.signature(fn).parameters.values()
-                known = any(
-                    p.kind is p.VAR_KEYWORD or p.name == "resources" for p in params
-                )
+                known = any(p.kind is p.VAR_KEYWORD or p.name == "resources" for p in params)
             except (TypeError, ValueError):
                 known = False
             self._takes_resources[key] = known
@@ -537,12 +536,20 @@ class DeviceServer:
                 current = self.executor.current
                 detail = (
                     f"not started: the device was busy with {current.label} for "
-                    f"{now - current.started_at:.1f} s" if current else "not started"
+                    f"{now - current.started_at:.1f} s"
+                    if current
+                    else "not started"
                 )
                 self._send(
                     pending.route,
-                    self._error(pending.request, "Operation timed out", "TimeoutError",
-                                still_running=False, started=False, detail=detail),
+                    self._error(
+                        pending.request,
+                        "Operation timed out",
+                        "TimeoutError",
+                        still_running=False,
+                        started=False,
+                        detail=detail,
+                    ),
                 )
                 continue
             running = job.state == RUNNING

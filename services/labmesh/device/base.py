@@ -211,7 +211,7 @@ class Device:
             raise ValueError("a parameter declared at run time needs a name")
         self.parameters[parameter.name] = parameter
 
-    def set_limits(self, name: str, *, min: float | None = None, max: float | None = None) -> None:  # noqa: A002
+    def set_limits(self, name: str, *, min: float | None = None, max: float | None = None) -> None:
         """Narrow or widen the limits of a numeric parameter for this instance."""
         self.parameters[name] = self.parameter(name).replace(min=min, max=max)
 

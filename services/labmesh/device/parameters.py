@@ -47,7 +47,9 @@ class Parameter:
 
     def __post_init__(self) -> None:
         if self.type not in (None, *_TYPE_NAMES):
-            raise TypeError(f"parameter type must be float, int, bool, str or None, not {self.type}")
+            raise TypeError(
+                f"parameter type must be float, int, bool, str or None, not {self.type}"
+            )
         if self.options is not None and not isinstance(self.options, tuple):
             object.__setattr__(self, "options", tuple(self.options))
         if self.resources is not None and not isinstance(self.resources, tuple):
@@ -88,16 +90,18 @@ class Parameter:
         """
         if self.read_only:
             raise ParameterValueError(f"{self.name} is read-only; it can be queried, not written")
-        value = self._coerce(value)
-        if self.options is not None and value not in self.options:
+        coerced = self._coerce(value)
+        if self.options is not None and coerced not in self.options:
             raise ParameterValueError(
                 f"{value!r} is not an option of {self.name}; allowed: {list(self.options)}"
             )
-        if self.min is not None and value < self.min or self.max is not None and value > self.max:
+        if (self.min is not None and coerced < self.min) or (
+            self.max is not None and coerced > self.max
+        ):
             raise ParameterValueError(
                 f"{value!r} is out of range for {self.name}; allowed: {self._allowed()}"
             )
-        return value
+        return coerced
 
     def _coerce(self, value: Any) -> Any:
         t = self.type

@@ -19,12 +19,16 @@ PROTOCOL_NAME = "labmesh/1"
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 #: Request types answered by the I/O loop without waiting for the device.
-CONTROL_TYPES = frozenset({"connect", "disconnect", "describe", "help", "ping", "heartbeat", "locks"})
+CONTROL_TYPES = frozenset(
+    {"connect", "disconnect", "describe", "help", "ping", "heartbeat", "locks"}
+)
 #: Request types that run on the device's executor.
 DEVICE_TYPES = frozenset({"query", "write", "call"})
 REQUEST_TYPES = CONTROL_TYPES | DEVICE_TYPES
 #: Keys of a connect request that are protocol, not client metadata.
-CONNECT_PROTOCOL_KEYS = frozenset({"type", "resources", "timeout", "id", "session", "lease", "wait"})
+CONNECT_PROTOCOL_KEYS = frozenset(
+    {"type", "resources", "timeout", "id", "session", "lease", "wait"}
+)
 
 _SCALARS = (str, int, float, bool, type(None))
 
@@ -109,8 +113,7 @@ def decode_body(frames: Frames, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> d
         raise ProtocolError(f"request is not valid JSON ({exc}); send one JSON object") from None
     if not isinstance(obj, dict):
         raise ProtocolError(
-            f"request must be a JSON object, got {type(obj).__name__}; "
-            'send e.g. {"type": "ping"}'
+            f'request must be a JSON object, got {type(obj).__name__}; send e.g. {{"type": "ping"}}'
         )
     return obj
 

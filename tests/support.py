@@ -1,0 +1,100 @@
+"""Shared test devices and helpers: real servers on 127.0.0.1 with ephemeral ports."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from labmesh import Device, Parameter, build_server, operation
+from labmesh.server import DeviceServer
+
+
+class MemoryMeter(Device):
+    """An in-memory power meter used across tests."""
+
+    kind = "powermeter"
+    resources = {"Dev1": {"port0": ["line0", "line1"], "port1": ["line0"]}}
+
+    WAVELENGTH = Parameter(float, unit="nm", min=400.0, max=1100.0, description="laser line")
+    POWER = Parameter(float, unit="W", read_only=True, description="measured power")
+    AVERAGING = Parameter(int, min=1, max=1000)
+    MODE = Parameter(str, options=("CW", "PULSED"))
+    AUTORANGE = Parameter(bool)
+    TRIGGER = Parameter(bool, write_only=True)
+
+    def __init__(self, name: str = "meter") -> None:
+        super().__init__(name)
+        self.values = {
+            "WAVELENGTH": 532.0,
+            "POWER": 0.001,
+            "AVERAGING": 10,
+            "MODE": "CW",
+            "AUTORANGE": True,
+        }
+        self.active = 0
+        self.max_active = 0
+        self.threads: set[str] = set()
+        self._guard = threading.Lock()
+        self.disconnected = False
+
+    def disconnect(self) -> None:
+        self.disconnected = True
+
+    def _query_(self, name: str):
+        self.threads.add(threading.current_thread().name)
+        return self.values[name]
+
+    def _write_(self, name: str, value) -> bool:
+        self.threads.add(threading.current_thread().name)
+        self.values[name] = value
+        return True
+
+    @operation(budget_s=5)
+    def sleep(self, seconds: float = 0.1) -> float:
+        """Hold the device for `seconds`, counting overlapping calls."""
+        with self._guard:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            time.sleep(seconds)
+        finally:
+            with self._guard:
+                self.active -= 1
+        return seconds
+
+    @operation
+    def add(self, a: float, b: float = 1.0) -> float:
+        """Add two numbers."""
+        return a + b
+
+    @operation
+    def fail(self, message: str = "boom") -> None:
+        """Raise a RuntimeError."""
+        raise RuntimeError(message)
+
+    @operation
+    def exit(self, code: int = 3) -> None:
+        """Raise SystemExit inside the device call."""
+        raise SystemExit(code)
+
+    @operation
+    def unencodable(self) -> object:
+        """Return something JSON cannot carry."""
+        return {1, 2, 3}
+
+    def not_exposed(self) -> str:
+        return "secret"
+
+
+def serve(device: Device | None = None, **options) -> DeviceServer:
+    options.setdefault("address", "tcp://127.0.0.1:0")
+    return build_server(device or MemoryMeter(), **options).start()
+
+
+def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
