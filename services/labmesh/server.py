@@ -1,11 +1,11 @@
-"""The device server: one ROUTER socket, one I/O thread, the device's executor behind it.
+"""The device server: one ROUTER socket served by two threads, one device call at a time.
 
-The I/O thread owns the socket. It decodes every message, answers control requests (connect,
-describe, ping, locks, ...) itself and hands device calls to the executor, so it never blocks
-on the instrument: a `ping` is answered during a 20 s exposure. Results come back through a
-deque and a wake-up socket pair. Budgets are enforced here: when one runs out the client gets
-TimeoutError at once, while the device stays busy (no second call starts) until the call
-really ends.
+The thread that owns the socket decodes every message, answers control requests (connect,
+describe, ping, locks, ...) and runs short device calls inline, so a query costs no thread hop.
+When a call runs long (a 20 s exposure) the watchdog hands the socket to the standby thread,
+which keeps answering ping and describe, enforces budgets and queues further calls: a budget
+that runs out gets TimeoutError at once, while the device stays busy (no second call starts)
+until the call really ends. See `labmesh.device.executor`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 import zmq
 
 from labmesh.device.base import describe_device
-from labmesh.device.executor import QUEUED, RUNNING, Job, make_executor
+from labmesh.device.executor import RUNNING, TAKEOVER_AFTER_S, Job, Watchdog
 from labmesh.locks import DEFAULT_IDLE_LIMIT_S, LeaseTable
 from labmesh.protocol import native
 from labmesh.protocol.errors import (
@@ -44,8 +44,6 @@ from labmesh.transport import bound_address, router_socket
 log = logging.getLogger("labmesh.server")
 
 CAPABILITIES = ["budgets", "still_running", "sessions", "leases", "ping", "heartbeat", "locks"]
-#: How long shutdown waits for the device's disconnect before closing anyway.
-SHUTDOWN_BUDGET_S = 1.5
 #: Longest the I/O loop sleeps when nothing is due (lease expiry checks).
 _MAX_POLL_MS = 500
 
@@ -98,9 +96,17 @@ class DeviceServer:
         self.clock = clock
         self.epoch = secrets.token_hex(6)
         self.locks = LeaseTable(self.description["resources"], idle_limit_s=idle_limit_s)
-        self.executor = make_executor(self.name, fixed_threading)
-        self._ctx = context or zmq.Context.instance()
-        self._sock = router_socket(self._ctx, address, max_message_bytes)
+        self.fixed_threading = fixed_threading
+        # An own context by default: terminating it on stop guarantees the port is released
+        # when stop() returns (a socket close alone finishes asynchronously).
+        self._own_ctx = context is None
+        self._ctx = context or zmq.Context(io_threads=1)
+        try:
+            self._sock = router_socket(self._ctx, address, max_message_bytes)
+        except OSError:
+            if self._own_ctx:
+                self._ctx.term()
+            raise
         self.address = bound_address(self._sock)
         self._methods = frozenset(self.description["methods"])
         self._budgets: dict[str, float] = self.description["budgets"]
@@ -110,14 +116,28 @@ class DeviceServer:
         self._pending: dict[Job, _Pending] = {}
         self._deadlines: list[tuple[float, int, Job]] = []
         self._seq = itertools.count()
-        self._results: deque[Job] = deque()
+        self._queue: deque[Job] = deque()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._stop_requested = threading.Event()
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._wake_r, zmq.POLLIN)
+        # shared between the two server threads (guarded by _cond)
+        self._cond = threading.Condition(threading.Lock())
+        self._owner: threading.Thread | None = None
+        self._running: Job | None = None
+        self._results: list[Job] = []
+        self._stop_requested = False
+        self._finished = 0
+        self._dead: set[threading.Thread] = set()
+        self._threads: list[threading.Thread] = []
+        self._device_thread: threading.Thread | None = None
+        self._connect_done = threading.Event()
+        self._connect_error: BaseException | None = None
         self._stopped = threading.Event()
-        self._thread: threading.Thread | None = None
         self._started_at = 0.0
+        self._next_lock_check = 0.0
         self.connected = False
         self._handlers = {
             "connect": self._on_connect,
@@ -134,41 +154,53 @@ class DeviceServer:
 
     # ---- lifecycle ------------------------------------------------------------------------
     def start(self) -> DeviceServer:
-        """Connect the device (on its executor) and serve in a background thread.
+        """Connect the device (on its own thread) and serve in the background.
 
         Raises whatever the device's connect raised, after closing the socket.
         """
-        if self._thread is not None:
+        if self._threads:
             return self
         self._started_at = self.clock()
-        self._thread = threading.Thread(target=self._serve, name=f"io:{self.name}", daemon=True)
-        self._thread.start()
-        done = threading.Event()
-        job = Job(_enter_device, (self.device,), label="connect", on_done=lambda j: done.set())
-        self.executor.submit(job)
-        if not done.wait(self.connect_timeout_s):
+        self._threads = [
+            threading.Thread(target=self._thread_main, name=f"device:{self.name}", daemon=True),
+            threading.Thread(target=self._thread_main, name=f"standby:{self.name}", daemon=True),
+        ]
+        self._device_thread = self._threads[0]
+        for thread in self._threads:
+            thread.start()
+        if not self._connect_done.wait(self.connect_timeout_s):
             self.stop()
             raise TimeoutError(
                 f"{self.name}: device connect did not finish within {self.connect_timeout_s} s"
             )
-        if not job.ok:
+        if self._connect_error is not None:
             self.stop()
-            assert job.error is not None
-            raise job.error
-        self.connected = True
+            raise self._connect_error
         log.info("%s: serving on %s", self.name, self.address)
         return self
 
-    def stop(self, timeout: float = 2.0) -> None:
+    def stop(self, timeout: float = 1.5) -> None:
         """Stop serving, disconnect the device and close the socket (bounded by `timeout`)."""
-        self._stop_requested.set()
+        with self._cond:
+            self._stop_requested = True
+            self._cond.notify_all()
         self._wake()
-        if self._thread is None:
+        deadline = time.monotonic() + timeout
+        me = threading.current_thread()
+        for thread in self._threads:
+            if thread is not me:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        if not self._threads:
             self._close_socket()
-            self.executor.shutdown(0.1)
-            return
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
+            self._wake_r.close()
+            self._wake_w.close()
+        if any(t.is_alive() for t in self._threads):
+            job = self._running
+            log.warning(
+                "%s: device still busy with %s at shutdown; it is disconnected when that ends",
+                self.name,
+                job.label if job else "?",
+            )
 
     async def run(self) -> None:
         """Serve until cancelled (Ctrl+C in `asyncio.run`) or until `stop()` is called."""
@@ -188,7 +220,19 @@ class DeviceServer:
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and not self._stopped.is_set()
+        return bool(self._threads) and not self._stopped.is_set()
+
+    @property
+    def healthy(self) -> bool:
+        """Both server threads alive (a dead device thread means calls cannot run)."""
+        return bool(self._threads) and all(
+            t.is_alive() and t not in self._dead for t in self._threads
+        )
+
+    @property
+    def busy_with(self) -> Job | None:
+        """The device call running now, if any."""
+        return self._running
 
     def __enter__(self) -> DeviceServer:
         return self.start()
@@ -196,77 +240,198 @@ class DeviceServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    # ---- the I/O loop ---------------------------------------------------------------------
+    # ---- threads and socket ownership -----------------------------------------------------
+    # Exactly one thread owns the socket at a time (`_owner`, changed under `_cond`). The owner
+    # runs device calls inline when it may (fixed_threading: only the device thread). When a
+    # call runs long the watchdog moves ownership to the other thread, which keeps answering
+    # while the call runs; the caller posts its finished job to `_results` and waits.
+    def _thread_main(self) -> None:
+        me = threading.current_thread()
+        if me is self._device_thread:
+            self._connect_device(me)
+        try:
+            while True:
+                with self._cond:
+                    while self._owner is not me and not self._stop_requested:
+                        self._cond.wait()
+                    owner = self._owner is me
+                if owner:
+                    self._serve_as_owner(me)
+                if self._stop_requested:
+                    break
+        except BaseException:
+            # Only a bug of ours (or an exception injected from outside) gets here: keep the
+            # socket served by the other thread; ping and describe now report unhealthy.
+            log.critical("%s: server thread %s died", self.name, me.name, exc_info=True)
+            with self._cond:
+                self._dead.add(me)
+                if self._owner is me:
+                    self._owner = self._other(me)
+                    self._cond.notify_all()
+            self._thread_finished()
+            raise
+        if me is self._device_thread:
+            self._disconnect_device()
+        self._thread_finished()
+
+    def _other(self, me: threading.Thread) -> threading.Thread:
+        return self._threads[1] if me is self._threads[0] else self._threads[0]
+
+    def _thread_finished(self) -> None:
+        with self._cond:
+            self._finished += 1
+            last = self._finished == len(self._threads)
+        if last:
+            self._wake_r.close()
+            self._wake_w.close()
+            self._stopped.set()
+            log.info("%s: stopped", self.name)
+
+    def _connect_device(self, me: threading.Thread) -> None:
+        job = Job(_enter_device, (self.device,), label="connect")
+        job.run()
+        if job.ok:
+            self.connected = True
+            Watchdog.shared().add(self)
+            with self._cond:
+                self._owner = me
+                self._cond.notify_all()
+        else:
+            self._connect_error = job.error
+            with self._cond:
+                self._stop_requested = True
+                self._owner = me
+                self._cond.notify_all()
+        self._connect_done.set()
+
+    def _disconnect_device(self) -> None:
+        Watchdog.shared().remove(self)
+        if self.connected:
+            job = Job(_exit_device, (self.device,), label="disconnect")
+            job.run()
+            self.connected = False
+            if not job.ok:
+                log.error("%s: disconnect failed: %r", self.name, job.error)
+
+    def check_long_call(self, now: float) -> bool:
+        """Called by the watchdog: hand the socket to the other thread if a call runs long."""
+        job = self._running
+        if job is None:
+            return False
+        thread = job.thread
+        if thread is None or now - job.started_at < TAKEOVER_AFTER_S:
+            return True
+        with self._cond:
+            if self._running is job and self._owner is thread and not self._stop_requested:
+                self._owner = self._other(thread)
+                self._cond.notify_all()
+        return True
+
+    def _may_run_calls(self, me: threading.Thread) -> bool:
+        return not self.fixed_threading or me is self._device_thread
+
+    def _device_thread_alive(self) -> bool:
+        thread = self._device_thread
+        return thread is not None and thread.is_alive() and thread not in self._dead
+
+    def _hand_over(self, to: threading.Thread) -> None:
+        with self._cond:
+            self._owner = to
+            self._cond.notify_all()
+
     def _wake(self) -> None:
         # a full buffer means a wake-up is already pending; OSError: we are shutting down
         with contextlib.suppress(BlockingIOError, OSError):
             self._wake_w.send(b"\0")
 
-    def _job_done(self, job: Job) -> None:
-        """Runs on the worker thread: hand the finished job to the I/O thread."""
-        self._results.append(job)
-        self._wake()
-
-    def _serve(self) -> None:
+    def _serve_as_owner(self, me: threading.Thread) -> None:
+        """Serve the socket until ownership moves elsewhere or the server stops."""
         sock = self._sock
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
-        next_lock_check = 0.0
-        try:
-            while not self._stop_requested.is_set():
-                now = self.clock()
-                if now >= next_lock_check:
-                    self._expire_leases(now)
-                    next_lock_check = now + 0.25
+        poller = self._poller
+        may_run = self._may_run_calls(me)
+        wake_fd = self._wake_r.fileno()
+        while True:
+            if self._stop_requested:
+                self._shutdown_as_owner()
+                return
+            if self._results:
+                with self._cond:
+                    done, self._results = self._results, []
+                for job in done:
+                    self._deliver(job)
+            if self._running is None:
+                if not may_run and self._device_thread_alive():
+                    self._hand_over(self._device_thread)  # queued calls run there
+                    return
+                if self._queue and may_run and not self._run_inline(me, self._queue.popleft()):
+                    return
+            now = self.clock()
+            if now >= self._next_lock_check:
+                self._expire_leases(now)
+                self._next_lock_check = now + 0.25
+            if (self._queue and self._running is None) or self._results:
+                timeout = 0
+            else:
                 timeout = _MAX_POLL_MS
                 if self._deadlines:
                     timeout = min(timeout, max(0, int((self._deadlines[0][0] - now) * 1000) + 1))
+            try:
                 events = dict(poller.poll(timeout))
-                if sock in events:
-                    for _ in range(256):
-                        try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
-                        except zmq.Again:
-                            break
-                        self._handle(frames)
-                if self._wake_r.fileno() in events:
-                    with contextlib.suppress(BlockingIOError):
-                        self._wake_r.recv(65536)
-                while self._results:
-                    self._deliver(self._results.popleft())
-                if self._deadlines:
-                    self._expire_budgets(self.clock())
-        except Exception:
-            log.exception("%s: I/O loop failed; shutting down", self.name)
-        finally:
-            self._shutdown()
+            except zmq.ZMQError as exc:
+                log.error("%s: poll failed: %s", self.name, exc)
+                continue
+            if sock in events:
+                for _ in range(256):
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._handle(frames)
+            if wake_fd in events:
+                with contextlib.suppress(BlockingIOError, OSError):
+                    self._wake_r.recv(65536)
+            if self._deadlines:
+                self._expire_budgets(self.clock())
 
-    def _shutdown(self) -> None:
-        for pending in self._pending.values():
+    def _run_inline(self, me: threading.Thread, job: Job) -> bool:
+        """Run a call on this thread; False if the socket was handed over meanwhile."""
+        with self._cond:
+            self._running = job
+        job.run()
+        with self._cond:
+            self._running = None
+            still_owner = self._owner is me
+            if not still_owner:
+                self._results.append(job)
+        if still_owner:
+            self._deliver(job)
+            return True
+        self._wake()
+        return False
+
+    def _shutdown_as_owner(self) -> None:
+        for job, pending in self._pending.items():
             if not pending.answered:
+                pending.answered = True
                 self._send(
                     pending.route,
-                    self._error(pending.request, "server is shutting down", "ShutdownError"),
+                    self._error(
+                        pending.request,
+                        f"server is shutting down; {job.label} was "
+                        + ("interrupted" if job.state == RUNNING else "not started"),
+                        "ShutdownError",
+                    ),
                 )
-        if self.executor.healthy and (self.connected or self.executor.busy):
-            self.executor.submit(Job(_exit_device, (self.device,), label="disconnect"))
-        if not self.executor.shutdown(SHUTDOWN_BUDGET_S):
-            current = self.executor.current
-            log.warning(
-                "%s: device still busy with %s at shutdown; closing without disconnect",
-                self.name,
-                current.label if current else "?",
-            )
-        self.connected = False
+        self._queue.clear()
         self._close_socket()
-        self._stopped.set()
-        log.info("%s: stopped", self.name)
+        with self._cond:
+            self._owner = None
+            self._cond.notify_all()
 
     def _close_socket(self) -> None:
         self._sock.close(linger=0)
-        self._wake_r.close()
-        self._wake_w.close()
+        if self._own_ctx:
+            self._ctx.term()
 
     def _send(self, route: list[bytes], reply: dict[str, Any]) -> None:
         body = native.encode_reply(reply)
@@ -385,7 +550,7 @@ class DeviceServer:
             **self.description,
             "protocol": native.PROTOCOL_NAME,
             "capabilities": CAPABILITIES,
-            "healthy": self.executor.healthy,
+            "healthy": self.healthy,
             "epoch": self.epoch,
         }
         self._send(parts.route, native.ok_reply(result, request))
@@ -395,17 +560,17 @@ class DeviceServer:
 
     def _on_ping(self, parts: native.Frames, request: native.Request) -> None:
         now = self.clock()
-        current = self.executor.current
+        current = self._running
         result = {
             "pong": True,
             "name": self.name,
-            "healthy": self.executor.healthy,
+            "healthy": self.healthy,
             "connected": self.connected,
             "busy": current is not None,
             "running": {"label": current.label, "for_s": round(now - current.started_at, 3)}
             if current is not None
             else None,
-            "queue_depth": self.executor.queue_depth,
+            "queue_depth": len(self._queue),
             "epoch": self.epoch,
             "uptime_s": round(now - self._started_at, 3),
         }
@@ -433,9 +598,9 @@ class DeviceServer:
             if self._plesty_sessions.get(grant.client_id) == grant.session:
                 del self._plesty_sessions[grant.client_id]
 
-    # ---- device requests (run on the executor) --------------------------------------------
+    # ---- device requests ------------------------------------------------------------------
     def _on_device_request(self, parts: native.Frames, request: native.Request) -> None:
-        if not self.executor.healthy:
+        if self.fixed_threading and not self._device_thread_alive():
             raise ExecutorDeadError(
                 f"{self.name}: the thread that runs this device's calls is not running; "
                 "restart the server"
@@ -454,12 +619,12 @@ class DeviceServer:
         budget = request.timeout
         if budget is None and request.type == "call":
             budget = self._budgets.get(request.fields["func"])
-        job = Job(fn, args, kwargs, label=label, on_done=self._job_done)
+        job = Job(fn, args, kwargs, label)
         deadline = now + budget if budget is not None else None
         self._pending[job] = _Pending(parts.route, request, now, deadline)
         if deadline is not None:
             heapq.heappush(self._deadlines, (deadline, next(self._seq), job))
-        self.executor.submit(job)
+        self._queue.append(job)
 
     def _device_call(self, request: native.Request) -> tuple[Callable, tuple, dict, str]:
         fields = request.fields
@@ -531,9 +696,10 @@ class DeviceServer:
             if pending is None or pending.answered:
                 continue
             pending.answered = True
-            if job.state == QUEUED and self.executor.cancel(job):
+            if job in self._queue:
+                self._queue.remove(job)
                 del self._pending[job]
-                current = self.executor.current
+                current = self._running
                 detail = (
                     f"not started: the device was busy with {current.label} for "
                     f"{now - current.started_at:.1f} s"

@@ -13,7 +13,6 @@ import pytest
 import zmq
 
 from labmesh import RemoteError, build_async_client, build_client, build_server
-from labmesh.device.executor import DedicatedThreadExecutor
 
 from support import MemoryMeter, serve, wait_until
 
@@ -216,13 +215,22 @@ def test_unencodable_result_fails_only_that_call(server):
         assert client.add(2, 2) == 4
 
 
-def test_dead_executor_shows_unhealthy_and_requests_get_clear_error(meter):
+def test_dead_device_thread_shows_unhealthy_and_requests_get_clear_error(meter):
+    import ctypes
+
     srv = serve(meter, fixed_threading=True)
     try:
         with build_client(srv.address, timeout=3000) as client:
-            assert isinstance(srv.executor, DedicatedThreadExecutor)
-            srv.executor.shutdown(1.0)
-            assert client.ping()["healthy"] is False
+            assert client.ping()["healthy"] is True
+            # kill the device thread from outside, as a crashed extension would
+            ident = srv._device_thread.ident
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                ctypes.c_ulong(ident), ctypes.py_object(SystemExit)
+            )
+            pong = client.ping()  # wakes the device thread, which dies; the standby answers
+            assert wait_until(lambda: not srv._device_thread.is_alive())
+            pong = client.ping()
+            assert pong["healthy"] is False
             assert client.describe()["healthy"] is False
             with pytest.raises(RemoteError, match="not running; restart the server") as info:
                 client.query("WAVELENGTH")

@@ -1,25 +1,17 @@
-"""Device layer: the driver contract (Device, Parameter, @operation) and the executors."""
+"""Device layer: the driver contract (Device, Parameter, @operation) and how calls are run."""
 
 from labmesh.device.base import Device, OperationSpec, describe_device, find_operations, operation
-from labmesh.device.executor import (
-    DedicatedThreadExecutor,
-    Executor,
-    Job,
-    SerializedPoolExecutor,
-    make_executor,
-)
+from labmesh.device.executor import TAKEOVER_AFTER_S, Job, Watchdog
 from labmesh.device.parameters import Parameter
 
 __all__ = [
-    "DedicatedThreadExecutor",
+    "TAKEOVER_AFTER_S",
     "Device",
-    "Executor",
     "Job",
     "OperationSpec",
     "Parameter",
-    "SerializedPoolExecutor",
+    "Watchdog",
     "describe_device",
     "find_operations",
-    "make_executor",
     "operation",
 ]

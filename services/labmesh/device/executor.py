@@ -1,34 +1,34 @@
-"""Executors run a device's calls one at a time, off the server's I/O loop.
+"""Running device calls: the Job record, and the watchdog that spots calls running long.
 
-`DedicatedThreadExecutor` (fixed_threading=True) runs every call of the device's whole life on
-one thread: drivers with thread affinity (NI-DAQmx, .NET and COM SDKs) need it.
-`SerializedPoolExecutor` (fixed_threading=False) runs them on a shared pool, still one at a
-time per device. Either way a call whose budget expired keeps the device busy until it really
-ends, so two calls never overlap, and anything a call raises (SystemExit included) becomes that
-call's error while the executor carries on.
+A device server has two threads. The one that owns the socket runs short device calls inline
+(no thread hop on the hot path); when a call runs longer than `TAKEOVER_AFTER_S`, the process-wide
+`Watchdog` asks the server to hand its socket to the other thread, which then answers describe,
+ping and locks, enforces budgets and queues further calls until the long call ends. With
+`fixed_threading=True` every call runs on the first thread, for the device's whole life;
+otherwise calls run on whichever of the two threads serves the socket. Either way at most one
+call runs on a device at a time, and anything a call raises (SystemExit included) becomes that
+call's error.
 """
 
 from __future__ import annotations
 
-import logging
-import queue
 import threading
 import time
-from collections import deque
+import weakref
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
-
-log = logging.getLogger("labmesh.executor")
+from typing import Any, Protocol
 
 QUEUED, RUNNING, DONE, CANCELLED = "queued", "running", "done", "cancelled"
 
+#: A call running longer than this gets its server's socket handed to the standby thread.
+TAKEOVER_AFTER_S = 0.002
+#: Watchdog tick while calls are in progress, and its longest sleep when all is idle.
+_TICK_S = 0.001
+_IDLE_TICK_S = 0.01
+
 
 class Job:
-    """One device call: `fn(*args, **kwargs)`; `on_done(job)` runs on the worker afterwards.
-
-    After completion `ok` tells whether it returned (`value`) or raised (`error`).
-    """
+    """One device call `fn(*args, **kwargs)` and, once run, its outcome (`ok`, `value`, `error`)."""
 
     __slots__ = (
         "args",
@@ -38,194 +38,87 @@ class Job:
         "kwargs",
         "label",
         "ok",
-        "on_done",
         "started_at",
         "state",
+        "thread",
         "value",
     )
 
     def __init__(
-        self,
-        fn: Callable[..., Any],
-        args: tuple = (),
-        kwargs: dict | None = None,
-        *,
-        label: str = "",
-        on_done: Callable[[Job], None] | None = None,
+        self, fn: Callable[..., Any], args: tuple = (), kwargs: dict | None = None, label: str = ""
     ) -> None:
         self.fn = fn
         self.args = args
         self.kwargs = kwargs or {}
         self.label = label or getattr(fn, "__name__", "call")
-        self.on_done = on_done
         self.state = QUEUED
         self.started_at = 0.0
         self.finished_at = 0.0
+        self.thread: threading.Thread | None = None
         self.ok = False
         self.value: Any = None
         self.error: BaseException | None = None
 
-
-class Executor:
-    """Common state of both executors: the job being run, cancellation, health."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._lock = threading.Lock()
-        self._current: Job | None = None
-        self._queued = 0
-        self._closed = False
-
-    @property
-    def current(self) -> Job | None:
-        """The job running now, if any (its label and started_at say what and since when)."""
-        return self._current
-
-    @property
-    def busy(self) -> bool:
-        return self._current is not None
-
-    @property
-    def queue_depth(self) -> int:
-        """Jobs waiting behind the current one."""
-        return self._queued
-
-    @property
-    def healthy(self) -> bool:
-        raise NotImplementedError
-
-    def submit(self, job: Job) -> None:
-        raise NotImplementedError
-
-    def shutdown(self, timeout: float = 2.0) -> bool:
-        """Stop taking jobs; return True if the worker finished within `timeout`."""
-        raise NotImplementedError
-
-    def cancel(self, job: Job) -> bool:
-        """Cancel a job that has not started; False if it is already running or done."""
-        with self._lock:
-            if job.state != QUEUED:
-                return False
-            job.state = CANCELLED
-            self._queued -= 1
-            return True
-
-    def _enqueued(self) -> None:
-        with self._lock:
-            if self._closed:
-                raise RuntimeError(f"{self.name}: executor is shut down")
-            self._queued += 1
-
-    def _run(self, job: Job) -> None:
-        """Run one job if it was not cancelled; never lets an exception escape."""
-        with self._lock:
-            if job.state != QUEUED:
-                return
-            job.state = RUNNING
-            self._queued -= 1
-            self._current = job
-        job.started_at = time.monotonic()
+    def run(self) -> None:
+        """Run the call on the current thread; never lets an exception escape."""
+        self.thread = threading.current_thread()
+        self.started_at = time.monotonic()
+        self.state = RUNNING
         try:
-            job.value = job.fn(*job.args, **job.kwargs)
-            job.ok = True
+            self.value = self.fn(*self.args, **self.kwargs)
+            self.ok = True
         except BaseException as exc:  # SystemExit and KeyboardInterrupt too: one call's error
-            job.error = exc
-        job.finished_at = time.monotonic()
-        with self._lock:
-            job.state = DONE
-            self._current = None
-        if job.on_done is not None:
-            try:
-                job.on_done(job)
-            except Exception:
-                log.exception("%s: result hand-off of %s failed", self.name, job.label)
+            self.error = exc
+        self.finished_at = time.monotonic()
+        self.state = DONE
 
 
-class DedicatedThreadExecutor(Executor):
-    """All calls on one thread that lives as long as the device."""
+class Watched(Protocol):
+    """What the watchdog needs of a server."""
 
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name=f"device:{name}", daemon=True)
+    def check_long_call(self, now: float) -> bool:
+        """Hand over the socket if the inline call runs long; True while a call runs."""
+        ...
+
+
+class Watchdog:
+    """One thread per process that checks every running server for long inline calls."""
+
+    _instance: Watchdog | None = None
+    _instance_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self._servers: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="labmesh-watchdog", daemon=True)
         self._thread.start()
 
-    @property
-    def healthy(self) -> bool:
-        return self._thread.is_alive() and not self._closed
+    @classmethod
+    def shared(cls) -> Watchdog:
+        with cls._instance_lock:
+            if cls._instance is None or not cls._instance._thread.is_alive():
+                cls._instance = Watchdog()
+            return cls._instance
 
-    def submit(self, job: Job) -> None:
-        self._enqueued()
-        self._jobs.put(job)
+    def add(self, server: Watched) -> None:
+        with self._lock:
+            self._servers.add(server)
+        self._wake.set()
+
+    def remove(self, server: Watched) -> None:
+        with self._lock:
+            self._servers.discard(server)
 
     def _loop(self) -> None:
+        tick = _IDLE_TICK_S
         while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            self._run(job)
-
-    def shutdown(self, timeout: float = 2.0) -> bool:
-        with self._lock:
-            self._closed = True
-        self._jobs.put(None)
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-
-_shared_pool: ThreadPoolExecutor | None = None
-_shared_pool_lock = threading.Lock()
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _shared_pool
-    with _shared_pool_lock:
-        if _shared_pool is None:
-            _shared_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="labmesh-pool")
-        return _shared_pool
-
-
-class SerializedPoolExecutor(Executor):
-    """Calls run on a shared thread pool, one at a time for this device, in arrival order."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self._jobs: deque[Job] = deque()
-        self._scheduled = False
-        self._idle = threading.Event()
-        self._idle.set()
-
-    @property
-    def healthy(self) -> bool:
-        return not self._closed
-
-    def submit(self, job: Job) -> None:
-        self._enqueued()
-        with self._lock:
-            self._jobs.append(job)
-            if self._scheduled:
-                return
-            self._scheduled = True
-            self._idle.clear()
-        _pool().submit(self._drain)
-
-    def _drain(self) -> None:
-        while True:
+            if self._wake.wait(tick):
+                self._wake.clear()
             with self._lock:
-                if not self._jobs:
-                    self._scheduled = False
-                    self._idle.set()
-                    return
-                job = self._jobs.popleft()
-            self._run(job)
-
-    def shutdown(self, timeout: float = 2.0) -> bool:
-        with self._lock:
-            self._closed = True
-        return self._idle.wait(timeout)
-
-
-def make_executor(name: str, fixed_threading: bool) -> Executor:
-    """The executor `build_server(..., fixed_threading=...)` asks for."""
-    return DedicatedThreadExecutor(name) if fixed_threading else SerializedPoolExecutor(name)
+                servers = list(self._servers)
+            now = time.monotonic()
+            active = False
+            for server in servers:
+                active = server.check_long_call(now) or active
+            tick = _TICK_S if active else min(_IDLE_TICK_S, tick * 2)
