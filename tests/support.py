@@ -52,6 +52,7 @@ class MemoryMeter(Device):
     @operation(budget_s=5)
     def sleep(self, seconds: float = 0.1) -> float:
         """Hold the device for `seconds`, counting overlapping calls."""
+        self.threads.add(threading.current_thread().name)
         with self._guard:
             self.active += 1
             self.max_active = max(self.max_active, self.active)

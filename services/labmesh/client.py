@@ -212,6 +212,7 @@ class DeviceClient(_ClientCore):
         super().__init__(address, timeout, resources, client_id, connect_kwargs, retries)
         self._ctx = context or zmq.Context.instance()
         self._lock = threading.RLock()
+        self._rcvtimeo = -1
         self._socket: zmq.Socket | None = dealer_socket(self._ctx, address, self.client_id.encode())
         try:
             self.connect()
@@ -228,6 +229,7 @@ class DeviceClient(_ClientCore):
         """Replace the socket after a timeout so nothing stale can arrive on it."""
         self._close_socket()
         self._socket = dealer_socket(self._ctx, self.address, self.client_id.encode())
+        self._rcvtimeo = -1
 
     def _close_socket(self) -> None:
         if self._socket is not None:
@@ -260,25 +262,32 @@ class DeviceClient(_ClientCore):
     def _exchange(self, body: bytes, rid: str, wait_ms: int) -> dict[str, Any] | None:
         sock = self._socket
         assert sock is not None
-        sock.send(body)
         deadline = time.monotonic() + wait_ms / 1000
+        sock.send(body)
+        left = wait_ms
         while True:
-            left = int((deadline - time.monotonic()) * 1000)
-            if left <= 0 or not sock.poll(left):
-                return None
+            if self._rcvtimeo != left:  # a socket option write costs; most waits are the same
+                sock.setsockopt(zmq.RCVTIMEO, left)
+                self._rcvtimeo = left
             try:
                 reply = native.decode_reply(sock.recv())
+            except zmq.Again:
+                return None
             except ProtocolError as exc:
                 log.warning("%s: %s; ignored", self.address, exc)
-                continue
-            if self._matches(reply, rid):
-                return reply
-            log.info(
-                "%s: dropped a late reply (id %r, waiting for %r)",
-                self.address,
-                reply.get("id"),
-                rid,
-            )
+                reply = None
+            if reply is not None:
+                if self._matches(reply, rid):
+                    return reply
+                log.info(
+                    "%s: dropped a late reply (id %r, waiting for %r)",
+                    self.address,
+                    reply.get("id"),
+                    rid,
+                )
+            left = int((deadline - time.monotonic()) * 1000)
+            if left <= 0:
+                return None
 
     # ---- public API -----------------------------------------------------------------------
     def query(self, param: str, timeout: float | None = None) -> Any:

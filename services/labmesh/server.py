@@ -183,6 +183,10 @@ class DeviceServer:
         """Stop serving, disconnect the device and close the socket (bounded by `timeout`)."""
         with self._cond:
             self._stop_requested = True
+            job = self._running
+            if job is not None and self._owner is job.thread and self._threads:
+                # the owner is inside a device call: let the other thread close the socket
+                self._owner = self._other(job.thread)
             self._cond.notify_all()
         self._wake()
         deadline = time.monotonic() + timeout
@@ -395,6 +399,7 @@ class DeviceServer:
 
     def _run_inline(self, me: threading.Thread, job: Job) -> bool:
         """Run a call on this thread; False if the socket was handed over meanwhile."""
+        job.thread = me
         with self._cond:
             self._running = job
         job.run()

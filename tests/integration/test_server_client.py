@@ -425,14 +425,19 @@ def test_bound_methods_have_remote_doc_and_signature(server):
 
 
 # ---- executors ---------------------------------------------------------------------------------
-def test_fixed_threading_runs_every_call_on_one_thread(meter):
+def test_fixed_threading_runs_every_call_on_one_thread_even_after_handover(meter):
     srv = serve(meter, fixed_threading=True)
     try:
-        with build_client(srv.address, timeout=3000) as client:
-            for _ in range(20):
-                client.query("WAVELENGTH")
-                client.write("AVERAGING", 5)
-        assert len(meter.threads) == 1 and next(iter(meter.threads)).startswith("device:")
+        with build_client(srv.address, timeout=3000) as a, build_client(srv.address) as b:
+            for _ in range(10):
+                # a long call hands the socket to the standby thread; calls queued meanwhile
+                # must still run on the device thread
+                holder = threading.Thread(target=a.sleep, args=(0.02,))
+                holder.start()
+                b.query("WAVELENGTH")
+                b.write("AVERAGING", 5)
+                holder.join(5)
+        assert meter.threads == {"device:meter"}
     finally:
         srv.stop()
 
@@ -534,3 +539,32 @@ def test_ipc_transport(meter, tmp_path):
             assert client.query("WAVELENGTH") == 532.0
     finally:
         srv.stop()
+
+
+def test_calls_around_the_takeover_threshold_never_overlap_or_misroute(server, meter):
+    """Calls of 0-6 ms (either side of the socket hand-over) from 6 clients, with pings."""
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        rng = random.Random(i)
+        try:
+            with build_client(server.address, timeout=5000) as c:
+                for k in range(40):
+                    seconds = rng.choice([0.0, 0.001, 0.002, 0.003, 0.006])
+                    assert c.sleep(seconds) == seconds
+                    assert c.add(i, k) == i + k
+                    if k % 5 == 0:
+                        assert c.ping()["pong"]
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert meter.max_active == 1
+    with build_client(server.address, timeout=3000) as c:
+        pong = c.ping()
+        assert pong["healthy"] and not pong["busy"] and pong["queue_depth"] == 0

@@ -31,6 +31,8 @@ CONNECT_PROTOCOL_KEYS = frozenset(
 )
 
 _SCALARS = (str, int, float, bool, type(None))
+# one encoder for all messages: json.dumps with options would build a new one per call
+_encode_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +210,7 @@ def error_reply(
 def encode(obj: Any) -> bytes:
     """Encode a reply or request as UTF-8 JSON, raising SerializationError if it cannot be."""
     try:
-        return json.dumps(obj, separators=(",", ":")).encode("utf-8")
+        return _encode_json(obj).encode("utf-8")
     except (TypeError, ValueError, RecursionError) as exc:
         raise SerializationError(str(exc)) from None
 
