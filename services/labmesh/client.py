@@ -24,7 +24,7 @@ import zmq
 import zmq.asyncio
 
 from labmesh.protocol import native
-from labmesh.protocol.errors import ProtocolError, remote_error
+from labmesh.protocol.errors import ProtocolError, RemoteError, remote_error
 from labmesh.transport import dealer_socket
 
 log = logging.getLogger("labmesh.client")
@@ -35,6 +35,8 @@ RETRYABLE = frozenset({"describe", "query", "ping", "help", "locks"})
 GRACE_MS = 1000
 #: How long close() waits for the server to confirm the disconnect (ms).
 CLOSE_TIMEOUT_MS = 1000
+#: The lease a labmesh client asks for at connect (s); renewed every third of it.
+DEFAULT_LEASE_S = 10.0
 
 
 class _ClientCore:
@@ -48,6 +50,9 @@ class _ClientCore:
         client_id: str | None,
         connect_kwargs: dict | None,
         retries: int,
+        lease_s: float | None,
+        wait_s: float | None,
+        reacquire: bool,
     ) -> None:
         self.address = address
         self.default_timeout = int(timeout)
@@ -55,6 +60,9 @@ class _ClientCore:
         self.client_id = client_id or f"client-{uuid.uuid4().hex}"
         self.connect_kwargs = dict(connect_kwargs or {})
         self.retries = retries
+        self.lease_s = lease_s
+        self.wait_s = wait_s
+        self.reacquire = reacquire
         self.session: str | None = None
         self.connection_info: dict[str, Any] | None = None
         self.description: dict[str, Any] = {}
@@ -88,7 +96,30 @@ class _ClientCore:
         return rid
 
     def _connect_payload(self) -> dict[str, Any]:
-        return {"type": "connect", "resources": self.resources, **self.connect_kwargs}
+        payload = {"type": "connect", "resources": self.resources, **self.connect_kwargs}
+        if self.lease_s is not None:
+            payload["lease"] = self.lease_s
+        if self.wait_s is not None:
+            payload["wait"] = self.wait_s
+        return payload
+
+    def _connect_wait_ms(self) -> int:
+        return self.default_timeout + int((self.wait_s or 0) * 1000)
+
+    def _may_reconnect(self, error: BaseException) -> bool:
+        """After LeaseExpiredError: reconnect silently if no locks were held, or if asked to."""
+        if getattr(error, "type", None) != "LeaseExpiredError":
+            return False
+        held = bool((self.connection_info or {}).get("resources"))
+        return self.reacquire or not held
+
+    @property
+    def heartbeat_interval_s(self) -> float | None:
+        """How often the lease is renewed (None: no lease, e.g. against a PLESTY server)."""
+        lease = (self.connection_info or {}).get("lease")
+        if not self.session or not isinstance(lease, (int, float)):
+            return None
+        return max(0.05, lease / 3)
 
     def _call_payload(self, func: str, args: tuple, kwargs: dict, timeout: float | None) -> dict:
         if timeout is None:
@@ -207,12 +238,28 @@ class DeviceClient(_ClientCore):
         connect_kwargs: dict | None = None,
         *,
         retries: int = 2,
+        lease_s: float | None = DEFAULT_LEASE_S,
+        wait_s: float | None = None,
+        reacquire: bool = False,
         context: zmq.Context | None = None,
     ) -> None:
-        super().__init__(address, timeout, resources, client_id, connect_kwargs, retries)
+        super().__init__(
+            address,
+            timeout,
+            resources,
+            client_id,
+            connect_kwargs,
+            retries,
+            lease_s,
+            wait_s,
+            reacquire,
+        )
         self._ctx = context or zmq.Context.instance()
         self._lock = threading.RLock()
         self._rcvtimeo = -1
+        self._closing = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        self.lease_lost: str | None = None
         self._socket: zmq.Socket | None = dealer_socket(self._ctx, address, self.client_id.encode())
         try:
             self.connect()
@@ -222,8 +269,40 @@ class DeviceClient(_ClientCore):
 
     def connect(self) -> None:
         """Handshake (locks `resources`), read describe and bind the device's operations."""
-        self._connected_with(self._request(self._connect_payload()))
+        self._handshake()
         self._described(self.describe())
+
+    def _handshake(self) -> None:
+        with self._lock:
+            self.session = None
+            info = self._request(self._connect_payload(), wait_ms=self._connect_wait_ms())
+            self._connected_with(info)
+            self.lease_lost = None
+        if self.heartbeat_interval_s is not None and self._heartbeat is None:
+            self._heartbeat = threading.Thread(
+                target=self._renew_lease, name=f"lease:{self.client_id}", daemon=True
+            )
+            self._heartbeat.start()
+
+    def _renew_lease(self) -> None:
+        """Background: heartbeat every third of the lease until close()."""
+        while not self._closing.wait(self.heartbeat_interval_s or 1.0):
+            try:
+                self._request({"type": "heartbeat"}, attempts=1)
+            except TimeoutError:
+                log.info("%s: lease heartbeat not answered; retrying", self.address)
+            except ConnectionError:
+                return
+            except Exception as exc:  # LeaseExpiredError, or anything a broken server says
+                if self._may_reconnect(exc):
+                    try:
+                        self._handshake()
+                        log.warning("%s: lease was lost (%s); re-acquired", self.address, exc)
+                    except Exception as again:
+                        log.warning("%s: re-acquiring the lease failed: %s", self.address, again)
+                elif self.lease_lost is None:
+                    self.lease_lost = str(exc)
+                    log.error("%s: lease lost, locks gone: %s", self.address, exc)
 
     def _reset_socket(self) -> None:
         """Replace the socket after a timeout so nothing stale can arrive on it."""
@@ -248,7 +327,21 @@ class DeviceClient(_ClientCore):
                 rid = self._stamp(payload)
                 reply = self._exchange(native.encode(payload), rid, wait_ms)
                 if reply is not None:
-                    return self._result(reply)
+                    try:
+                        return self._result(reply)
+                    except RemoteError as exc:
+                        if payload["type"] in ("connect", "heartbeat") or not (
+                            self._may_reconnect(exc)
+                        ):
+                            raise
+                    # the server refused before running anything: reconnect and send again
+                    log.warning("%s: %s; connecting again", self.address, reply.get("error"))
+                    payload.pop("session", None)
+                    self._handshake()
+                    rid = self._stamp(payload)
+                    reply = self._exchange(native.encode(payload), rid, wait_ms)
+                    if reply is not None:
+                        return self._result(reply)
                 log.info(
                     "%s: no reply to %s (attempt %d/%d); resetting socket",
                     self.address,
@@ -330,6 +423,7 @@ class DeviceClient(_ClientCore):
     def close(self) -> None:
         """Release locks (disconnect) and close; returns within about a second if the server
         is gone."""
+        self._closing.set()
         with self._lock:
             if self._socket is None:
                 return
@@ -382,9 +476,23 @@ class AsyncDeviceClient(_ClientCore):
         connect_kwargs: dict | None = None,
         *,
         retries: int = 2,
+        lease_s: float | None = DEFAULT_LEASE_S,
+        wait_s: float | None = None,
+        reacquire: bool = False,
         context: zmq.asyncio.Context | None = None,
     ) -> None:
-        super().__init__(address, timeout, resources, client_id, connect_kwargs, retries)
+        super().__init__(
+            address,
+            timeout,
+            resources,
+            client_id,
+            connect_kwargs,
+            retries,
+            lease_s,
+            wait_s,
+            reacquire,
+        )
+        self._heartbeat: asyncio.Task | None = None
         self._ctx = context or zmq.asyncio.Context.instance()
         self._lock = asyncio.Lock()
         self._socket: zmq.asyncio.Socket | None = dealer_socket(
@@ -393,12 +501,28 @@ class AsyncDeviceClient(_ClientCore):
 
     async def connect(self) -> AsyncDeviceClient:
         try:
-            self._connected_with(await self._request(self._connect_payload()))
+            info = await self._request(self._connect_payload(), wait_ms=self._connect_wait_ms())
+            self._connected_with(info)
             self._described(await self.describe())
         except BaseException:
             self._close_socket()
             raise
+        if self.heartbeat_interval_s is not None:
+            self._heartbeat = asyncio.create_task(self._renew_lease())
         return self
+
+    async def _renew_lease(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval_s or 1.0)
+            try:
+                await self._request({"type": "heartbeat"}, attempts=1)
+            except TimeoutError:
+                log.info("%s: lease heartbeat not answered; retrying", self.address)
+            except ConnectionError:
+                return
+            except RemoteError as exc:
+                log.error("%s: lease lost, locks gone: %s", self.address, exc)
+                return
 
     def _close_socket(self) -> None:
         if self._socket is not None:
@@ -473,6 +597,9 @@ class AsyncDeviceClient(_ClientCore):
         return proxy
 
     async def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = None
         if self._socket is None:
             return
         if self._connected:

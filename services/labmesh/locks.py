@@ -81,6 +81,22 @@ class Grant:
         return f"{self.client_id} ({label})" if label else self.client_id
 
 
+@dataclass
+class Waiter:
+    """A connect waiting for busy resources, served first come, first served.
+
+    `token` is the caller's own data (the server keeps the reply route there).
+    """
+
+    session: str
+    client_id: str
+    leaves: tuple[str, ...]
+    deadline: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+    lease_s: float | None = None
+    token: Any = None
+
+
 class LeaseTable:
     """Who holds which resource of one device, with leases.
 
@@ -94,6 +110,7 @@ class LeaseTable:
         self._leaves: set[str] = set()
         self._grants: dict[str, Grant] = {}
         self._holder: dict[str, str] = {}
+        self._waiters: list[Waiter] = []
         self.register(resources)
 
     def register(self, resources: Any) -> None:
@@ -140,6 +157,15 @@ class LeaseTable:
     def remaining(self, grant: Grant, now: float) -> float:
         return max(0.0, grant.expires_at(self.idle_limit_s) - now)
 
+    def _reserved(self, session: str) -> dict[str, Waiter]:
+        """Leaves wanted by waiters (other than `session`), each by its first waiter."""
+        reserved: dict[str, Waiter] = {}
+        for waiter in self._waiters:
+            if waiter.session != session:
+                for leaf in waiter.leaves:
+                    reserved.setdefault(leaf, waiter)
+        return reserved
+
     def conflicts(self, session: str | None, leaves: Iterable[str]) -> list[Grant]:
         """Grants of other sessions that hold any of `leaves` (each grant once)."""
         found: dict[str, Grant] = {}
@@ -179,15 +205,84 @@ class LeaseTable:
                 "requested resources are not available: " + self._busy_message(leaves, busy, now),
                 holders=[self.holder_info(g, now) for g in busy],
             )
-        self.release(session)
+        reserved = self._reserved(session)
+        queued = sorted({leaf for leaf in leaves if leaf in reserved})
+        if queued:
+            first = reserved[queued[0]]
+            raise ResourceAllocationError(
+                f"requested resources {queued} are promised to {first.client_id}, which has "
+                "been waiting for them longer; connect with wait= to queue behind it",
+                holders=[],
+            )
+        return self._grant(session, client_id, leaves, now, lease_s, metadata)
+
+    def _grant(
+        self,
+        session: str,
+        client_id: str,
+        leaves: tuple[str, ...],
+        now: float,
+        lease_s: float | None,
+        metadata: dict[str, Any] | None,
+    ) -> Grant:
+        self._drop_grant(session)
         grant = Grant(session, client_id, leaves, dict(metadata or {}), now, lease_s, now)
         self._grants[session] = grant
         for leaf in leaves:
             self._holder[leaf] = session
         return grant
 
+    def enqueue(self, waiter: Waiter) -> None:
+        """Queue a connect that will wait for its leaves (see `serve_waiters`)."""
+        self._waiters = [w for w in self._waiters if w.session != waiter.session]
+        self._waiters.append(waiter)
+
+    def serve_waiters(self, now: float) -> tuple[list[tuple[Waiter, Grant]], list[Waiter]]:
+        """Grant every waiter that can be served now, in arrival order, and drop the expired.
+
+        A waiter is granted when its leaves are free and no earlier waiter wants any of them,
+        so nobody is overtaken by a later arrival. Returns (granted, timed out).
+        """
+        granted: list[tuple[Waiter, Grant]] = []
+        expired: list[Waiter] = []
+        still: list[Waiter] = []
+        wanted: set[str] = set()
+        for waiter in self._waiters:
+            if waiter.deadline <= now:
+                expired.append(waiter)
+            elif wanted.isdisjoint(waiter.leaves) and not self.conflicts(
+                waiter.session, waiter.leaves
+            ):
+                grant = self._grant(
+                    waiter.session,
+                    waiter.client_id,
+                    waiter.leaves,
+                    now,
+                    waiter.lease_s,
+                    waiter.metadata,
+                )
+                granted.append((waiter, grant))
+            else:
+                wanted.update(waiter.leaves)
+                still.append(waiter)
+        self._waiters = still
+        return granted, expired
+
+    @property
+    def waiters(self) -> list[Waiter]:
+        return list(self._waiters)
+
+    def busy_message(self, leaves: Iterable[str], now: float) -> str:
+        """Who holds any of `leaves` and for how long (for refusals)."""
+        leaves = tuple(leaves)
+        return self._busy_message(leaves, self.conflicts(None, leaves), now)
+
     def release(self, session: str) -> Grant | None:
-        """Drop a session and free what it held."""
+        """Drop a session (and its wait, if any) and free what it held."""
+        self._waiters = [w for w in self._waiters if w.session != session]
+        return self._drop_grant(session)
+
+    def _drop_grant(self, session: str) -> Grant | None:
         grant = self._grants.pop(session, None)
         if grant is not None:
             for leaf in grant.leaves:
@@ -206,16 +301,27 @@ class LeaseTable:
         grant.last_seen = now
         return grant
 
-    def expire(self, now: float) -> list[Grant]:
-        """Remove and return every grant whose lease (or idle limit) has run out."""
-        dead = [g for g in self._grants.values() if g.expires_at(self.idle_limit_s) <= now]
+    def expire(self, now: float, alive: Iterable[str] = ()) -> list[Grant]:
+        """Remove and return every grant whose lease (or idle limit) has run out.
+
+        Sessions in `alive` (e.g. with a call in flight) are not expired: their holder is
+        demonstrably there, waiting for a reply.
+        """
+        alive = set(alive)
+        dead = [
+            g
+            for g in self._grants.values()
+            if g.expires_at(self.idle_limit_s) <= now and g.session not in alive
+        ]
         for grant in dead:
-            self.release(grant.session)
+            self._drop_grant(grant.session)
         return dead
 
-    def next_expiry(self) -> float | None:
-        """When the earliest grant runs out (None with no grants)."""
-        return min((g.expires_at(self.idle_limit_s) for g in self._grants.values()), default=None)
+    def next_event(self) -> float | None:
+        """When the earliest grant or wait runs out (None when there is nothing to watch)."""
+        times = [g.expires_at(self.idle_limit_s) for g in self._grants.values()]
+        times.extend(w.deadline for w in self._waiters)
+        return min(times, default=None)
 
     def check(self, session: str | None, leaves: Iterable[str], now: float) -> None:
         """Raise ResourceLockedError if another session holds any of `leaves`."""

@@ -27,15 +27,17 @@ from typing import Any
 
 import zmq
 
-from labmesh.device.base import describe_device
+from labmesh.device.base import describe_device, touched_resources
 from labmesh.device.executor import RUNNING, TAKEOVER_AFTER_S, Job, Watchdog
-from labmesh.locks import DEFAULT_IDLE_LIMIT_S, LeaseTable
+from labmesh.locks import DEFAULT_IDLE_LIMIT_S, Grant, LeaseTable, Waiter
 from labmesh.protocol import native
 from labmesh.protocol.errors import (
     ExecutorDeadError,
     LabmeshError,
+    LeaseExpiredError,
     ProtocolError,
     ResourceAllocationError,
+    ResourceLockedError,
     UnknownOperationError,
     wire_type_of,
 )
@@ -56,6 +58,8 @@ class _Pending:
     request: native.Request
     received: float
     deadline: float | None
+    session: str | None = None
+    touches: tuple[str, ...] = ()
     answered: bool = False
 
 
@@ -371,14 +375,14 @@ class DeviceServer:
                     return
             now = self.clock()
             if now >= self._next_lock_check:
-                self._expire_leases(now)
-                self._next_lock_check = now + 0.25
+                self._lock_tick(now)
             if (self._queue and self._running is None) or self._results:
                 timeout = 0
             else:
-                timeout = _MAX_POLL_MS
+                due = self._next_lock_check
                 if self._deadlines:
-                    timeout = min(timeout, max(0, int((self._deadlines[0][0] - now) * 1000) + 1))
+                    due = min(due, self._deadlines[0][0])
+                timeout = min(_MAX_POLL_MS, max(0, int((due - now) * 1000) + 1))
             try:
                 events = dict(poller.poll(timeout))
             except zmq.ZMQError as exc:
@@ -399,6 +403,15 @@ class DeviceServer:
 
     def _run_inline(self, me: threading.Thread, job: Job) -> bool:
         """Run a call on this thread; False if the socket was handed over meanwhile."""
+        pending = self._pending.get(job)
+        if pending is not None and pending.touches:
+            # checked when the call starts, not when it arrived: a lock taken meanwhile counts
+            try:
+                self.locks.check(pending.session, pending.touches, self.clock())
+            except ResourceLockedError as exc:
+                job.error = exc
+                self._deliver(job)
+                return True
         job.thread = me
         with self._cond:
             self._running = job
@@ -499,43 +512,86 @@ class DeviceServer:
             k: v for k, v in request.fields.items() if k not in native.CONNECT_PROTOCOL_KEYS
         }
         lease = request.get("lease")
-        session = self._session_of(parts, request) or secrets.token_urlsafe(16)
+        known = self._session_of(parts, request)
+        if known is not None and self.locks.grant(known) is None:
+            known = None  # a stale token (lease ran out, server restarted): start afresh
+        session = known or secrets.token_urlsafe(16)
         now = self.clock()
         try:
+            leaves = self.locks.expand(request.get("resources"))
             grant = self.locks.acquire(
-                session,
-                client_id,
-                request.get("resources"),
-                now,
-                lease_s=lease,
-                metadata=metadata,
+                session, client_id, leaves, now, lease_s=lease, metadata=metadata
             )
         except ResourceAllocationError as exc:
-            log.info("%s: connect of %s refused: %s", self.name, client_id, exc)
-            self._send(
-                parts.route,
-                self._error(
-                    request,
-                    str(exc),
-                    exc.wire_type,
-                    result={"client_id": client_id, "resources": [], "metadata": metadata},
-                    **_details(exc),
-                ),
-            )
+            wait = request.get("wait")
+            if wait and "unknown" not in exc.details:
+                self.locks.enqueue(
+                    Waiter(
+                        session,
+                        client_id,
+                        leaves,
+                        now + wait,
+                        metadata,
+                        lease,
+                        (parts.route, request),
+                    )
+                )
+                log.info(
+                    "%s: %s waits up to %.1f s for %s", self.name, client_id, wait, list(leaves)
+                )
+                return
+            self._refuse_connect(parts.route, request, client_id, metadata, exc)
             return
-        if lease is None:
-            self._plesty_sessions[client_id] = session
+        self._granted(parts.route, request, grant)
+
+    def _granted(self, route: list[bytes], request: native.Request, grant: Grant) -> None:
+        if grant.lease_s is None:
+            self._plesty_sessions[grant.client_id] = grant.session
         if grant.leaves:
             log.info("%s: %s holds %s", self.name, grant.describe_holder(), list(grant.leaves))
         result = {
-            "client_id": client_id,
+            "client_id": grant.client_id,
             "resources": list(grant.leaves),
-            "metadata": metadata,
-            "session": session,
-            "lease": lease,
+            "metadata": grant.metadata,
+            "session": grant.session,
+            "lease": grant.lease_s,
             "epoch": self.epoch,
         }
-        self._send(parts.route, native.ok_reply(result, request))
+        self._send(route, native.ok_reply(result, request))
+
+    def _refuse_connect(
+        self,
+        route: list[bytes],
+        request: native.Request,
+        client_id: str,
+        metadata: dict[str, Any],
+        exc: ResourceAllocationError,
+    ) -> None:
+        log.info("%s: connect of %s refused: %s", self.name, client_id, exc)
+        self._send(
+            route,
+            self._error(
+                request,
+                str(exc),
+                exc.wire_type,
+                result={"client_id": client_id, "resources": [], "metadata": metadata},
+                **_details(exc),
+            ),
+        )
+
+    def _serve_waiters(self, now: float) -> None:
+        granted, expired = self.locks.serve_waiters(now)
+        for waiter, grant in granted:
+            route, request = waiter.token
+            self._granted(route, request, grant)
+        for waiter in expired:
+            route, request = waiter.token
+            busy = self.locks.busy_message(waiter.leaves, now)
+            exc = ResourceAllocationError(
+                f"waited {request.get('wait')} s; requested resources are still not available: "
+                + busy
+            )
+            self._refuse_connect(route, request, waiter.client_id, waiter.metadata, exc)
 
     def _on_disconnect(self, parts: native.Frames, request: native.Request) -> None:
         client_id = native.client_id_of(parts.identity)
@@ -549,6 +605,7 @@ class DeviceServer:
             if self._plesty_sessions.get(client_id) == session:
                 del self._plesty_sessions[client_id]
         self._send(parts.route, native.ok_reply({"client_id": client_id}, request))
+        self._serve_waiters(self.clock())
 
     def _on_describe(self, parts: native.Frames, request: native.Request) -> None:
         result = {
@@ -584,6 +641,7 @@ class DeviceServer:
     def _on_heartbeat(self, parts: native.Frames, request: native.Request) -> None:
         now = self.clock()
         grant = self.locks.renew(request.session or "", now)
+        grant.last_seen = now
         result = {"lease_remaining": self.locks.remaining(grant, now), "epoch": self.epoch}
         self._send(parts.route, native.ok_reply(result, request))
 
@@ -592,16 +650,22 @@ class DeviceServer:
         result = {"resources": sorted(self.locks.leaves), "holders": self.locks.holders(now)}
         self._send(parts.route, native.ok_reply(result, request))
 
-    def _expire_leases(self, now: float) -> None:
-        for grant in self.locks.expire(now):
+    def _lock_tick(self, now: float) -> None:
+        """Expire leases (never of a session with a call in flight) and serve waiters."""
+        alive = [p.session for p in self._pending.values() if p.session and not p.answered]
+        for grant in self.locks.expire(now, alive):
             log.warning(
-                "%s: lease of %s expired; freed %s",
+                "%s: lease of %s expired after %.1f s without a request; freed %s",
                 self.name,
                 grant.describe_holder(),
+                now - grant.last_seen,
                 list(grant.leaves),
             )
             if self._plesty_sessions.get(grant.client_id) == grant.session:
                 del self._plesty_sessions[grant.client_id]
+        self._serve_waiters(now)
+        following = self.locks.next_event()
+        self._next_lock_check = now + 0.25 if following is None else min(now + 0.25, following)
 
     # ---- device requests ------------------------------------------------------------------
     def _on_device_request(self, parts: native.Frames, request: native.Request) -> None:
@@ -615,10 +679,17 @@ class DeviceServer:
         resources: list[str] = []
         if session is not None:
             grant = self.locks.grant(session)
-            if grant is not None:
-                grant.last_seen = now
-                resources = list(grant.leaves)
+            if grant is None:
+                raise LeaseExpiredError(
+                    f"{self.name}: this session is unknown here (its lease ran out, or the "
+                    "server restarted); any locks it held are gone: connect again"
+                )
+            grant.last_seen = now
+            resources = list(grant.leaves)
         fn, args, kwargs, label = self._device_call(request)
+        touches: tuple[str, ...] = ()
+        if request.type != "query" and self.locks.leaves:
+            touches = self._touches(request, args, kwargs)
         if resources and self._accepts_resources(label, fn):
             kwargs["resources"] = resources
         budget = request.timeout
@@ -626,10 +697,24 @@ class DeviceServer:
             budget = self._budgets.get(request.fields["func"])
         job = Job(fn, args, kwargs, label)
         deadline = now + budget if budget is not None else None
-        self._pending[job] = _Pending(parts.route, request, now, deadline)
+        self._pending[job] = _Pending(parts.route, request, now, deadline, session, touches)
         if deadline is not None:
             heapq.heappush(self._deadlines, (deadline, next(self._seq), job))
         self._queue.append(job)
+
+    def _touches(self, request: native.Request, args: tuple, kwargs: dict) -> tuple[str, ...]:
+        """The registered leaves a write or call touches (all of them unless declared)."""
+        name = request.fields.get("param") or request.fields.get("func")
+        declared = touched_resources(self.device, request.type, name, args, kwargs)
+        if declared is None:
+            return tuple(sorted(self.locks.leaves))
+        try:
+            return self.locks.expand(declared)
+        except ResourceAllocationError as exc:
+            raise LabmeshError(
+                f"{self.name}: driver bug: {request.type} {name} declares resources the device "
+                f"does not register ({exc})"
+            ) from None
 
     def _device_call(self, request: native.Request) -> tuple[Callable, tuple, dict, str]:
         fields = request.fields
@@ -678,6 +763,10 @@ class DeviceServer:
             return
         pending.answered = True
         request = pending.request
+        if pending.session is not None:
+            grant = self.locks.grant(pending.session)
+            if grant is not None:
+                grant.last_seen = self.clock()
         if job.ok:
             self._send(pending.route, native.ok_reply(job.value, request))
             return

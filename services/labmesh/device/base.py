@@ -35,7 +35,9 @@ class OperationSpec:
         budget_s: how long the call may take; the client waits that long and the server uses it
             as the call's budget when the caller gives none.
         idempotent: safe to send twice; only then does a client retry it after a timeout.
-        resources: the lockable resources the call touches (None = the whole device).
+        resources: the lockable resources the call touches (None = the whole device; () =
+            none). An entry may name an argument in braces, e.g. `"{line}"` or
+            `"stage/{axis}"`, filled in from the call's arguments.
     """
 
     budget_s: float | None = None
@@ -108,6 +110,43 @@ def find_operations(obj: Any) -> dict[str, OperationSpec]:
                 found[name] = spec
     # a subclass can hide an operation by overriding it without the marker
     return {n: s for n, s in found.items() if _operation_spec(getattr(type(obj), n, None))}
+
+
+def touched_resources(
+    device: Any, request_type: str, name: str, args: tuple, kwargs: dict
+) -> tuple[str, ...] | None:
+    """What a write or call touches, as the device declares it; None means the whole device.
+
+    A driver with its own mapping overrides `Device.touches`; otherwise a parameter's
+    `resources` and an operation's `resources` (with `{argument}` templates) are used.
+    Reads touch nothing: they are allowed whoever holds a lock.
+    """
+    if request_type == "query":
+        return ()
+    custom = getattr(device, "touches", None)
+    if callable(custom):
+        found = custom(request_type, name, args, kwargs)
+        if found is not NotImplemented:
+            return None if found is None else tuple(found)
+    if request_type == "write":
+        params = getattr(device, "parameters", None)
+        param = params.get(name) if isinstance(params, dict) else None
+        return param.resources if isinstance(param, Parameter) else None
+    method = getattr(device, name, None)
+    spec = _operation_spec(method) if method is not None else None
+    if spec is None or spec.resources is None:
+        return None
+    if not any("{" in r for r in spec.resources):
+        return spec.resources
+    try:
+        bound = inspect.signature(method).bind(*args, **kwargs)
+    except TypeError:
+        return None  # the call itself will fail with the right TypeError; lock like the device
+    bound.apply_defaults()
+    try:
+        return tuple(r.format(**bound.arguments) for r in spec.resources)
+    except (KeyError, IndexError, ValueError):
+        return None
 
 
 def _jsonable(value: Any) -> Any:
@@ -235,6 +274,14 @@ class Device:
         """Validate `value` against the declaration of `name` and write it; True on success."""
         value = self.parameter(name).validate(value)
         return self._write_(name, value) is not False
+
+    def touches(self, request_type: str, name: str, args: tuple, kwargs: dict) -> Any:
+        """Override to say which resources a write/call touches (None = the whole device).
+
+        Return NotImplemented (the default) to use the declarations of parameters and
+        operations. Must be quick and pure: it runs before the call, on the server's thread.
+        """
+        return NotImplemented
 
     def get_config_list(self) -> list[str]:
         """Names of the declared parameters."""
