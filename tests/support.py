@@ -99,3 +99,52 @@ def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01) -> bool:
             return True
         time.sleep(interval)
     return predicate()
+
+
+class MemoryDaq(Device):
+    """An in-memory DAQ card: one lockable resource per digital line and per analog output."""
+
+    kind = "daq"
+    resources = {"Dev1": {"port0": ["line0", "line1"], "port1": ["line0"], "ao0": None}}
+
+    AO0 = Parameter(float, unit="V", min=-10, max=10, resources=["Dev1/ao0"])
+    LABEL = Parameter(str)
+
+    def __init__(self, name: str = "daq") -> None:
+        super().__init__(name)
+        self.lines: dict[str, bool] = {}
+        self.values = {"AO0": 0.0, "LABEL": ""}
+
+    def _query_(self, name: str):
+        return self.values[name]
+
+    def _write_(self, name: str, value) -> bool:
+        self.values[name] = value
+        return True
+
+    @operation(resources=["{line}"])
+    def write_line(self, line: str, value: bool) -> bool:
+        """Drive one digital line."""
+        self.lines[line] = value
+        return value
+
+    @operation(idempotent=True, resources=())
+    def read_line(self, line: str) -> bool:
+        """Read one digital line (touches nothing)."""
+        return self.lines.get(line, False)
+
+    @operation
+    def reset_card(self) -> None:
+        """Touches the whole card."""
+        self.lines.clear()
+
+    @operation(budget_s=10)
+    def hold(self, seconds: float) -> float:
+        """Keep the card busy."""
+        time.sleep(seconds)
+        return seconds
+
+    @operation
+    def granted(self, resources=None) -> list:
+        """What the server passes as the caller's resources (PLESTY style)."""
+        return resources
