@@ -11,9 +11,10 @@ import threading
 import time
 
 import pytest
-from support import MemoryDaq, serve, wait_until
 
 from labmesh import RemoteError, build_client, build_server
+
+from support import MemoryDaq, serve, wait_until
 
 pytestmark = pytest.mark.integration
 
