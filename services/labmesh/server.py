@@ -46,6 +46,7 @@ from labmesh.transport import bound_address, router_socket
 log = logging.getLogger("labmesh.server")
 
 CAPABILITIES = ["budgets", "still_running", "sessions", "leases", "ping", "heartbeat", "locks"]
+_NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq's enum arithmetic costs a microsecond a call
 #: Longest the I/O loop sleeps when nothing is due (lease expiry checks).
 _MAX_POLL_MS = 500
 
@@ -128,7 +129,8 @@ class DeviceServer:
         self._poller.register(self._sock, zmq.POLLIN)
         self._poller.register(self._wake_r, zmq.POLLIN)
         # shared between the two server threads (guarded by _cond)
-        self._cond = threading.Condition(threading.Lock())
+        self._state = threading.Lock()  # the hot path takes the bare lock
+        self._cond = threading.Condition(self._state)
         self._owner: threading.Thread | None = None
         self._running: Job | None = None
         self._results: list[Job] = []
@@ -391,7 +393,7 @@ class DeviceServer:
             if sock in events:
                 for _ in range(256):
                     try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                        frames = sock.recv_multipart(_NOBLOCK)
                     except zmq.Again:
                         break
                     self._handle(frames)
@@ -413,10 +415,10 @@ class DeviceServer:
                 self._deliver(job)
                 return True
         job.thread = me
-        with self._cond:
+        with self._state:
             self._running = job
         job.run()
-        with self._cond:
+        with self._state:
             self._running = None
             still_owner = self._owner is me
             if not still_owner:
@@ -454,7 +456,7 @@ class DeviceServer:
     def _send(self, route: list[bytes], reply: dict[str, Any]) -> None:
         body = native.encode_reply(reply)
         try:
-            self._sock.send_multipart([*route, body], zmq.NOBLOCK, copy=False)
+            self._sock.send_multipart([*route, body], _NOBLOCK, copy=False)
         except zmq.Again:
             log.warning("%s: reply to %r dropped: client not reading", self.name, route[0])
         except zmq.ZMQError as exc:
@@ -669,7 +671,7 @@ class DeviceServer:
 
     # ---- device requests ------------------------------------------------------------------
     def _on_device_request(self, parts: native.Frames, request: native.Request) -> None:
-        if self.fixed_threading and not self._device_thread_alive():
+        if self.fixed_threading and self._dead and not self._device_thread_alive():
             raise ExecutorDeadError(
                 f"{self.name}: the thread that runs this device's calls is not running; "
                 "restart the server"

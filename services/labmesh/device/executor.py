@@ -61,7 +61,8 @@ class Job:
 
     def run(self) -> None:
         """Run the call on the current thread; never lets an exception escape."""
-        self.thread = threading.current_thread()
+        if self.thread is None:
+            self.thread = threading.current_thread()
         self.started_at = time.monotonic()
         self.state = RUNNING
         try:

@@ -35,7 +35,7 @@ _SCALARS = (str, int, float, bool, type(None))
 _encode_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Request:
     """One validated native request.
 
@@ -59,7 +59,7 @@ class Request:
         return self.fields.get(key, default)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Frames:
     """A ROUTER message split into its routing envelope and its body frames.
 
