@@ -106,9 +106,15 @@ class _ClientCore:
     def _connect_wait_ms(self) -> int:
         return self.default_timeout + int((self.wait_s or 0) * 1000)
 
-    def _may_reconnect(self, error: BaseException) -> bool:
-        """After LeaseExpiredError: reconnect silently if no locks were held, or if asked to."""
-        if getattr(error, "type", None) != "LeaseExpiredError":
+    def _may_reconnect(self, payload: dict[str, Any], reply: dict[str, Any]) -> bool:
+        """After LeaseExpiredError: reconnect silently if no locks were held, or if asked to.
+
+        The server refused before running anything, so the request can be sent again.
+        """
+        if reply.get("type") != "LeaseExpiredError" or payload["type"] in (
+            "connect",
+            "heartbeat",
+        ):
             return False
         held = bool((self.connection_info or {}).get("resources"))
         return self.reacquire or not held
@@ -293,8 +299,10 @@ class DeviceClient(_ClientCore):
                 log.info("%s: lease heartbeat not answered; retrying", self.address)
             except ConnectionError:
                 return
-            except Exception as exc:  # LeaseExpiredError, or anything a broken server says
-                if self._may_reconnect(exc):
+            except RemoteError as exc:  # LeaseExpiredError, or anything a broken server says
+                if exc.type == "LeaseExpiredError" and (
+                    self.reacquire or not (self.connection_info or {}).get("resources")
+                ):
                     try:
                         self._handshake()
                         log.warning("%s: lease was lost (%s); re-acquired", self.address, exc)
@@ -327,14 +335,8 @@ class DeviceClient(_ClientCore):
                 rid = self._stamp(payload)
                 reply = self._exchange(native.encode(payload), rid, wait_ms)
                 if reply is not None:
-                    try:
+                    if not self._may_reconnect(payload, reply):
                         return self._result(reply)
-                    except RemoteError as exc:
-                        if payload["type"] in ("connect", "heartbeat") or not (
-                            self._may_reconnect(exc)
-                        ):
-                            raise
-                    # the server refused before running anything: reconnect and send again
                     log.warning("%s: %s; connecting again", self.address, reply.get("error"))
                     payload.pop("session", None)
                     self._handshake()
@@ -535,16 +537,28 @@ class AsyncDeviceClient(_ClientCore):
         attempts = attempts or self._attempts(payload)
         wait_ms = wait_ms or self._recv_timeout_ms(payload.get("timeout"))
         async with self._lock:
-            if self._socket is None:
-                raise ConnectionError(f"client of {self.address} is closed")
-            for _ in range(attempts):
-                rid = self._stamp(payload)
-                reply = await self._exchange(native.encode(payload), rid, wait_ms)
-                if reply is not None:
-                    return self._result(reply)
-                self._close_socket()
-                self._socket = dealer_socket(self._ctx, self.address, self.client_id.encode())
-            raise self._timeout_error(payload, wait_ms, attempts)
+            reply = await self._send_locked(payload, attempts, wait_ms)
+            if self._may_reconnect(payload, reply):
+                log.warning("%s: %s; connecting again", self.address, reply.get("error"))
+                self.session = None
+                payload.pop("session", None)
+                connect = self._connect_payload()
+                info = await self._send_locked(connect, 1, self._connect_wait_ms())
+                self._connected_with(self._result(info))
+                reply = await self._send_locked(payload, 1, wait_ms)
+            return self._result(reply)
+
+    async def _send_locked(self, payload: dict[str, Any], attempts: int, wait_ms: int) -> dict:
+        if self._socket is None:
+            raise ConnectionError(f"client of {self.address} is closed")
+        for _ in range(attempts):
+            rid = self._stamp(payload)
+            reply = await self._exchange(native.encode(payload), rid, wait_ms)
+            if reply is not None:
+                return reply
+            self._close_socket()
+            self._socket = dealer_socket(self._ctx, self.address, self.client_id.encode())
+        raise self._timeout_error(payload, wait_ms, attempts)
 
     async def _exchange(self, body: bytes, rid: str, wait_ms: int) -> dict[str, Any] | None:
         sock = self._socket

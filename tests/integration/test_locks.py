@@ -230,3 +230,32 @@ def test_locks_listing_shows_age_and_time_left(daq_server):
             }
         ]
         assert rows[0]["since_s"] >= 0.2 and 0 < rows[0]["remaining_s"] <= 5.0
+
+
+def test_async_client_restart_semantics(daq_server):
+    import asyncio
+
+    from labmesh import build_async_client
+
+    address = daq_server.address
+
+    async def main() -> None:
+        holder = await build_async_client(address, resources="Dev1/port0/line0", timeout=2000)
+        again = await build_async_client(
+            address, resources="Dev1/port1", reacquire=True, timeout=2000
+        )
+        daq_server.stop()
+        srv = build_server(MemoryDaq(), address=address).start()
+        try:
+            with pytest.raises(RemoteError) as info:
+                await holder.write_line("Dev1/port0/line0", True)
+            assert type(info.value).__name__ == "LeaseExpiredError"
+            assert await again.write_line("Dev1/port1/line0", True) is True
+            holders = (await again.locks())["holders"]
+            assert [h["client_id"] for h in holders] == [again.client_id]
+        finally:
+            await holder.close()
+            await again.close()
+            srv.stop()
+
+    asyncio.run(main())
