@@ -1,0 +1,313 @@
+"""Lab YAML: one file per instrument host, validated into server specs with file:line errors.
+
+host: lab-pc-3                    # optional; default: this machine's host name
+bind: "*"                         # interface the device servers listen on
+discovery: tcp://lab-core:5550    # optional: endpoint(s), comma list or YAML list, or auto
+metrics_port: 9105                # optional: Prometheus /metrics of this process
+lock_idle_limit_s: 600            # optional: reclaim locks of silent PLESTY clients
+devices:
+  - name: pm100-a
+    driver: powermeter            # powermeter | scpi | nidaq | motor | package.module:Class
+    resource: USB0::0x1313::0x8078::P0000001::INSTR
+    port: 5555
+    sim: false
+    fixed_threading: true
+    options: {sensor_type: S155C}
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import re
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+#: Built-in drivers by short name: (module, class).
+DRIVERS = {
+    "powermeter": ("labmesh.drivers.powermeter", "PowermeterDevice"),
+    "scpi": ("labmesh.drivers.scpi", "ScpiDevice"),
+    "nidaq": ("labmesh.drivers.nidaq", "NIDaqDevice"),
+    "motor": ("labmesh.drivers.motor", "MotorStage"),
+}
+
+_HOST_KEYS = {
+    "host": "this host's name in the lab (default: the machine's host name)",
+    "bind": "interface to listen on, e.g. '*' or 127.0.0.1",
+    "advertise": "address other hosts reach this one at (default: found from the route)",
+    "discovery": "discovery endpoint(s): tcp://HOST:PORT, a list of them, or auto",
+    "metrics_port": "TCP port of this process's Prometheus /metrics (0 or null: off)",
+    "lock_idle_limit_s": "seconds after which a silent PLESTY client's locks are reclaimed",
+    "devices": "the list of instruments this host serves",
+}
+_DEVICE_KEYS = {
+    "name": "the device's unique name in the lab",
+    "driver": f"one of {sorted(DRIVERS)} or package.module:Class",
+    "resource": "VISA resource or device address (driver-specific)",
+    "port": "TCP port this device's server listens on",
+    "sim": "true to simulate the instrument",
+    "fixed_threading": "run every call on one dedicated thread (default true)",
+    "options": "driver-specific keyword arguments",
+    "resources": "override the driver's lockable resources (list or tree)",
+    "laplace": "serve LAPLACE clients too (mapping of LAPLACE options)",
+}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+class ConfigError(ValueError):
+    """A lab YAML mistake: says which file, where, what is wrong and what is expected."""
+
+
+@dataclass
+class DeviceSpec:
+    """One device of a host file, validated."""
+
+    name: str
+    driver: str
+    port: int
+    resource: str | None = None
+    sim: bool = False
+    fixed_threading: bool = True
+    options: dict[str, Any] = field(default_factory=dict)
+    resources: Any = None
+    laplace: dict[str, Any] | None = None
+    where: str = ""
+
+    def driver_class(self) -> type:
+        """Import the driver class (ConfigError naming the file:line if it cannot be)."""
+        target = ":".join(DRIVERS[self.driver]) if self.driver in DRIVERS else self.driver
+        module_name, _, class_name = target.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+            return getattr(module, class_name)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(
+                f"{self.where}: devices[{self.name}].driver: cannot load {self.driver!r} "
+                f"({exc}); check the module path and that it is installed"
+            ) from None
+
+    def build(self, sim: bool | None = None) -> Any:
+        """Construct the driver object (name, sim and resource passed as keyword arguments)."""
+        cls = self.driver_class()
+        kwargs = dict(self.options)
+        kwargs["name"] = self.name
+        kwargs["sim"] = self.sim if sim is None else (sim or self.sim)
+        if self.resource is not None:
+            kwargs["resource"] = self.resource
+        device = cls(**kwargs)
+        if self.resources is not None:
+            device.resources = self.resources
+        return device
+
+
+@dataclass
+class HostConfig:
+    """A validated instrument-host file."""
+
+    host: str
+    devices: list[DeviceSpec]
+    bind: str = "*"
+    advertise: str | None = None
+    discovery: list[str] = field(default_factory=list)
+    metrics_port: int | None = None
+    lock_idle_limit_s: float = 600.0
+    path: str = ""
+
+
+class _Located:
+    """YAML converted to plain data, remembering the line of every node by its key path."""
+
+    def __init__(self, path: str, text: str) -> None:
+        self.path = path
+        self.lines: dict[tuple, int] = {}
+        try:
+            node = yaml.compose(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else path
+            problem = getattr(exc, "problem", None) or str(exc)
+            raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+        self.data = self._convert(node, ()) if node is not None else None
+
+    def _convert(self, node: yaml.Node, key: tuple) -> Any:
+        self.lines[key] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            out: dict[Any, Any] = {}
+            for k_node, v_node in node.value:
+                k = yaml.safe_load(yaml.serialize(k_node))
+                out[k] = self._convert(v_node, (*key, k))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self._convert(v, (*key, i)) for i, v in enumerate(node.value)]
+        return yaml.safe_load(yaml.serialize(node))
+
+    def at(self, key: tuple) -> str:
+        while key and key not in self.lines:
+            key = key[:-1]
+        return f"{self.path}:{self.lines.get(key, 1)}"
+
+
+def _label(key: tuple) -> str:
+    out = ""
+    for part in key:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _fail(doc: _Located, key: tuple, message: str) -> ConfigError:
+    return ConfigError(f"{doc.at(key)}: {_label(key)}: {message}")
+
+
+def _unknown_keys(doc: _Located, key: tuple, given: dict, allowed: dict[str, str]) -> None:
+    for name in given:
+        if name not in allowed:
+            close = difflib.get_close_matches(str(name), allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise _fail(
+                doc,
+                (*key, name),
+                f"unknown key {name!r}{hint} (allowed: {', '.join(sorted(allowed))})",
+            )
+
+
+def _port(doc: _Located, key: tuple, value: Any, *, allow_zero: bool = False) -> int:
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 65535:
+        raise _fail(doc, key, f"expected a TCP port number {low}-65535, got {value!r}")
+    return value
+
+
+def _bool(doc: _Located, key: tuple, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(doc, key, f"expected true or false, got {value!r}")
+    return value
+
+
+def _endpoints(doc: _Located, key: tuple, value: Any) -> list[str]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise _fail(doc, key, f"expected tcp://HOST:PORT, a list of them, or auto; got {value!r}")
+    out = [i.strip() for i in items if i.strip()]
+    for endpoint in out:
+        if endpoint != "auto" and not re.match(r"^tcp://[^:/\s]+:\d+$", endpoint):
+            raise _fail(doc, key, f"{endpoint!r} is not tcp://HOST:PORT (or auto)")
+    return out
+
+
+def parse_host_config(text: str, path: str = "<string>") -> HostConfig:
+    """Validate a host file's text; raises ConfigError with file:line on the first mistake."""
+    doc = _Located(path, text)
+    data = doc.data
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}:1: expected a mapping with a 'devices' list, got "
+            f"{type(data).__name__ if data is not None else 'an empty file'}"
+        )
+    _unknown_keys(doc, (), data, _HOST_KEYS)
+    host = data.get("host") or socket.gethostname()
+    if not isinstance(host, str):
+        raise _fail(doc, ("host",), f"expected a host name, got {host!r}")
+    bind = data.get("bind", "*")
+    if not isinstance(bind, str) or not bind:
+        raise _fail(doc, ("bind",), f"expected an interface address or '*', got {bind!r}")
+    advertise = data.get("advertise")
+    if advertise is not None and not isinstance(advertise, str):
+        raise _fail(doc, ("advertise",), f"expected a host name or address, got {advertise!r}")
+    discovery = _endpoints(doc, ("discovery",), data.get("discovery") or [])
+    metrics = data.get("metrics_port")
+    metrics_port = _port(doc, ("metrics_port",), metrics, allow_zero=True) if metrics else None
+    idle = data.get("lock_idle_limit_s", 600.0)
+    if isinstance(idle, bool) or not isinstance(idle, (int, float)) or idle <= 0:
+        raise _fail(doc, ("lock_idle_limit_s",), f"expected a positive number, got {idle!r}")
+    devices_raw = data.get("devices")
+    if not isinstance(devices_raw, list) or not devices_raw:
+        raise _fail(doc, ("devices",), "expected a non-empty list of devices")
+    devices: list[DeviceSpec] = []
+    names: dict[str, str] = {}
+    ports: dict[int, str] = {}
+    if metrics_port:
+        ports[metrics_port] = "metrics_port"
+    for i, raw in enumerate(devices_raw):
+        spec = _device(doc, ("devices", i), raw)
+        if spec.name in names:
+            raise _fail(
+                doc,
+                ("devices", i, "name"),
+                f"name {spec.name!r} is already used at {names[spec.name]}",
+            )
+        if spec.port in ports:
+            raise _fail(
+                doc,
+                ("devices", i, "port"),
+                f"port {spec.port} is already used by {ports[spec.port]}",
+            )
+        names[spec.name] = spec.where
+        ports[spec.port] = f"device {spec.name}"
+        devices.append(spec)
+    return HostConfig(host, devices, bind, advertise, discovery, metrics_port, float(idle), path)
+
+
+def _device(doc: _Located, key: tuple, raw: Any) -> DeviceSpec:
+    if not isinstance(raw, dict):
+        raise _fail(doc, key, f"expected a mapping with name, driver and port, got {raw!r}")
+    _unknown_keys(doc, key, raw, _DEVICE_KEYS)
+    for required in ("name", "driver", "port"):
+        if required not in raw:
+            raise _fail(doc, key, f"missing {required!r} ({_DEVICE_KEYS[required]})")
+    name = raw["name"]
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise _fail(
+            doc,
+            (*key, "name"),
+            f"expected a name of letters, digits, '.', '_' or '-' (at most 63), got {name!r}",
+        )
+    driver = raw["driver"]
+    if not isinstance(driver, str) or (driver not in DRIVERS and ":" not in driver):
+        raise _fail(
+            doc,
+            (*key, "driver"),
+            f"unknown driver {driver!r}; expected one of {sorted(DRIVERS)} or package.module:Class",
+        )
+    port = _port(doc, (*key, "port"), raw["port"])
+    resource = raw.get("resource")
+    if resource is not None and not isinstance(resource, str):
+        raise _fail(doc, (*key, "resource"), f"expected a string, got {resource!r}")
+    options = raw.get("options") or {}
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise _fail(
+            doc, (*key, "options"), f"expected a mapping of keyword arguments, got {options!r}"
+        )
+    resources = raw.get("resources")
+    if resources is not None and not isinstance(resources, (list, dict)):
+        raise _fail(doc, (*key, "resources"), f"expected a list or a tree, got {resources!r}")
+    laplace = raw.get("laplace")
+    if laplace is not None and not isinstance(laplace, dict):
+        raise _fail(doc, (*key, "laplace"), f"expected a mapping, got {laplace!r}")
+    return DeviceSpec(
+        name=name,
+        driver=driver,
+        port=port,
+        resource=resource,
+        sim=_bool(doc, (*key, "sim"), raw.get("sim", False)),
+        fixed_threading=_bool(doc, (*key, "fixed_threading"), raw.get("fixed_threading", True)),
+        options=options,
+        resources=resources,
+        laplace=laplace,
+        where=doc.at(key),
+    )
+
+
+def load_host_config(path: str | Path) -> HostConfig:
+    """Read and validate a host file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the lab file: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    return parse_host_config(text, str(path))

@@ -1,0 +1,132 @@
+"""Everything one instrument host serves: one DeviceServer per configured device, supervised.
+
+A device that fails to open is reported and retried with backoff, without taking the others
+down; a device whose driver cannot even be built (a config mistake) is reported once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from labmesh.config import ConfigError, DeviceSpec, HostConfig
+from labmesh.server import DeviceServer
+
+log = logging.getLogger("labmesh.host")
+
+#: Retry delays after a failed open: 1 s, 2 s, 4 s ... capped.
+BACKOFF_FIRST_S = 1.0
+BACKOFF_MAX_S = 30.0
+
+
+@dataclass
+class DeviceState:
+    """What a host knows about one of its devices (for status tables and `labmesh ls`)."""
+
+    spec: DeviceSpec
+    address: str
+    state: str = "starting"  # starting | serving | retrying | failed | stopped
+    error: str | None = None
+    attempts: int = 0
+    server: DeviceServer | None = None
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "name": self.spec.name,
+            "driver": self.spec.driver,
+            "address": self.server.address if self.server else self.address,
+            "state": self.state,
+            "attempts": self.attempts,
+            "error": self.error,
+        }
+
+
+class HostServer:
+    """Serves every device of a host file.
+
+    Parameters:
+        config: the validated host file.
+        sim: simulate every device (as `labmesh serve --sim`).
+        bind: override the file's `bind` interface (e.g. 127.0.0.1 in tests).
+    """
+
+    def __init__(self, config: HostConfig, *, sim: bool = False, bind: str | None = None):
+        self.config = config
+        self.sim = sim
+        self.bind = bind or config.bind
+        self.devices = {
+            spec.name: DeviceState(spec, f"tcp://{self.bind}:{spec.port}")
+            for spec in config.devices
+        }
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._ready = {name: threading.Event() for name in self.devices}
+
+    def start(self) -> HostServer:
+        for state in self.devices.values():
+            thread = threading.Thread(
+                target=self._supervise,
+                args=(state,),
+                name=f"supervise:{state.spec.name}",
+                daemon=True,
+            )
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until every device has served or failed its first attempt."""
+        return all(event.wait(timeout) for event in self._ready.values())
+
+    def servers(self) -> dict[str, DeviceServer]:
+        return {n: s.server for n, s in self.devices.items() if s.server is not None}
+
+    def _supervise(self, state: DeviceState) -> None:
+        spec = state.spec
+        delay = BACKOFF_FIRST_S
+        while not self._stop.is_set():
+            state.attempts += 1
+            try:
+                device = spec.build(sim=self.sim)
+            except (ConfigError, TypeError, ValueError, ImportError) as exc:
+                state.state, state.error = "failed", f"{spec.where}: {spec.name}: {exc}"
+                log.error("%s (not retried: fix the lab file)", state.error)
+                self._ready[spec.name].set()
+                return
+            try:
+                server = DeviceServer(
+                    device,
+                    fixed_threading=spec.fixed_threading,
+                    address=state.address,
+                    name=spec.name,
+                    idle_limit_s=self.config.lock_idle_limit_s,
+                )
+                server.start()
+            except Exception as exc:
+                state.state, state.error = "retrying", f"{type(exc).__name__}: {exc}"
+                log.error("%s: cannot open (%s); retrying in %.0f s", spec.name, state.error, delay)
+                self._ready[spec.name].set()
+                if self._stop.wait(delay):
+                    break
+                delay = min(delay * 2, BACKOFF_MAX_S)
+                continue
+            state.server, state.state, state.error = server, "serving", None
+            log.info("%s: serving %s on %s", spec.name, spec.driver, server.address)
+            self._ready[spec.name].set()
+            self._stop.wait()
+            server.stop()
+            break
+        state.state = "stopped" if state.state != "failed" else state.state
+
+    def stop(self, timeout: float = 3.0) -> None:
+        """Stop every device server (each disconnects its device) within about `timeout`."""
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def status(self) -> list[dict[str, Any]]:
+        return [state.row() for state in self.devices.values()]

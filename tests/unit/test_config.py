@@ -1,0 +1,138 @@
+"""Lab YAML validation: one test per kind of mistake, each asserting the message."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from labmesh.config import ConfigError, load_host_config, parse_host_config
+
+pytestmark = pytest.mark.unit
+
+GOOD = """\
+host: lab-pc-3
+bind: 127.0.0.1
+discovery: tcp://lab-core:5550, tcp://lab-core-2:5550
+metrics_port: 9105
+devices:
+  - name: pm100-a
+    driver: powermeter
+    resource: USB0::0x1313::0x8078::P0000001::INSTR
+    port: 5555
+    options: {sensor_type: S155C}
+  - name: daq
+    driver: nidaq
+    port: 5556
+    sim: true
+    fixed_threading: false
+"""
+
+
+def parse(text: str):
+    return parse_host_config(textwrap.dedent(text), "host.yaml")
+
+
+def test_a_good_file():
+    cfg = parse(GOOD)
+    assert cfg.host == "lab-pc-3" and cfg.bind == "127.0.0.1" and cfg.metrics_port == 9105
+    assert cfg.discovery == ["tcp://lab-core:5550", "tcp://lab-core-2:5550"]
+    pm, daq = cfg.devices
+    assert (pm.name, pm.driver, pm.port, pm.options) == (
+        "pm100-a",
+        "powermeter",
+        5555,
+        {"sensor_type": "S155C"},
+    )
+    assert pm.fixed_threading is True and pm.sim is False and pm.where == "host.yaml:6"
+    assert daq.sim is True and daq.fixed_threading is False
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("devices: [\n  {name: a\n", r"host.yaml:\d+: not valid YAML"),
+        ("", r"host.yaml:1: expected a mapping with a 'devices' list, got an empty file"),
+        ("- a\n- b\n", r"host.yaml:1: expected a mapping .* got list"),
+        ("devices: []\n", r"host.yaml:1: devices: expected a non-empty list of devices"),
+        ("devics: []\n", r"host.yaml:1: devics: unknown key 'devics'; did you mean 'devices'\?"),
+        (
+            "metrics_port: 99999\ndevices: [{name: a, driver: motor, port: 5}]\n",
+            r"host.yaml:1: metrics_port: expected a TCP port number 0-65535, got 99999",
+        ),
+        (
+            "discovery: lab-core:5550\ndevices: [{name: a, driver: motor, port: 5}]\n",
+            r"host.yaml:1: discovery: 'lab-core:5550' is not tcp://HOST:PORT",
+        ),
+        (
+            "lock_idle_limit_s: -1\ndevices: [{name: a, driver: motor, port: 5}]\n",
+            r"lock_idle_limit_s: expected a positive number, got -1",
+        ),
+        ("devices:\n  - just-a-name\n", r"host.yaml:2: devices\[0\]: expected a mapping"),
+        (
+            "devices:\n  - name: a\n    driver: motor\n",
+            r"host.yaml:2: devices\[0\]: missing 'port' \(TCP port this device's server",
+        ),
+        (
+            "devices:\n  - name: a\n    driver: motor\n    port: abc\n",
+            r"host.yaml:4: devices\[0\].port: expected a TCP port number 1-65535, got 'abc'",
+        ),
+        (
+            "devices:\n  - name: a\n    driver: powermetre\n    port: 5\n",
+            r"host.yaml:3: devices\[0\].driver: unknown driver 'powermetre'; expected one of "
+            r"\['motor', 'nidaq', 'powermeter', 'scpi'\]",
+        ),
+        (
+            "devices:\n  - name: a b\n    driver: motor\n    port: 5\n",
+            r"host.yaml:2: devices\[0\].name: expected a name of letters",
+        ),
+        (
+            "devices:\n  - name: a\n    driver: motor\n    port: 5\n    sim: yes please\n",
+            r"host.yaml:5: devices\[0\].sim: expected true or false, got 'yes please'",
+        ),
+        (
+            "devices:\n  - name: a\n    driver: motor\n    port: 5\n    optoins: {}\n",
+            r"host.yaml:5: devices\[0\].optoins: unknown key 'optoins'; did you mean 'options'\?",
+        ),
+        (
+            "devices:\n  - name: a\n    driver: motor\n    port: 5\n    options: [1]\n",
+            r"host.yaml:5: devices\[0\].options: expected a mapping of keyword arguments",
+        ),
+        (
+            "devices:\n  - {name: a, driver: motor, port: 5}\n"
+            "  - {name: a, driver: motor, port: 6}\n",
+            r"host.yaml:3: devices\[1\].name: name 'a' is already used at host.yaml:2",
+        ),
+        (
+            "devices:\n  - {name: a, driver: motor, port: 5}\n"
+            "  - {name: b, driver: motor, port: 5}\n",
+            r"host.yaml:3: devices\[1\].port: port 5 is already used by device a",
+        ),
+        (
+            "metrics_port: 5\ndevices:\n  - {name: a, driver: motor, port: 5}\n",
+            r"devices\[0\].port: port 5 is already used by metrics_port",
+        ),
+    ],
+)
+def test_each_mistake_has_a_clear_message(text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(text)
+
+
+def test_custom_driver_that_cannot_be_imported():
+    cfg = parse("devices:\n  - {name: a, driver: 'nosuch.module:Thing', port: 5}\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"host.yaml:2: devices\[a\].driver: cannot load "
+        r"'nosuch.module:Thing' \(No module named 'nosuch'\)",
+    ):
+        cfg.devices[0].build()
+
+
+def test_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(ConfigError, match=r"nope.yaml: cannot read the lab file: No such file"):
+        load_host_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bin.yaml"
+    bad.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ConfigError, match="not a UTF-8 text file"):
+        load_host_config(bad)
