@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import re
 import socket
 from dataclasses import dataclass, field
@@ -95,7 +96,14 @@ class DeviceSpec:
         cls = self.driver_class()
         kwargs = dict(self.options)
         kwargs["name"] = self.name
-        kwargs["sim"] = self.sim if sim is None else (sim or self.sim)
+        simulate = self.sim or bool(sim)
+        if simulate or _accepts(cls, "sim"):
+            if not _accepts(cls, "sim"):
+                raise ConfigError(
+                    f"{self.where}: {self.name}: driver {self.driver!r} has no "
+                    "simulation mode; remove sim: true (or --sim)"
+                )
+            kwargs["sim"] = simulate
         if self.resource is not None:
             kwargs["resource"] = self.resource
         device = cls(**kwargs)
@@ -116,6 +124,15 @@ class HostConfig:
     metrics_port: int | None = None
     lock_idle_limit_s: float = 600.0
     path: str = ""
+
+
+def _accepts(cls: type, keyword: str) -> bool:
+    """Whether a driver's constructor takes `keyword` (or any keyword)."""
+    try:
+        params = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == keyword or p.kind is p.VAR_KEYWORD for p in params)
 
 
 class _Located:

@@ -1,0 +1,151 @@
+"""`labmesh serve` as a real subprocess: several devices, locks between two clients, signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from labmesh import RemoteError, build_client
+
+pytestmark = pytest.mark.integration
+
+TESTS = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_serve(config: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "labmesh.cli", "serve", str(config), "--bind", "127.0.0.1", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+
+
+def read_until(proc: subprocess.Popen, marker: str, timeout: float = 20) -> list[str]:
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line.rstrip())
+        if marker in line:
+            return lines
+    raise AssertionError(f"{marker!r} not seen; output:\n" + "\n".join(lines))
+
+
+def test_serve_two_devices_one_failing_locks_and_sigterm(tmp_path):
+    daq_port, meter_port, broken_port = free_port(), free_port(), free_port()
+    config = tmp_path / "host.yaml"
+    config.write_text(
+        textwrap.dedent(f"""\
+        host: test-host
+        devices:
+          - name: daq
+            driver: support:MemoryDaq
+            port: {daq_port}
+          - name: meter
+            driver: support:MemoryMeter
+            port: {meter_port}
+            fixed_threading: false
+          - name: broken
+            driver: support:MemoryMeter
+            port: {broken_port}
+            options: {{no_such_option: 1}}
+        """)
+    )
+    proc = start_serve(config)
+    try:
+        out = read_until(proc, "Ctrl+C stops")
+        text = "\n".join(out)
+        assert f"tcp://127.0.0.1:{daq_port}" in text and "serving" in text
+        assert "broken" in text and "failed" in text and "no_such_option" in text
+        a = build_client(
+            f"tcp://127.0.0.1:{daq_port}", resources="Dev1/port0", connect_kwargs={"name": "exp-A"}
+        )
+        b = build_client(f"tcp://127.0.0.1:{daq_port}", connect_kwargs={"name": "exp-B"})
+        try:
+            assert a.write_line("Dev1/port0/line1", True) is True
+            with pytest.raises(RemoteError, match=r"held by .*\(exp-A\)"):
+                b.write_line("Dev1/port0/line1", False)
+            assert b.write_line("Dev1/port1/line0", True) is True
+        finally:
+            a.close()
+            b.close()
+        with build_client(f"tcp://127.0.0.1:{meter_port}") as meter:
+            assert meter.query("WAVELENGTH") == 532.0
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert time.monotonic() - t0 < 5
+        rest = proc.stdout.read()
+        assert "labmesh serve: stopped" in rest
+        assert "daq: stopped" in rest or "stopped" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_serve_retries_a_device_that_cannot_open(tmp_path):
+    port = free_port()
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", port))
+    blocker.listen()
+    config = tmp_path / "host.yaml"
+    config.write_text(
+        f"devices:\n  - {{name: meter, driver: 'support:MemoryMeter', port: {port}}}\n"
+    )
+    proc = start_serve(config)
+    try:
+        out = read_until(proc, "Ctrl+C stops")
+        assert any("retrying" in line for line in out), out
+        blocker.close()  # the port frees up: the next attempt (after backoff) succeeds
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with build_client(f"tcp://127.0.0.1:{port}", timeout=500, retries=0) as c:
+                    assert c.query("WAVELENGTH") == 532.0
+                    break
+            except TimeoutError:
+                time.sleep(0.2)
+        else:
+            raise AssertionError("device never came up after the port was freed")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+    finally:
+        blocker.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_serve_config_error_is_one_line_with_exit_code_2(tmp_path):
+    config = tmp_path / "host.yaml"
+    config.write_text("devices:\n  - name: a\n    driver: motor\n    port: abc\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "labmesh.cli", "serve", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"labmesh: {config}:4: devices[0].port: expected a TCP port number 1-65535, got 'abc'"
+    )
