@@ -332,8 +332,15 @@ class DeviceServer:
         if thread is None or now - job.started_at < TAKEOVER_AFTER_S:
             return True
         with self._cond:
-            if self._running is job and self._owner is thread and not self._stop_requested:
-                self._owner = self._other(thread)
+            other = self._other(thread)
+            if (
+                self._running is job
+                and self._owner is thread
+                and not self._stop_requested
+                and other.is_alive()
+                and other not in self._dead
+            ):
+                self._owner = other
                 self._cond.notify_all()
         return True
 
