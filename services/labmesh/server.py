@@ -17,6 +17,7 @@ import inspect
 import itertools
 import logging
 import secrets
+import signal
 import socket
 import threading
 import time
@@ -213,19 +214,19 @@ class DeviceServer:
             )
 
     async def run(self) -> None:
-        """Serve until cancelled (Ctrl+C in `asyncio.run`) or until `stop()` is called."""
+        """Serve until stop(), Ctrl+C or SIGTERM (then return normally), or cancellation.
+
+        In the main thread SIGINT and SIGTERM stop the server cleanly (device disconnected,
+        socket closed) and `asyncio.run(main())` ends with exit status 0, as PLESTY's does.
+        """
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.start)
-        stopped = loop.create_future()
-
-        def wait_for_stop() -> None:
-            self._stopped.wait()
-            loop.call_soon_threadsafe(lambda: stopped.done() or stopped.set_result(None))
-
-        threading.Thread(target=wait_for_stop, daemon=True).start()
+        signals = _install_stop_signals(loop, lambda: loop.run_in_executor(None, self.stop))
         try:
-            await stopped
+            await loop.run_in_executor(None, self.start)
+            await loop.run_in_executor(None, self._stopped.wait)
         finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
             self.stop()
 
     @property
@@ -835,6 +836,20 @@ class DeviceServer:
                     "busy until it ends",
                 ),
             )
+
+
+def _install_stop_signals(loop: asyncio.AbstractEventLoop, stop: Callable[[], Any]) -> list:
+    """Route SIGINT/SIGTERM to `stop` while serving (main thread, POSIX loops only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return []
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop)
+        except (NotImplementedError, RuntimeError, ValueError):
+            continue  # e.g. Windows' proactor loop: Ctrl+C then cancels run() instead
+        installed.append(sig)
+    return installed
 
 
 def _enter_device(device: Any) -> None:

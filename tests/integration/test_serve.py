@@ -149,3 +149,69 @@ def test_serve_config_error_is_one_line_with_exit_code_2(tmp_path):
     assert result.stderr.strip() == (
         f"labmesh: {config}:4: devices[0].port: expected a TCP port number 1-65535, got 'abc'"
     )
+
+
+SLOW_CONNECT = textwrap.dedent("""
+    import asyncio, sys, time
+    from labmesh import Device, build_server
+
+    class Slow(Device):
+        def connect(self):
+            print("CONNECTING", flush=True)
+            time.sleep(1.5)
+
+        def disconnect(self):
+            print("DISCONNECTED", flush=True)
+
+    async def main():
+        await build_server(Slow(), address="tcp://127.0.0.1:0").run()
+
+    asyncio.run(main())
+    print("EXITED", flush=True)
+""")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_await_run_stops_cleanly_on_a_signal_even_while_connecting(sig):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_CONNECT],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "CONNECTING"
+        time.sleep(0.3)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=10)
+        assert proc.returncode == 0, err
+        assert out.split() == ["DISCONNECTED", "EXITED"]
+        assert "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_seed_example_stops_on_sigterm_with_device_disconnected():
+    example = TESTS.parent / "examples" / "seed_server.py"
+    proc = subprocess.Popen(
+        [sys.executable, str(example), "tcp://127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        address = line.split(" on ")[1].strip()
+        with build_client(address) as c:
+            assert c.write("WAVELENGTH", 1064) is True
+            assert c.query("WAVELENGTH") == 1064.0
+            assert c.zero() == 0.001
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+        assert proc.returncode == 0 and "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
