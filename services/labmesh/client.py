@@ -35,6 +35,8 @@ RETRYABLE = frozenset({"describe", "query", "ping", "help", "locks"})
 GRACE_MS = 1000
 #: How long close() waits for the server to confirm the disconnect (ms).
 CLOSE_TIMEOUT_MS = 1000
+#: How long a heartbeat waits for its answer (ms); short, so close() is never held up long.
+HEARTBEAT_WAIT_MS = 500
 #: The lease a labmesh client asks for at connect (s); renewed every third of it.
 DEFAULT_LEASE_S = 10.0
 
@@ -294,7 +296,7 @@ class DeviceClient(_ClientCore):
         """Background: heartbeat every third of the lease until close()."""
         while not self._closing.wait(self.heartbeat_interval_s or 1.0):
             try:
-                self._request({"type": "heartbeat"}, attempts=1)
+                self._request({"type": "heartbeat"}, attempts=1, wait_ms=HEARTBEAT_WAIT_MS)
             except TimeoutError:
                 log.info("%s: lease heartbeat not answered; retrying", self.address)
             except ConnectionError:
@@ -517,7 +519,9 @@ class AsyncDeviceClient(_ClientCore):
         while True:
             await asyncio.sleep(self.heartbeat_interval_s or 1.0)
             try:
-                await self._request({"type": "heartbeat"}, attempts=1)
+                await self._request(
+                    {"type": "heartbeat"}, attempts=1, wait_ms=HEARTBEAT_WAIT_MS
+                )
             except TimeoutError:
                 log.info("%s: lease heartbeat not answered; retrying", self.address)
             except ConnectionError:

@@ -568,3 +568,13 @@ def test_calls_around_the_takeover_threshold_never_overlap_or_misroute(server, m
     with build_client(server.address, timeout=3000) as c:
         pong = c.ping()
         assert pong["healthy"] and not pong["busy"] and pong["queue_depth"] == 0
+
+
+def test_close_is_quick_while_a_heartbeat_waits_on_a_dead_server(meter):
+    srv = serve(meter)
+    client = build_client(srv.address, timeout=5000, lease_s=0.3)
+    srv.stop()
+    time.sleep(0.15)  # the next heartbeat (every 0.1 s) is now waiting for a reply
+    t0 = time.monotonic()
+    client.close()
+    assert time.monotonic() - t0 < 2.0
