@@ -51,6 +51,8 @@ CAPABILITIES = ["budgets", "still_running", "sessions", "leases", "ping", "heart
 _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE_NOBLOCK = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
 _EVENTS = int(zmq.EVENTS)
+#: How long an idle server waits in one receive before looking at its other duties (ms).
+_IDLE_RECV_MS = 100
 _POLLIN = int(zmq.POLLIN)
 #: Longest the I/O loop sleeps when nothing is due (lease expiry checks).
 _MAX_POLL_MS = 500
@@ -130,6 +132,7 @@ class DeviceServer:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+        self._sock.setsockopt(zmq.RCVTIMEO, _IDLE_RECV_MS)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
         self._poller.register(self._wake_r, zmq.POLLIN)
@@ -368,8 +371,8 @@ class DeviceServer:
 
     def _serve_as_owner(self, me: threading.Thread) -> None:
         """Serve the socket until ownership moves elsewhere or the server stops."""
-        sock = self._sock
         poller = self._poller
+        sock = self._sock
         may_run = self._may_run_calls(me)
         wake_fd = self._wake_r.fileno()
         while True:
@@ -390,6 +393,12 @@ class DeviceServer:
             now = self.clock()
             if now >= self._next_lock_check:
                 self._lock_tick(now)
+            if self._running is None and not self._queue and not self._results:
+                # idle: only the socket needs watching (stop is seen within _IDLE_RECV_MS),
+                # so wait in a plain receive, which is cheaper than a poll
+                if not self._receive(me, may_run, block=True):
+                    return
+                continue
             if (self._queue and self._running is None) or self._results:
                 timeout = 0
             else:
@@ -402,29 +411,36 @@ class DeviceServer:
             except zmq.ZMQError as exc:
                 log.error("%s: poll failed: %s", self.name, exc)
                 continue
-            if sock in events:
-                # read what is there; a call that can start now runs right away (no extra
-                # trip round the loop), and the socket's EVENTS say when it is drained
-                for _ in range(256):
-                    try:
-                        frames = sock.recv_multipart(_NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self._handle(frames)
-                    if (
-                        self._queue
-                        and self._running is None
-                        and may_run
-                        and not self._run_inline(me, self._queue.popleft())
-                    ):
-                        return
-                    if not sock.get(_EVENTS) & _POLLIN:
-                        break
+            if sock in events and not self._receive(me, may_run, block=False):
+                return
             if wake_fd in events:
                 with contextlib.suppress(BlockingIOError, OSError):
                     self._wake_r.recv(65536)
             if self._deadlines:
                 self._expire_budgets(self.clock())
+
+    def _receive(self, me: threading.Thread, may_run: bool, block: bool) -> bool:
+        """Read what the socket has (waiting up to _IDLE_RECV_MS if `block`); a call that can
+        start now runs right away. False if the socket was handed over meanwhile."""
+        sock = self._sock
+        flags = 0 if block else _NOBLOCK
+        for _ in range(256):
+            try:
+                frames = sock.recv_multipart(flags)
+            except zmq.Again:
+                return True
+            flags = _NOBLOCK
+            self._handle(frames)
+            if (
+                self._queue
+                and self._running is None
+                and may_run
+                and not self._run_inline(me, self._queue.popleft())
+            ):
+                return False
+            if not sock.get(_EVENTS) & _POLLIN:
+                return True
+        return True
 
     def _run_inline(self, me: threading.Thread, job: Job) -> bool:
         """Run a call on this thread; False if the socket was handed over meanwhile."""
@@ -692,6 +708,8 @@ class DeviceServer:
             if self._plesty_sessions.get(grant.client_id) == grant.session:
                 del self._plesty_sessions[grant.client_id]
         self._serve_waiters(now)
+        if self._deadlines:
+            self._expire_budgets(now)
         following = self.locks.next_event()
         self._next_lock_check = now + 0.25 if following is None else min(now + 0.25, following)
 
