@@ -100,14 +100,13 @@ class DeviceServer:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.device = device
-        self.description = describe_device(device)
-        self.name = name or self.description["name"]
-        self.description["name"] = self.name
+        self.name = name or describe_device(device)["name"]
         self.max_message_bytes = max_message_bytes
         self.connect_timeout_s = connect_timeout_s
         self.clock = clock
         self.epoch = secrets.token_hex(6)
-        self.locks = LeaseTable(self.description["resources"], idle_limit_s=idle_limit_s)
+        self.locks = LeaseTable(idle_limit_s=idle_limit_s)
+        self._describe()
         self.fixed_threading = fixed_threading
         # An own context by default: terminating it on stop guarantees the port is released
         # when stop() returns (a socket close alone finishes asynchronously).
@@ -120,9 +119,6 @@ class DeviceServer:
                 self._ctx.term()
             raise
         self.address = bound_address(self._sock)
-        self._methods = frozenset(self.description["methods"])
-        self._budgets: dict[str, float] = self.description["budgets"]
-        self._help_text = _help_text(self.description)
         self._takes_resources: dict[str, bool] = {}
         self._plesty_sessions: dict[str, str] = {}
         self._pending: dict[Job, _Pending] = {}
@@ -305,10 +301,22 @@ class DeviceServer:
             self._stopped.set()
             log.info("%s: stopped", self.name)
 
+    def _describe(self) -> None:
+        """(Re)read the device's declarations: at construction, and again after connect,
+        where a driver may have learned its limits or channels from the instrument."""
+        description = describe_device(self.device)
+        description["name"] = self.name
+        self.locks.register(description["resources"])
+        self._methods = frozenset(description["methods"])
+        self._budgets: dict[str, float] = description["budgets"]
+        self._help_text = _help_text(description)
+        self.description = description
+
     def _connect_device(self, me: threading.Thread) -> None:
         job = Job(_enter_device, (self.device,), label="connect")
         job.run()
         if job.ok:
+            self._describe()
             self.connected = True
             Watchdog.shared().add(self)
             with self._cond:
@@ -756,11 +764,10 @@ class DeviceServer:
             return tuple(sorted(self.locks.leaves))
         try:
             return self.locks.expand(declared)
-        except ResourceAllocationError as exc:
-            raise LabmeshError(
-                f"{self.name}: driver bug: {request.type} {name} declares resources the device "
-                f"does not register ({exc})"
-            ) from None
+        except ResourceAllocationError:
+            # e.g. a template filled from a bad argument: lock-check it as the whole device,
+            # and let the call itself refuse the argument with its own error
+            return tuple(sorted(self.locks.leaves))
 
     def _device_call(self, request: native.Request) -> tuple[Callable, tuple, dict, str]:
         fields = request.fields

@@ -259,3 +259,19 @@ def test_async_client_restart_semantics(daq_server):
             srv.stop()
 
     asyncio.run(main())
+
+
+def test_inspection_operations_touch_nothing_and_bad_arguments_fail_on_their_own(daq_server):
+    with (
+        build_client(daq_server.address, resources="Dev1/port0/line0") as a,
+        build_client(daq_server.address) as b,
+    ):
+        assert b.identity().startswith("labmesh,MemoryDaq")
+        assert b.check_errors() == []
+        assert b.check_operatability() is True
+        a._closing.set()
+        # a template filled with an unknown line is checked as the whole card (held: refused)
+        with pytest.raises(RemoteError, match="resource locked"):
+            b.write_line("Dev9/nowhere", True)
+    with build_client(daq_server.address) as c:  # nobody holds anything: the call itself runs
+        assert c.write_line("Dev9/nowhere", True) is True

@@ -82,7 +82,7 @@ def test_parameter_errors_cross_the_wire(server):
             client.query("COLOR")
         with pytest.raises(ValueError, match="POWER is read-only"):
             client.write("POWER", 1.0)
-        with pytest.raises(ValueError, match="takes a int"):
+        with pytest.raises(ValueError, match="takes an int"):
             client.write("AVERAGING", True)
         with pytest.raises(ValueError, match=r"not an option of MODE; allowed: \['CW', 'PULSED'\]"):
             client.write("MODE", "QCW")
@@ -578,3 +578,26 @@ def test_close_is_quick_while_a_heartbeat_waits_on_a_dead_server(meter):
     t0 = time.monotonic()
     client.close()
     assert time.monotonic() - t0 < 2.0
+
+
+def test_describe_shows_what_the_driver_learned_at_connect():
+    class LearnsAtConnect(MemoryMeter):
+        def connect(self):
+            self.set_limits("WAVELENGTH", min=700.0, max=1800.0)
+            self.resources = {
+                "Dev1": {"port0": ["line0", "line1"], "port1": ["line0"]},
+                "ai": ["ai0"],
+            }
+
+    srv = serve(LearnsAtConnect())
+    try:
+        with build_client(srv.address, timeout=3000, resources="ai/ai0") as client:
+            params = {p["name"]: p for p in client.describe()["doc"]["parameters"]["default"]}
+            assert (params["WAVELENGTH"]["min_value"], params["WAVELENGTH"]["max_value"]) == (
+                700.0,
+                1800.0,
+            )
+            assert client.connection_info["resources"] == ["ai/ai0"]
+            assert client.write("WAVELENGTH", 1550) is True
+    finally:
+        srv.stop()

@@ -19,7 +19,7 @@ def test_int_is_fine_for_float_and_bool_is_not_a_number():
     with pytest.raises(ParameterValueError, match="WAVELENGTH takes a float from 400 to 1100 nm"):
         p.validate(True)
     i = Parameter(int, name="AVERAGING")
-    with pytest.raises(ParameterValueError, match="AVERAGING takes a int, got bool True"):
+    with pytest.raises(ParameterValueError, match="AVERAGING takes an int, got bool True"):
         i.validate(True)
     with pytest.raises(ParameterValueError, match="got float 2.5"):
         i.validate(2.5)
@@ -106,7 +106,10 @@ def test_query_converts_instrument_strings_to_declared_type():
         def _query_(self, name):
             return "garbage"
 
-    with pytest.raises(ParameterValueError, match="P: instrument answered 'garbage'"):
+    with pytest.raises(
+        ParameterValueError,
+        match="Garbled: P: the instrument answered 'garbage', which is not a float",
+    ):
         Garbled().query("P")
 
 
@@ -139,12 +142,29 @@ def test_operations_and_describe():
     assert d["resources"] == {"Dev1": {"port0": ["line0", "line1"], "port1": ["line0"]}}
 
 
-def test_operation_decorator_validation_and_override_hides():
+def test_operation_decorator_validation_and_overrides_keep_the_operation():
     with pytest.raises(ValueError, match="budget_s must be a positive"):
         operation(budget_s=0)
 
-    class Hidden(MemoryMeter):
-        def add(self, a, b=1.0):  # overridden without @operation: no longer remote
+    class Override(MemoryMeter):
+        def identity(self) -> str:  # no decorator needed: still the remote `identity`
+            return "ACME,PM1,42,1.0"
+
+        @operation(budget_s=9)
+        def add(self, a, b=1.0):  # a new decorator replaces the spec
             return a - b
 
-    assert "add" not in find_operations(Hidden())
+    ops = find_operations(Override())
+    assert ops["identity"].idempotent is True
+    assert ops["add"].budget_s == 9
+
+
+def test_failed_connect_is_followed_by_disconnect():
+    class Flaky(MemoryMeter):
+        def connect(self):
+            raise OSError("port busy")
+
+    dev = Flaky()
+    with pytest.raises(OSError, match="port busy"), dev:
+        pass
+    assert dev.disconnected and not dev.connected

@@ -97,7 +97,11 @@ def _operation_spec(attr: Any) -> OperationSpec | None:
 
 
 def find_operations(obj: Any) -> dict[str, OperationSpec]:
-    """Public methods of `obj`'s class (and bases) marked as operations, by name."""
+    """Public methods of `obj`'s class (and bases) marked as operations, by name.
+
+    An override keeps the operation (and its spec) of the method it overrides, so a driver
+    that redefines `identity` needs no decorator; a new `@operation(...)` replaces the spec.
+    """
     found: dict[str, OperationSpec] = {}
     for cls in type(obj).__mro__:
         if cls is object:
@@ -108,8 +112,7 @@ def find_operations(obj: Any) -> dict[str, OperationSpec]:
             spec = _operation_spec(attr)
             if spec is not None:
                 found[name] = spec
-    # a subclass can hide an operation by overriding it without the marker
-    return {n: s for n, s in found.items() if _operation_spec(getattr(type(obj), n, None))}
+    return found
 
 
 def touched_resources(
@@ -133,7 +136,7 @@ def touched_resources(
         param = params.get(name) if isinstance(params, dict) else None
         return param.resources if isinstance(param, Parameter) else None
     method = getattr(device, name, None)
-    spec = _operation_spec(method) if method is not None else None
+    spec = find_operations(device).get(name) if method is not None else None
     if spec is None or spec.resources is None:
         return None
     if not any("{" in r for r in spec.resources):
@@ -268,7 +271,7 @@ class Device:
         param = self.parameter(name)
         if param.write_only:
             raise ParameterValueError(f"{name} is write-only; it can be written, not queried")
-        return _from_device(param, self._query_(name))
+        return _from_device(self.name, param, self._query_(name))
 
     def write(self, name: str, value: Any, **_request: Any) -> bool:
         """Validate `value` against the declaration of `name` and write it; True on success."""
@@ -287,17 +290,17 @@ class Device:
         """Names of the declared parameters."""
         return sorted(self.parameters)
 
-    @operation(idempotent=True)
+    @operation(idempotent=True, resources=())
     def identity(self) -> str:
         """The instrument's identity string (e.g. the answer to `*IDN?`)."""
         return f"labmesh,{type(self).__name__},{self.name},0"
 
-    @operation(idempotent=True)
+    @operation(idempotent=True, resources=())
     def check_errors(self) -> list[str]:
         """Errors the instrument reports (empty list when none)."""
         return []
 
-    @operation(idempotent=True)
+    @operation(idempotent=True, resources=())
     def check_operatability(self) -> bool:
         """True when the instrument is connected and answers."""
         return self.connected
@@ -307,7 +310,14 @@ class Device:
         return describe_device(self)
 
     def __enter__(self) -> Device:
-        self.connect()
+        try:
+            self.connect()
+        except BaseException:
+            try:
+                self.disconnect()  # release whatever the partial connect opened
+            except Exception as exc:
+                log.warning("%s: disconnect after a failed connect also failed: %s", self.name, exc)
+            raise
         self.connected = True
         return self
 
@@ -368,11 +378,15 @@ def _plesty_param(p: Parameter) -> dict[str, Any]:
     }
 
 
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
 _TRUE = {"1", "on", "true", "yes"}
 _FALSE = {"0", "off", "false", "no"}
 
 
-def _from_device(param: Parameter, raw: Any) -> Any:
+def _from_device(device: str, param: Parameter, raw: Any) -> Any:
     """Convert what `_query_` returned (often an SCPI string) to the parameter's type."""
     if not isinstance(raw, (str, bytes)) or param.type in (None, str):
         return raw.strip() if isinstance(raw, str) and param.type is str else raw
@@ -390,6 +404,8 @@ def _from_device(param: Parameter, raw: Any) -> Any:
             raise ValueError(text)
     except ValueError:
         raise ParameterValueError(
-            f"{param.name}: instrument answered {text!r}, which is not a {param.type_name}"
+            f"{device}: {param.name}: the instrument answered {text!r}, which is not "
+            f"{_article(param.type_name)} {param.type_name} (wrong command in the driver, or a "
+            "garbled line: check the cable and the instrument's settings)"
         ) from None
     return text

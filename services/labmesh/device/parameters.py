@@ -71,17 +71,21 @@ class Parameter:
     def type_name(self) -> str:
         return _TYPE_NAMES.get(self.type, "any")  # type: ignore[arg-type]
 
+    def _a(self) -> str:
+        name = self.type_name
+        return f"{'an' if name[:1] in 'aeiou' else 'a'} {name}"
+
     def _allowed(self) -> str:
         unit = f" {self.unit}" if self.unit else ""
         if self.options is not None:
             return f"one of {list(self.options)}"
         if self.min is not None and self.max is not None:
-            return f"a {self.type_name} from {self.min} to {self.max}{unit}"
+            return f"{self._a()} from {self.min} to {self.max}{unit}"
         if self.min is not None:
-            return f"a {self.type_name} >= {self.min}{unit}"
+            return f"{self._a()} >= {self.min}{unit}"
         if self.max is not None:
-            return f"a {self.type_name} <= {self.max}{unit}"
-        return f"a {self.type_name}"
+            return f"{self._a()} <= {self.max}{unit}"
+        return self._a()
 
     def validate(self, value: Any) -> Any:
         """Check a value for writing and return it in the declared type (an int becomes a float).

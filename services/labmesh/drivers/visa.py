@@ -1,0 +1,453 @@
+"""Shared VISA plumbing for SCPI drivers: sessions with short timeouts and clear errors, and
+`VisaDevice`, the base of drivers that talk SCPI to one VISA resource.
+
+A `VisaSession` opens one resource with pyvisa (any backend), or with pyvisa-sim from a YAML
+definition that is written to a private temporary file for every open, because pyvisa-sim keeps
+one state per YAML file and instances must not share it. Every error names the instrument, the
+resource and the command, and says what to check.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pyvisa
+import yaml
+from pyvisa import constants, rname
+from pyvisa.errors import VisaIOError
+
+from labmesh.device import Device, operation
+from labmesh.protocol.errors import LabmeshError
+
+log = logging.getLogger("labmesh.drivers")
+
+#: The pyvisa-sim definitions shipped with labmesh.
+SIM_DIR = Path(__file__).resolve().parent / "sim"
+#: How many entries `check_errors` reads at most: SCPI error queues are bounded (PM100: 30).
+MAX_QUEUED_ERRORS = 32
+
+
+class InstrumentConnectionError(LabmeshError, ConnectionError):
+    """The instrument could not be opened or reached (not found, unplugged, refused)."""
+
+    wire_type = "ConnectionError"
+
+
+class InstrumentTimeoutError(LabmeshError, TimeoutError):
+    """The instrument did not answer a query within the VISA timeout."""
+
+    wire_type = "TimeoutError"
+
+
+class InstrumentReplyError(LabmeshError, ValueError):
+    """The instrument answered something the driver cannot use (garbled, over range)."""
+
+    wire_type = "ValueError"
+
+
+class InstrumentRefusedError(LabmeshError, ValueError):
+    """The instrument put an error in its queue right after a command the driver sent."""
+
+    wire_type = "ValueError"
+
+
+def connection_hint(resource: str) -> str:
+    """What to check when `resource` cannot be reached, by interface type."""
+    try:
+        parsed = rname.parse_resource_name(resource)
+    except rname.InvalidResourceName:
+        return "is the resource name right? e.g. USB0::0x1313::0x8078::P0000001::INSTR"
+    interface = parsed.interface_type_const
+    if interface == constants.InterfaceType.usb:
+        return "is the USB cable in and the container started with /dev/bus/usb?"
+    if interface == constants.InterfaceType.tcpip:
+        host = getattr(parsed, "host_address", "?")
+        port = getattr(parsed, "port", None)
+        where = f"{host}:{port}" if port else host
+        return f"is the instrument on and reachable at {where}?"
+    if interface == constants.InterfaceType.asrl:
+        return "is the serial adapter plugged in and its device passed into the container?"
+    if interface == constants.InterfaceType.gpib:
+        return "is the GPIB adapter connected and its driver installed?"
+    return "is the instrument on and connected?"
+
+
+def scpi_text(value: Any) -> str:
+    """A validated parameter value as SCPI text: booleans as 1/0, numbers compact (1064, 5e-09)."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float):
+        return f"{value:.10g}"
+    return str(value)
+
+
+def error_code(owner: str, command: str, entry: str) -> int:
+    """The number of an SCPI error-queue entry: `0,"No error"` and `+0,"No error"` give 0."""
+    try:
+        return int(entry.split(",", 1)[0].strip())
+    except ValueError:
+        raise InstrumentReplyError(
+            f"{owner}: {command!r} answered {entry!r}, which is not an SCPI error entry like "
+            f'0,"No error" (is the error command of this instrument right?)',
+            command=command,
+            reply=entry,
+        ) from None
+
+
+def load_sim_definition(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a pyvisa-sim YAML definition (spec 1.1: devices, resources) into a dict."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the pyvisa-sim definition: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: the pyvisa-sim definition is not valid YAML: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("devices"), dict):
+        raise ValueError(
+            f"{path}: a pyvisa-sim definition needs a 'devices' mapping (and 'spec', "
+            "'resources'); see the files in labmesh/drivers/sim/"
+        )
+    return data
+
+
+def _sim_definition_for(owner: str, definition: dict[str, Any], resource: str) -> dict[str, Any]:
+    """`definition` with `resource` bound to its device, so any resource name works in sim.
+
+    A resource the definition lists keeps its device; another one is bound to the only device
+    the definition has (a definition with several devices must list the resource itself).
+    """
+    wanted = _canonical(resource)
+    if wanted is None:
+        raise InstrumentConnectionError(
+            f"{owner}: {resource!r} is not a VISA resource name pyvisa-sim understands "
+            "(e.g. USB0::0x1313::0x8078::P0000001::INSTR or ASRL1::INSTR)"
+        )
+    resources = dict(definition.get("resources") or {})
+    if any(_canonical(name) == wanted for name in resources):
+        return definition
+    devices = list(definition["devices"])
+    if len(devices) != 1:
+        raise InstrumentConnectionError(
+            f"{owner}: the simulated instruments list no resource {resource}; listed: "
+            f"{sorted(resources)} (add it under 'resources' in the pyvisa-sim YAML)"
+        )
+    bound = copy.deepcopy(definition)
+    bound["resources"] = {**resources, resource: {"device": devices[0]}}
+    return bound
+
+
+def _canonical(resource: str) -> str | None:
+    try:
+        return rname.to_canonical_name(resource)
+    except rname.InvalidResourceName:
+        return None  # pyvisa-sim reports the bad entry itself when it parses the file
+
+
+class VisaSession:
+    """One VISA resource, opened on demand, with short timeouts and errors that say what to do.
+
+    Parameters:
+        owner: the device name errors start with (e.g. "pm100-a").
+        resource: the VISA resource name, e.g. `USB0::0x1313::0x8078::P0000001::INSTR` or
+            `TCPIP::192.168.1.20::5025::SOCKET`.
+        visa_library: the pyvisa backend, e.g. "@py" or "path.yaml@sim" (None: pyvisa's
+            default). Not allowed together with `sim_definition`.
+        sim_definition: a pyvisa-sim definition (a dict, see `load_sim_definition`): open a
+            private simulated instrument instead of real hardware.
+        timeout_ms: how long a query waits for its answer.
+        termination: what ends a command and an answer (both ways).
+    """
+
+    def __init__(
+        self,
+        owner: str,
+        resource: str,
+        *,
+        visa_library: str | None = None,
+        sim_definition: dict[str, Any] | None = None,
+        timeout_ms: int = 2000,
+        termination: str = "\n",
+    ) -> None:
+        if sim_definition is not None and visa_library is not None:
+            raise ValueError(
+                f"{owner}: pass either sim=True or visa_library={visa_library!r}, not both"
+            )
+        if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int) or timeout_ms <= 0:
+            raise ValueError(f"{owner}: timeout_ms must be a positive int, got {timeout_ms!r}")
+        self.owner = owner
+        self.resource = resource
+        self.visa_library = visa_library
+        self.sim_definition = sim_definition
+        self.timeout_ms = timeout_ms
+        self.termination = termination
+        self._manager: pyvisa.ResourceManager | None = None
+        self._instrument: Any = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._instrument is not None
+
+    def open(self) -> None:
+        """Open the resource; InstrumentConnectionError says what is missing when it fails."""
+        if self._instrument is not None:
+            return
+        manager = self._resource_manager()
+        try:
+            instrument = manager.open_resource(self.resource, open_timeout=self.timeout_ms)
+        except VisaIOError as exc:
+            self._close_private_manager(manager)
+            if exc.error_code == constants.StatusCode.error_resource_not_found:
+                raise self._not_found() from None
+            raise InstrumentConnectionError(
+                f"{self.owner}: cannot open VISA resource {self.resource}: {exc.description} "
+                f"({connection_hint(self.resource)})"
+            ) from None
+        except (ValueError, OSError) as exc:  # pyvisa-py: a missing interface module, a bad name
+            self._close_private_manager(manager)
+            reason = " ".join(str(exc).split())  # pyvisa-py's install hints span lines
+            raise InstrumentConnectionError(
+                f"{self.owner}: cannot open VISA resource {self.resource}: {reason} "
+                f"({connection_hint(self.resource)})"
+            ) from None
+        if not getattr(instrument, "session", None):
+            # pyvisa-sim "opens" a resource its YAML does not list and answers nothing on it
+            self._close_private_manager(manager)
+            raise self._not_found()
+        instrument.timeout = self.timeout_ms
+        instrument.read_termination = self.termination
+        instrument.write_termination = self.termination
+        self._manager = manager
+        self._instrument = instrument
+
+    def close(self) -> None:
+        """Close the resource; safe after a failed or partial open and when already closed."""
+        instrument, self._instrument = self._instrument, None
+        manager, self._manager = self._manager, None
+        if instrument is not None:
+            try:
+                instrument.close()
+            except Exception as exc:  # unplugged meanwhile: closing must still succeed
+                log.info("%s: closing %s: %s", self.owner, self.resource, exc)
+        if manager is not None:
+            self._close_private_manager(manager)
+
+    def write(self, command: str) -> None:
+        """Send a command that has no answer."""
+        instrument = self._require_open(command)
+        try:
+            instrument.write(command)
+        except (VisaIOError, OSError) as exc:
+            raise self._io_error(command, exc) from None
+
+    def query(self, command: str) -> str:
+        """Send a query and return its answer without the termination and surrounding blanks."""
+        instrument = self._require_open(command)
+        try:
+            return instrument.query(command).strip()
+        except VisaIOError as exc:
+            if exc.error_code != constants.StatusCode.error_timeout:
+                raise self._io_error(command, exc) from None
+            self._discard_late_answer()
+            raise InstrumentTimeoutError(
+                f"{self.owner}: no answer from {self.resource} to {command!r} within "
+                f"{self.timeout_ms} ms (is the instrument on and does it know {command!r}? "
+                "if it is only slow, raise timeout_ms)",
+                command=command,
+                resource=self.resource,
+            ) from None
+        except UnicodeDecodeError as exc:
+            self._discard_late_answer()
+            raise InstrumentReplyError(
+                f"{self.owner}: the answer of {self.resource} to {command!r} is not text: "
+                f"{exc.object!r} (a baud rate or termination mismatch?)",
+                command=command,
+                reply=repr(exc.object),
+            ) from None
+        except OSError as exc:
+            raise self._io_error(command, exc) from None
+
+    # ---- internals --------------------------------------------------------------------------
+    def _resource_manager(self) -> pyvisa.ResourceManager:
+        if self.sim_definition is None:
+            try:
+                return pyvisa.ResourceManager(self.visa_library or "")
+            except (ValueError, OSError) as exc:
+                raise InstrumentConnectionError(
+                    f"{self.owner}: cannot load the VISA library "
+                    f"{self.visa_library or '(pyvisa default)'}: {exc} (install pyvisa-py or "
+                    "NI-VISA; for a simulated instrument pass sim=True)"
+                ) from None
+        definition = _sim_definition_for(self.owner, self.sim_definition, self.resource)
+        fd, path = tempfile.mkstemp(prefix="labmesh-sim-", suffix=".yaml")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                yaml.safe_dump(definition, out, sort_keys=False)
+            # pyvisa-sim parses the file here; the copy is not needed afterwards
+            return pyvisa.ResourceManager(f"{path}@sim")
+        except Exception as exc:
+            raise InstrumentConnectionError(
+                f"{self.owner}: cannot start the simulated instrument: {exc} "
+                "(is pyvisa-sim installed? pip install 'labmesh[sim]')"
+            ) from None
+        finally:
+            os.unlink(path)
+
+    def _close_private_manager(self, manager: pyvisa.ResourceManager) -> None:
+        # A real backend's ResourceManager is one object shared by every session in the
+        # process; only a simulated instrument's own manager may be closed.
+        if self.sim_definition is not None:
+            manager.close()
+
+    def _require_open(self, command: str) -> Any:
+        if self._instrument is None:
+            raise InstrumentConnectionError(
+                f"{self.owner}: cannot send {command!r}: {self.resource} is not open "
+                "(connect the device first: `with device:` or serve it with build_server)"
+            )
+        return self._instrument
+
+    def _not_found(self) -> InstrumentConnectionError:
+        return InstrumentConnectionError(
+            f"{self.owner}: VISA resource {self.resource} not found "
+            f"({connection_hint(self.resource)})",
+            resource=self.resource,
+        )
+
+    def _io_error(self, command: str, exc: Exception) -> InstrumentConnectionError:
+        reason = exc.description if isinstance(exc, VisaIOError) else str(exc)
+        return InstrumentConnectionError(
+            f"{self.owner}: sending {command!r} to {self.resource} failed: {reason} "
+            f"({connection_hint(self.resource)})",
+            command=command,
+            resource=self.resource,
+        )
+
+    def _discard_late_answer(self) -> None:
+        """Drop whatever the instrument still sends, so it cannot answer the next query."""
+        try:
+            self._instrument.clear()
+        except (VisaIOError, NotImplementedError, OSError) as exc:  # pyvisa-sim has no clear
+            log.debug("%s: clearing %s: %r", self.owner, self.resource, exc)
+
+
+class VisaDevice(Device):
+    """Base of drivers that talk SCPI to one VISA resource.
+
+    Connect opens the resource and asks `identity_command` (so a silent instrument fails at
+    start, not at the first request); every command sent with `send` is followed by one read of
+    the error queue, so a refused setting raises InstrumentRefusedError instead of passing
+    silently. Subclasses declare parameters and implement `_query_`/`_write_` with `send` and
+    `ask`.
+
+    Parameters:
+        resource: the VISA resource name.
+        name: the device's name in the lab.
+        visa_library, sim_definition, timeout_ms: see `VisaSession`.
+    """
+
+    #: Asked at connect and by `identity`; None when the instrument has no identity query.
+    identity_command: str | None = "*IDN?"
+    #: The SCPI error queue; None when the instrument has none (writes are then unconfirmed).
+    error_command: str | None = "SYST:ERR?"
+
+    def __init__(
+        self,
+        resource: str,
+        *,
+        name: str | None = None,
+        visa_library: str | None = None,
+        sim_definition: dict[str, Any] | None = None,
+        timeout_ms: int = 2000,
+    ) -> None:
+        super().__init__(name)
+        if not isinstance(resource, str) or not resource.strip():
+            raise ValueError(
+                f"{self.name}: resource must be a VISA resource name such as "
+                f"USB0::0x1313::0x8078::P0000001::INSTR, got {resource!r}"
+            )
+        self.resource = resource.strip()
+        self.session = VisaSession(
+            self.name,
+            self.resource,
+            visa_library=visa_library,
+            sim_definition=sim_definition,
+            timeout_ms=timeout_ms,
+        )
+
+    def connect(self) -> None:
+        self.session.open()
+        try:
+            if self.identity_command:
+                log.info("%s: connected to %s", self.name, self.ask(self.identity_command))
+        except BaseException:
+            self.session.close()
+            raise
+
+    def disconnect(self) -> None:
+        self.session.close()
+
+    def ask(self, command: str) -> str:
+        """Send a query and return the instrument's answer (stripped)."""
+        return self.session.query(command)
+
+    def send(self, command: str) -> None:
+        """Send a command; raise InstrumentRefusedError if the instrument queues an error."""
+        self.session.write(command)
+        if not self.error_command:
+            return
+        entry = self.ask(self.error_command)
+        if error_code(self.name, self.error_command, entry) != 0:
+            later = self.check_errors()
+            more = f" (then: {'; '.join(later)})" if later else ""
+            raise InstrumentRefusedError(
+                f"{self.name}: {self.resource} refused {command!r}: {entry}{more}; check the "
+                "value against the instrument's state and manual",
+                command=command,
+                errors=[entry, *later],
+            )
+
+    @operation(idempotent=True)
+    def identity(self) -> str:
+        """The instrument's answer to its identity query (`*IDN?`)."""
+        if not self.identity_command:
+            return super().identity()
+        return self.ask(self.identity_command)
+
+    @operation(idempotent=True)
+    def check_errors(self) -> list[str]:
+        """Empty the instrument's error queue and return its entries (empty list when none)."""
+        if not self.error_command:
+            return []
+        errors: list[str] = []
+        for _ in range(MAX_QUEUED_ERRORS):
+            entry = self.ask(self.error_command)
+            if error_code(self.name, self.error_command, entry) == 0:
+                return errors
+            errors.append(entry)
+        log.warning(
+            "%s: %s still reports errors after %d reads; returning those",
+            self.name,
+            self.error_command,
+            MAX_QUEUED_ERRORS,
+        )
+        return errors
+
+    @operation(idempotent=True)
+    def check_operatability(self) -> bool:
+        """True when the resource is open and the instrument answers its identity query."""
+        if not self.session.is_open:
+            return False
+        if not self.identity_command:
+            return True
+        try:
+            self.ask(self.identity_command)
+        except (InstrumentTimeoutError, InstrumentConnectionError, InstrumentReplyError) as exc:
+            log.warning("%s: not operational: %s", self.name, exc)
+            return False
+        return True
