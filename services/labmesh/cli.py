@@ -222,6 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `labmesh describe x | head`
+        sys.stderr.close()
+        return EXIT_OK
     except Exception as exc:
         if args.debug:
             raise

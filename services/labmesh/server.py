@@ -921,7 +921,7 @@ def _details(exc: BaseException) -> dict[str, Any]:
 
 def _help_text(description: dict[str, Any]) -> str:
     lines = [f"{description['name']} ({description['kind']})"]
-    summary = description["doc"].get("description")
+    summary = (description["doc"].get("description") or "").split("\n\n")[0]
     if summary:
         lines.append(summary)
     params = description["doc"]["parameters"]["default"]

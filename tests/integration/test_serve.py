@@ -215,3 +215,60 @@ def test_seed_example_stops_on_sigterm_with_device_disconnected():
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+def test_serve_the_shared_daq_example_simulated_with_two_experiments(tmp_path):
+    """The seed's second scenario from the shipped example file, with --sim."""
+    text = (TESTS.parent / "examples" / "hosts" / "shared-daq.yaml").read_text()
+    ports = {old: free_port() for old in (5556, 5557, 5558)}
+    for old, new in ports.items():
+        text = text.replace(f"port: {old}", f"port: {new}")
+    config = tmp_path / "shared-daq.yaml"
+    config.write_text(text)
+    proc = start_serve(config, "--sim")
+    try:
+        read_until(proc, "Ctrl+C stops")
+        daq = f"tcp://127.0.0.1:{ports[5556]}"
+        a = build_client(daq, resources="Dev1/port0/line0", connect_kwargs={"name": "exp-A"})
+        b = build_client(daq, resources="Dev1/port0/line1", connect_kwargs={"name": "exp-B"})
+        try:
+            assert a.write_line("Dev1/port0/line0", True) is True
+            assert b.write_line("Dev1/port0/line1", True) is True
+            with pytest.raises(RemoteError, match=r"held by .*\(exp-A\)"):
+                b.write_line("Dev1/port0/line0", False)
+            assert a.read_line("Dev1/port0/line1") is True  # reads stay open
+        finally:
+            a.close()
+            b.close()
+        with build_client(f"tcp://127.0.0.1:{ports[5557]}") as stage:
+            assert stage.move_abs("x", 5.0) == 5.0
+        with build_client(f"tcp://127.0.0.1:{ports[5558]}") as psu:
+            assert psu.write("VOLTAGE", 3.3) is True
+            assert psu.query("VOLTAGE") == 3.3
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_serve_the_pm100_example_simulated(tmp_path):
+    port = free_port()
+    text = (TESTS.parent / "examples" / "hosts" / "pm100.yaml").read_text()
+    config = tmp_path / "pm100.yaml"
+    config.write_text(text.replace("port: 5555", f"port: {port}"))
+    proc = start_serve(config, "--sim")
+    try:
+        read_until(proc, "Ctrl+C stops")
+        with build_client(f"tcp://127.0.0.1:{port}") as client:
+            assert client.query("WAVELENGTH") > 0
+            assert client.write("WAVELENGTH", 1064) is True
+            assert client.query("WAVELENGTH") == 1064.0
+            assert isinstance(client.query("POWER"), float)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
