@@ -519,9 +519,7 @@ class AsyncDeviceClient(_ClientCore):
         while True:
             await asyncio.sleep(self.heartbeat_interval_s or 1.0)
             try:
-                await self._request(
-                    {"type": "heartbeat"}, attempts=1, wait_ms=HEARTBEAT_WAIT_MS
-                )
+                await self._request({"type": "heartbeat"}, attempts=1, wait_ms=HEARTBEAT_WAIT_MS)
             except TimeoutError:
                 log.info("%s: lease heartbeat not answered; retrying", self.address)
             except ConnectionError:

@@ -108,10 +108,14 @@ class PeerProcess:
         self.stderr_lines: list[str] = []
         self._stdout_q: queue.Queue[str | None] = queue.Queue()
         self._threads = [
-            threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout_lines,
-                                                      self._stdout_q), daemon=True),
-            threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr_lines, None),
-                             daemon=True),
+            threading.Thread(
+                target=self._pump,
+                args=(self.proc.stdout, self.stdout_lines, self._stdout_q),
+                daemon=True,
+            ),
+            threading.Thread(
+                target=self._pump, args=(self.proc.stderr, self.stderr_lines, None), daemon=True
+            ),
         ]
         for thread in self._threads:
             thread.start()

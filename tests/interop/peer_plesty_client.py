@@ -120,8 +120,9 @@ def main() -> int:
     parser.add_argument("--op", default="fire")
     parser.add_argument("--op-args", default="[]", help="JSON list")
     parser.add_argument("--op-kwargs", default="{}", help="JSON object")
-    parser.add_argument("--contend", action="store_true",
-                        help="also try a second client for the same resources")
+    parser.add_argument(
+        "--contend", action="store_true", help="also try a second client for the same resources"
+    )
     parser.add_argument("--connect-only", action="store_true")
     args = parser.parse_args()
     results = run(args)

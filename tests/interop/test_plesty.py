@@ -105,14 +105,22 @@ def test_plesty_client_drives_labmesh_server(
     device: BenchLaser = labmesh_server.device
     result = plesty_client(
         labmesh_server.address,
-        "--resources", json.dumps([LINE0]),
-        "--client-id", "plesty-a",
-        "--connect-kwargs", json.dumps({"name": "interop-a"}),
-        "--param", "WAVELENGTH",
-        "--value", "800",
-        "--bad-value", "2000",
-        "--op", "fire",
-        "--op-args", "[3]",
+        "--resources",
+        json.dumps([LINE0]),
+        "--client-id",
+        "plesty-a",
+        "--connect-kwargs",
+        json.dumps({"name": "interop-a"}),
+        "--param",
+        "WAVELENGTH",
+        "--value",
+        "800",
+        "--bad-value",
+        "2000",
+        "--op",
+        "fire",
+        "--op-args",
+        "[3]",
         "--contend",
     )
 
@@ -180,10 +188,18 @@ def test_plesty_and_labmesh_servers_grant_resources_alike(
     ]
     for spec in specs:
         outcomes = {}
-        for name, address in (("plesty", plesty_server.address),
-                              ("labmesh", labmesh_server.address)):
-            result = plesty_client(address, "--resources", json.dumps(spec), "--connect-only",
-                                   "--client-id", f"diff-{name}")
+        for name, address in (
+            ("plesty", plesty_server.address),
+            ("labmesh", labmesh_server.address),
+        ):
+            result = plesty_client(
+                address,
+                "--resources",
+                json.dumps(spec),
+                "--connect-only",
+                "--client-id",
+                f"diff-{name}",
+            )
             connect = result["connect"]
             if connect["ok"]:
                 _ok(result, "close")
@@ -331,8 +347,17 @@ def test_seed_example_serves_both_clients_and_stops_on_ctrl_c(
     assert "DEVICE CONNECTED" in server.stdout_lines
 
     # the real PLESTY client
-    result = plesty_client(address, "--resources", json.dumps([LINE0]), "--op", "fire",
-                           "--op-args", "[2]", "--value", "900")
+    result = plesty_client(
+        address,
+        "--resources",
+        json.dumps([LINE0]),
+        "--op",
+        "fire",
+        "--op-args",
+        "[2]",
+        "--value",
+        "900",
+    )
     assert _ok(result, "connect")["resources"] == [LINE0]
     assert "fire" in _ok(result, "describe")["methods"]
     assert _ok(result, "query") == 700.0

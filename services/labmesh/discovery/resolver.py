@@ -1,0 +1,337 @@
+"""Device name -> address through the discovery service, as clients need it.
+
+`Resolver` asks the configured discovery endpoints in turn and remembers the last known address
+of every name, so a discovery outage does not break a client that is connected or reconnecting;
+after a connection failure the client calls `invalidate(name)` and the next `resolve` asks
+discovery again (the device may have moved to another PC), falling back to the last known
+address only if no discovery service answers.
+
+`DiscoveryConnection` is the request/reply channel to one discovery endpoint, shared with the
+registrar.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+import time
+from typing import Any
+
+import zmq
+
+from labmesh.discovery.beacon import BeaconSettings, find_discovery
+from labmesh.discovery.registry import InvalidRecordError, NameTakenError, UnknownDeviceError
+from labmesh.protocol import native
+from labmesh.protocol.errors import LabmeshError, ProtocolError, remote_error
+from labmesh.transport import dealer_socket
+
+log = logging.getLogger("labmesh.discovery")
+
+#: Environment variable naming the discovery endpoints (comma-separated) or `auto`.
+ENV_VAR = "LABMESH_DISCOVERY"
+AUTO = "auto"
+DEFAULT_DISCOVERY_PORT = 5550
+DEFAULT_TIMEOUT_S = 1.0
+DEFAULT_BEACON_TIMEOUT_S = 3.0
+
+# error replies of the discovery service raised as the local exception of the same wire type
+_LOCAL_ERRORS: dict[str, type[LabmeshError]] = {
+    cls.wire_type: cls for cls in (NameTakenError, UnknownDeviceError, InvalidRecordError)
+}
+
+
+class DiscoveryUnavailableError(LabmeshError, ConnectionError):
+    """No discovery service answered (or none is configured)."""
+
+    wire_type = "DiscoveryUnavailableError"
+
+
+def normalize_endpoint(text: str) -> str:
+    """`lab-core` -> `tcp://lab-core:5550`; `lab-core:6000` -> `tcp://lab-core:6000`."""
+    text = text.strip()
+    if "://" in text:
+        return text
+    host, sep, port = text.rpartition(":")
+    if sep and port.isdigit() and not host.endswith(":"):
+        return f"tcp://{text}"
+    return f"tcp://{text}:{DEFAULT_DISCOVERY_PORT}"
+
+
+def parse_endpoints(spec: list[str] | str | None) -> tuple[bool, list[str]]:
+    """(auto, endpoints) from a list, a comma-separated string, or None (LABMESH_DISCOVERY).
+
+    `auto` means: find the discovery service through the LAN beacon.
+    """
+    if spec is None:
+        spec = os.environ.get(ENV_VAR, "")
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    items = [item.strip() for item in items if item and item.strip()]
+    auto = any(item.lower() == AUTO for item in items)
+    endpoints = [normalize_endpoint(item) for item in items if item.lower() != AUTO]
+    return auto, list(dict.fromkeys(endpoints))
+
+
+def beacon_endpoints(beacon: BeaconSettings | None, timeout_s: float) -> list[str]:
+    """Endpoints announced on the LAN; DiscoveryUnavailableError saying why if none."""
+    settings = beacon or BeaconSettings()
+    try:
+        found = find_discovery(timeout_s, settings.group, settings.port, settings.interface)
+    except OSError as exc:
+        raise DiscoveryUnavailableError(
+            f"cannot listen for the discovery beacon: {exc}; set {ENV_VAR}=tcp://HOST:5550"
+        ) from None
+    if not found:
+        raise DiscoveryUnavailableError(
+            f"no discovery service announced itself on the LAN within {timeout_s:g} s "
+            f"(multicast {settings.group}:{settings.port}); multicast may be blocked "
+            f"(Kubernetes, Wi-Fi, routed networks): set {ENV_VAR}=tcp://HOST:5550"
+        )
+    return found
+
+
+class DiscoveryConnection:
+    """Requests to one discovery endpoint over a DEALER socket. Not thread-safe.
+
+    A request that gets no reply in time replaces the socket (so nothing stale is delivered
+    later) and raises DiscoveryUnavailableError; replies to earlier requests are dropped by id.
+
+    Parameters:
+        endpoint: the discovery API endpoint (`tcp://lab-core:5550`).
+        context: the ZeroMQ context to make sockets in.
+        role: a word for the socket identity (`resolver`, `registrar`), seen in service logs.
+    """
+
+    def __init__(self, endpoint: str, context: zmq.Context, role: str = "client") -> None:
+        self.endpoint = endpoint
+        self._ctx = context
+        self._role = role
+        self._sock: zmq.Socket | None = None
+        self._prefix = secrets.token_hex(3)
+        self._counter = 0
+
+    def request(self, payload: dict[str, Any], timeout_s: float) -> Any:
+        """Send one request and return its result; raise the error it was answered with."""
+        if self._sock is None:
+            identity = f"{self._role}-{secrets.token_hex(6)}".encode()
+            self._sock = dealer_socket(self._ctx, self.endpoint, identity)
+        self._counter += 1
+        rid = f"{self._prefix}:{self._counter}"
+        try:
+            self._sock.send(native.encode({**payload, "id": rid}), zmq.NOBLOCK)
+        except zmq.Again:
+            self.close()
+            raise DiscoveryUnavailableError(
+                f"discovery at {self.endpoint} is not accepting requests"
+            ) from None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            try:
+                if remaining_ms <= 0:
+                    raise zmq.Again
+                # a receive timeout costs less than a poll (no Poller object per call)
+                self._sock.setsockopt(zmq.RCVTIMEO, remaining_ms)
+                body = self._sock.recv()
+            except zmq.Again:
+                self.close()
+                raise DiscoveryUnavailableError(
+                    f"discovery at {self.endpoint} did not answer within {timeout_s:g} s"
+                ) from None
+            try:
+                reply = native.decode_reply(body)
+            except ProtocolError as exc:
+                log.warning("discovery at %s sent a bad reply: %s", self.endpoint, exc)
+                continue
+            if reply.get("id") != rid:
+                continue  # a late reply to an earlier request
+            if reply["status"] == "ok":
+                return reply.get("result")
+            raise _error_from(reply)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+
+def _error_from(reply: dict[str, Any]) -> Exception:
+    message = str(reply.get("error", "discovery refused the request"))
+    wire_type = str(reply.get("type", "RemoteError"))
+    cls = _LOCAL_ERRORS.get(wire_type)
+    if cls is None:
+        return remote_error(wire_type, message, reply)
+    details = {k: v for k, v in reply.items() if k not in ("status", "error", "type", "id")}
+    return cls(message, **details)
+
+
+class Resolver:
+    """Resolves device names to addresses through one or more discovery services.
+
+    Thread-safe; one Resolver can serve every client of a process.
+
+    Parameters:
+        endpoints: discovery endpoints (a list, or a comma-separated string), or `auto` (the
+            LAN beacon); None reads LABMESH_DISCOVERY. `host:port` means `tcp://host:port`.
+        timeout_s: how long each endpoint gets to answer.
+        context: ZeroMQ context (default: the process-wide one).
+        beacon: multicast group, port and interface for `auto`.
+        beacon_timeout_s: how long `auto` listens for an announcement.
+    """
+
+    def __init__(
+        self,
+        endpoints: list[str] | str | None = None,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        context: zmq.Context | None = None,
+        beacon: BeaconSettings | None = None,
+        beacon_timeout_s: float = DEFAULT_BEACON_TIMEOUT_S,
+    ) -> None:
+        self.auto, self._configured = parse_endpoints(endpoints)
+        self.timeout_s = timeout_s
+        self.beacon = beacon
+        self.beacon_timeout_s = beacon_timeout_s
+        self._ctx = context or zmq.Context.instance()
+        self._found: list[str] = []  # from the beacon
+        self._connections: dict[str, DiscoveryConnection] = {}
+        self._preferred: str | None = None
+        self._request_lock = threading.Lock()  # one request at a time over the sockets
+        self._cache_lock = threading.Lock()
+        self._cache: dict[str, str] = {}
+        self._stale: set[str] = set()
+
+    @property
+    def endpoints(self) -> list[str]:
+        """The endpoints asked: the configured ones, then any the beacon found."""
+        return [*self._configured, *(e for e in self._found if e not in self._configured)]
+
+    @property
+    def configured(self) -> bool:
+        """Whether any discovery service is configured (explicitly or `auto`)."""
+        return self.auto or bool(self._configured)
+
+    def resolve(self, name: str) -> str:
+        """The address of device `name`.
+
+        A cached address is returned without asking discovery unless `invalidate(name)` was
+        called; then discovery is asked, and if no discovery service answers the last known
+        address is returned. Raises UnknownDeviceError if discovery does not know the name,
+        DiscoveryUnavailableError if no service answers and nothing is cached.
+        """
+        with self._cache_lock:
+            cached = self._cache.get(name)
+            if cached is not None and name not in self._stale:
+                return cached
+        try:
+            return self.lookup(name)["address"]
+        except DiscoveryUnavailableError as exc:
+            if cached is None:
+                raise
+            log.warning("%s: %s; using its last known address %s", name, exc, cached)
+            return cached
+
+    def lookup(self, name: str) -> dict[str, Any]:
+        """The full record of `name`, always asked of discovery (and cached)."""
+        record = self._ask({"type": "lookup", "name": name})
+        self._remember([record])
+        return record
+
+    def invalidate(self, name: str) -> None:
+        """Make the next `resolve(name)` ask discovery (after a connection failure)."""
+        with self._cache_lock:
+            if name in self._cache:
+                self._stale.add(name)
+
+    def cached(self, name: str) -> str | None:
+        """The last known address of `name`, without asking anyone."""
+        with self._cache_lock:
+            return self._cache.get(name)
+
+    def list(
+        self,
+        *,
+        name: str | None = None,
+        kind: str | None = None,
+        host: str | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Registered devices matching the filters (`name` is a glob such as `pm100-*`)."""
+        filters = {"name": name, "kind": kind, "host": host, "labels": labels}
+        records = self._ask({"type": "list", **{k: v for k, v in filters.items() if v}})
+        self._remember(records)
+        return records
+
+    def ping(self) -> dict[str, Any]:
+        """The first answering discovery service's status."""
+        return self._ask({"type": "ping"})
+
+    def close(self) -> None:
+        with self._request_lock:
+            for connection in self._connections.values():
+                connection.close()
+            self._connections.clear()
+
+    def __enter__(self) -> Resolver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _remember(self, records: list[dict[str, Any]]) -> None:
+        with self._cache_lock:
+            for record in records:
+                self._cache[record["name"]] = record["address"]
+                self._stale.discard(record["name"])
+
+    def _ask(self, payload: dict[str, Any]) -> Any:
+        """Ask the endpoints in turn (the last one that answered first).
+
+        An endpoint that does not know a name may have just restarted, so the others are
+        asked too; UnknownDeviceError is raised only if no endpoint knows it.
+        """
+        with self._request_lock:
+            endpoints = self._endpoints_to_ask()
+            if self._preferred in endpoints:
+                endpoints.remove(self._preferred)
+                endpoints.insert(0, self._preferred)
+            unknown: UnknownDeviceError | None = None
+            failures = []
+            for endpoint in endpoints:
+                connection = self._connections.get(endpoint)
+                if connection is None:
+                    connection = DiscoveryConnection(endpoint, self._ctx, "resolver")
+                    self._connections[endpoint] = connection
+                try:
+                    result = connection.request(payload, self.timeout_s)
+                except DiscoveryUnavailableError as exc:
+                    failures.append(str(exc))
+                    continue
+                except UnknownDeviceError as exc:
+                    unknown = unknown or exc
+                    continue
+                self._preferred = endpoint
+                return result
+            if unknown is not None:
+                raise unknown
+            self._found = []  # with `auto`, listen to the beacon again next time
+            raise DiscoveryUnavailableError(
+                "no discovery service answered: "
+                + "; ".join(failures)
+                + " (is `labmesh discovery` running there and reachable?)"
+            )
+
+    def _endpoints_to_ask(self) -> list[str]:
+        if not self.configured:
+            raise DiscoveryUnavailableError(
+                f"no discovery service configured: set {ENV_VAR}=tcp://HOST:5550 (or 'auto' "
+                "on a LAN with multicast), or connect with a tcp:// address instead of a name"
+            )
+        if self.auto and not self._found:
+            try:
+                self._found = beacon_endpoints(self.beacon, self.beacon_timeout_s)
+            except DiscoveryUnavailableError:
+                if not self._configured:
+                    raise
+        return self.endpoints
