@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -101,7 +102,143 @@ def _plain(value: Any) -> str:
 def _client(args: argparse.Namespace, name: str, **options: Any) -> Any:
     from labmesh.client import build_client
 
-    return build_client(name, timeout=args.timeout, lease_s=None, **options)
+    return build_client(
+        name, timeout=args.timeout, lease_s=None, discovery=_resolver(args), **options
+    )
+
+
+def _resolver(args: argparse.Namespace) -> Any:
+    """The Resolver for --discovery (or LABMESH_DISCOVERY), made once per command."""
+    from labmesh.discovery import Resolver
+
+    if getattr(args, "_resolver", None) is None:
+        args._resolver = Resolver(args.discovery)
+    return args._resolver
+
+
+def _records(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from labmesh.discovery import DiscoveryUnavailableError
+
+    try:
+        return sorted(_resolver(args).list(), key=lambda r: r["name"])
+    except DiscoveryUnavailableError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _device_status(args: argparse.Namespace, record: dict[str, Any]) -> dict[str, Any]:
+    """Ping a device and read its locks, quickly; a dead one is reported as down."""
+    from labmesh.client import build_client
+
+    row = {k: record.get(k) for k in ("name", "kind", "host", "address")}
+    row.update(up=False, healthy=False, holders=[])
+    try:
+        client = build_client(
+            record["address"], timeout=min(args.timeout, 1500), retries=0, lease_s=None
+        )
+    except (TimeoutError, RemoteError) as exc:
+        row["error"] = str(exc)
+        return row
+    try:
+        pong = client.ping()
+        locks = client.locks()
+        row.update(
+            up=True,
+            healthy=pong.get("healthy", False),
+            busy=pong.get("busy", False),
+            holders=locks.get("holders", []),
+        )
+    except (TimeoutError, RemoteError) as exc:
+        row["error"] = str(exc)
+    finally:
+        client.close()
+    return row
+
+
+def _holder_summary(holders: list[dict[str, Any]]) -> str:
+    by_holder: dict[str, int] = {}
+    for row in holders:
+        label = row["metadata"].get("name") or row["client_id"]
+        by_holder[label] = by_holder.get(label, 0) + 1
+    return ", ".join(f"{k} ({n})" for k, n in by_holder.items()) or "-"
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    rows = [_device_status(args, record) for record in _records(args)]
+    if args.json:
+        _emit(args, rows)
+        return EXIT_OK
+    if not rows:
+        print("no devices registered")
+        return EXIT_OK
+    print(f"{'NAME':<18} {'KIND':<11} {'HOST':<14} {'ADDRESS':<26} {'UP':<5} LOCK HOLDERS")
+    for row in rows:
+        up = ("yes" if row["healthy"] else "sick") if row["up"] else "NO"
+        print(
+            f"{row['name']:<18} {row['kind']:<11} {row['host']:<14} {row['address']:<26} "
+            f"{up:<5} {_holder_summary(row['holders'])}"
+        )
+    return EXIT_OK if all(r["up"] for r in rows) else EXIT_FAILED
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    import zmq
+
+    info = _resolver(args).watch()
+    sock = zmq.Context.instance().socket(zmq.SUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SUBSCRIBE, b"device:")
+    sock.connect(info["pub"])
+    if not args.json:
+        print(
+            f"watching {info['pub']} ({len(info['devices'])} devices now); Ctrl+C stops", flush=True
+        )
+    deadline = time.monotonic() + args.seconds if args.seconds else None
+    try:
+        while deadline is None or time.monotonic() < deadline:
+            if not sock.poll(200):
+                continue
+            _topic, body = sock.recv_multipart()
+            event = json.loads(body)
+            if args.json:
+                print(json.dumps(event), flush=True)
+            else:
+                record = event.get("record") or {}
+                name = record.get("name", event.get("name", "?"))
+                print(
+                    f"{event.get('event', '?'):<8} {name:<18} "
+                    f"{record.get('kind', ''):<11} {record.get('host', ''):<14} "
+                    f"{record.get('address', '')}",
+                    flush=True,
+                )
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
+    return EXIT_OK
+
+
+def cmd_discovery(args: argparse.Namespace) -> int:
+    from labmesh.discovery import BeaconSettings, DiscoveryService
+
+    service = DiscoveryService(
+        args.address,
+        args.pub,
+        http_host=args.http_host,
+        http_port=args.http_port,
+        ttl_s=args.ttl,
+        beacon=None if args.no_beacon else BeaconSettings(),
+    ).start()
+    print(
+        f"labmesh discovery: API {service.address}, changes {service.pub_address}, "
+        f"HTTP {service.http_url}; Ctrl+C stops",
+        flush=True,
+    )
+    try:
+        _wait_for_signal()
+    finally:
+        service.stop()
+    print("labmesh discovery: stopped", flush=True)
+    return EXIT_OK
 
 
 def cmd_get(args: argparse.Namespace) -> int:
@@ -141,6 +278,21 @@ def cmd_describe(args: argparse.Namespace) -> int:
 
 
 def cmd_locks(args: argparse.Namespace) -> int:
+    if args.name is None:
+        rows = [_device_status(args, record) for record in _records(args)]
+        held = [{"device": r["name"], **h} for r in rows for h in r["holders"]]
+        if args.json:
+            _emit(args, held)
+            return EXIT_OK
+        for row in held:
+            label = row["metadata"].get("name") or ""
+            print(
+                f"{row['device']:<18} {row['resource']:<24} {row['client_id']:<40} "
+                f"{label:<16} held {row['since_s']:.1f} s, {row['remaining_s']:.1f} s left"
+            )
+        if not held:
+            print("no locks held")
+        return EXIT_OK
     with _client(args, args.name) as client:
         locks = client.locks()
     if args.json:
@@ -165,6 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument(
+        "--discovery",
+        default=None,
+        metavar="ENDPOINTS",
+        help="discovery endpoint(s), comma-separated, or auto (default: $LABMESH_DISCOVERY)",
+    )
+    parser.add_argument(
         "--timeout", type=int, default=5000, metavar="MS", help="reply timeout (default 5000)"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -184,7 +342,23 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("operation")
     call.add_argument("arguments", nargs="*")
     device_command("describe", "parameters, operations and resources of a device", cmd_describe)
-    device_command("locks", "who holds which resource of a device", cmd_locks)
+    locks = sub.add_parser("locks", help="who holds which resource (of one device, or all)")
+    locks.add_argument("name", nargs="?", help="device name or address (default: every device)")
+    locks.set_defaults(func=cmd_locks)
+    ls = sub.add_parser("ls", help="every registered device: kind, host, address, up, holders")
+    ls.set_defaults(func=cmd_ls)
+    watch = sub.add_parser("watch", help="print registrations as they change")
+    watch.add_argument("--seconds", type=float, help="stop after this long")
+    watch.set_defaults(func=cmd_watch)
+
+    disc = sub.add_parser("discovery", help="run the discovery service")
+    disc.add_argument("--address", default="tcp://*:5550", help="ZeroMQ API endpoint")
+    disc.add_argument("--pub", default="tcp://*:5551", help="change feed endpoint")
+    disc.add_argument("--http-host", default="0.0.0.0", help="HTTP interface")
+    disc.add_argument("--http-port", type=int, default=5552, help="HTTP port (/targets, ...)")
+    disc.add_argument("--ttl", type=float, default=10.0, help="registration lifetime (s)")
+    disc.add_argument("--no-beacon", action="store_true", help="no LAN multicast beacon")
+    disc.set_defaults(func=cmd_discovery)
 
     serve = sub.add_parser("serve", help="serve the instruments of one host file")
     serve.add_argument("config", help="the host's lab YAML file")

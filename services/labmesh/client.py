@@ -41,6 +41,26 @@ HEARTBEAT_WAIT_MS = 500
 DEFAULT_LEASE_S = 10.0
 
 
+_default_resolver: Any = None
+_default_resolver_lock = threading.Lock()
+
+
+def _resolver_for(discovery: Any) -> Any:
+    """The Resolver for a client: the one given, one for the endpoints given, or the shared
+    process-wide one configured by LABMESH_DISCOVERY."""
+    from labmesh.discovery.resolver import Resolver
+
+    global _default_resolver
+    if isinstance(discovery, Resolver):
+        return discovery
+    if discovery is not None:
+        return Resolver(discovery)
+    with _default_resolver_lock:
+        if _default_resolver is None:
+            _default_resolver = Resolver()
+        return _default_resolver
+
+
 class _ClientCore:
     """Request building and reply handling shared by the sync and async clients (no I/O)."""
 
@@ -55,8 +75,12 @@ class _ClientCore:
         lease_s: float | None,
         wait_s: float | None,
         reacquire: bool,
+        discovery: Any,
     ) -> None:
-        self.address = address
+        #: the device name when `address` had no scheme (resolved through discovery), else None
+        self.device_name = None if "://" in address else address
+        self._resolver = _resolver_for(discovery) if self.device_name else None
+        self.address = self._resolver.resolve(address) if self._resolver else address
         self.default_timeout = int(timeout)
         self.resources = resources if resources is not None else []
         self.client_id = client_id or f"client-{uuid.uuid4().hex}"
@@ -107,6 +131,22 @@ class _ClientCore:
 
     def _connect_wait_ms(self) -> int:
         return self.default_timeout + int((self.wait_s or 0) * 1000)
+
+    def _re_resolve(self) -> None:
+        """After a failed exchange: ask discovery again (the device may have moved)."""
+        if self._resolver is None or self.device_name is None:
+            return
+        self._resolver.invalidate(self.device_name)
+        try:
+            address = self._resolver.resolve(self.device_name)
+        except (LookupError, ConnectionError) as exc:
+            log.info(
+                "%s: re-resolving failed (%s); keeping %s", self.device_name, exc, self.address
+            )
+            return
+        if address != self.address:
+            log.warning("%s moved from %s to %s", self.device_name, self.address, address)
+            self.address = address
 
     def _may_reconnect(self, payload: dict[str, Any], reply: dict[str, Any]) -> bool:
         """After LeaseExpiredError: reconnect silently if no locks were held, or if asked to.
@@ -226,7 +266,9 @@ class DeviceClient(_ClientCore):
     """A synchronous client of one device server; safe to share between threads.
 
     Parameters:
-        address: the server, e.g. `tcp://localhost:5555`.
+        address: the server, e.g. `tcp://localhost:5555`, or a device name (`pm100-a`) that
+            discovery resolves; a name is looked up again after a failed exchange (the
+            device may have moved), and the last known address is used while discovery is down.
         timeout: default receive timeout in milliseconds.
         resources: what to lock at connect: a string (`"Dev1/port0"` = every line below it), a
             list, or a nested dict tree.
@@ -234,6 +276,11 @@ class DeviceClient(_ClientCore):
         connect_kwargs: metadata sent with connect (e.g. `{"name": "experiment-42"}`), shown to
             other users as the holder of your locks.
         retries: how many times a safe request (query, describe, ping) is re-sent after a timeout.
+        lease_s: the lease asked for at connect, renewed in the background (None: PLESTY-style).
+        wait_s: wait up to this long at connect for busy resources (first come, first served).
+        reacquire: after a server restart, connect again and re-acquire the locks instead of
+            raising LeaseExpiredError.
+        discovery: discovery endpoints or a Resolver (default: LABMESH_DISCOVERY).
         context: the ZeroMQ context (default: the process-wide one).
     """
 
@@ -249,6 +296,7 @@ class DeviceClient(_ClientCore):
         lease_s: float | None = DEFAULT_LEASE_S,
         wait_s: float | None = None,
         reacquire: bool = False,
+        discovery: Any = None,
         context: zmq.Context | None = None,
     ) -> None:
         super().__init__(
@@ -261,6 +309,7 @@ class DeviceClient(_ClientCore):
             lease_s,
             wait_s,
             reacquire,
+            discovery,
         )
         self._ctx = context or zmq.Context.instance()
         self._lock = threading.RLock()
@@ -268,7 +317,9 @@ class DeviceClient(_ClientCore):
         self._closing = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self.lease_lost: str | None = None
-        self._socket: zmq.Socket | None = dealer_socket(self._ctx, address, self.client_id.encode())
+        self._socket: zmq.Socket | None = dealer_socket(
+            self._ctx, self.address, self.client_id.encode()
+        )
         try:
             self.connect()
         except BaseException:
@@ -317,6 +368,7 @@ class DeviceClient(_ClientCore):
     def _reset_socket(self) -> None:
         """Replace the socket after a timeout so nothing stale can arrive on it."""
         self._close_socket()
+        self._re_resolve()
         self._socket = dealer_socket(self._ctx, self.address, self.client_id.encode())
         self._rcvtimeo = -1
 
@@ -483,6 +535,7 @@ class AsyncDeviceClient(_ClientCore):
         lease_s: float | None = DEFAULT_LEASE_S,
         wait_s: float | None = None,
         reacquire: bool = False,
+        discovery: Any = None,
         context: zmq.asyncio.Context | None = None,
     ) -> None:
         super().__init__(
@@ -495,12 +548,13 @@ class AsyncDeviceClient(_ClientCore):
             lease_s,
             wait_s,
             reacquire,
+            discovery,
         )
         self._heartbeat: asyncio.Task | None = None
         self._ctx = context or zmq.asyncio.Context.instance()
         self._lock = asyncio.Lock()
         self._socket: zmq.asyncio.Socket | None = dealer_socket(
-            self._ctx, address, self.client_id.encode()
+            self._ctx, self.address, self.client_id.encode()
         )
 
     async def connect(self) -> AsyncDeviceClient:
@@ -559,6 +613,7 @@ class AsyncDeviceClient(_ClientCore):
             if reply is not None:
                 return reply
             self._close_socket()
+            self._re_resolve()
             self._socket = dealer_socket(self._ctx, self.address, self.client_id.encode())
         raise self._timeout_error(payload, wait_ms, attempts)
 

@@ -12,7 +12,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from labmesh import __version__
 from labmesh.config import ConfigError, DeviceSpec, HostConfig
+from labmesh.discovery import DeviceRecord, Registrar, advertised_address
+from labmesh.protocol.native import PROTOCOL_NAME
 from labmesh.server import DeviceServer
 
 log = logging.getLogger("labmesh.host")
@@ -64,8 +67,12 @@ class HostServer:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._ready = {name: threading.Event() for name in self.devices}
+        self.registrar = Registrar(config.discovery) if config.discovery else None
+        self.metrics_url: str | None = None
 
     def start(self) -> HostServer:
+        if self.registrar is not None:
+            self.registrar.start()
         for state in self.devices.values():
             thread = threading.Thread(
                 target=self._supervise,
@@ -115,18 +122,47 @@ class HostServer:
                 continue
             state.server, state.state, state.error = server, "serving", None
             log.info("%s: serving %s on %s", spec.name, spec.driver, server.address)
+            self._register(server)
             self._ready[spec.name].set()
             self._stop.wait()
+            if self.registrar is not None:
+                self.registrar.remove(spec.name)
             server.stop()
             break
         state.state = "stopped" if state.state != "failed" else state.state
 
+    def _register(self, server: DeviceServer) -> None:
+        """Tell discovery where this device is served (an address others can reach)."""
+        if self.registrar is None:
+            return
+        toward = self.registrar.route_target()
+        advertise = self.config.advertise
+        self.registrar.add(
+            DeviceRecord(
+                name=server.name,
+                address=advertised_address(server.address, toward, advertise),
+                instance=server.epoch,
+                kind=server.description["kind"],
+                metrics_url=advertised_address(self.metrics_url, toward, advertise)
+                if self.metrics_url
+                else None,
+                host=self.config.host,
+                resources=server.description["resources"],
+                protocols=[PROTOCOL_NAME],
+                version=__version__,
+                started=time.time(),
+            )
+        )
+
     def stop(self, timeout: float = 3.0) -> None:
-        """Stop every device server (each disconnects its device) within about `timeout`."""
+        """Stop every device server (each disconnects its device) within about `timeout`;
+        their discovery registrations are withdrawn."""
         self._stop.set()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        if self.registrar is not None:
+            self.registrar.stop(max(0.5, deadline - time.monotonic()))
 
     def status(self) -> list[dict[str, Any]]:
         return [state.row() for state in self.devices.values()]

@@ -263,6 +263,18 @@ class Resolver:
         self._remember(records)
         return records
 
+    def watch(self) -> dict[str, Any]:
+        """Where to subscribe for changes: `{pub, seq, devices}` from the first answering
+        service, with a wildcard host in `pub` replaced by the host that answered."""
+        result = self._ask({"type": "watch"})
+        pub = result["pub"]
+        scheme, _, rest = pub.partition("://")
+        host, _, port = rest.rpartition(":")
+        if host in ("*", "0.0.0.0", "[::]", "") and self._preferred:
+            answered = self._preferred.partition("://")[2].rpartition(":")[0]
+            result["pub"] = f"{scheme}://{answered}:{port}"
+        return result
+
     def ping(self) -> dict[str, Any]:
         """The first answering discovery service's status."""
         return self._ask({"type": "ping"})
