@@ -138,9 +138,9 @@ class MemoryDaq(Device):
         """Touches the whole card."""
         self.lines.clear()
 
-    @operation(budget_s=10)
+    @operation(budget_s=10, resources=())
     def hold(self, seconds: float) -> float:
-        """Keep the card busy."""
+        """Keep the card busy (touches no resource)."""
         time.sleep(seconds)
         return seconds
 

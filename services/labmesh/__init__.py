@@ -7,8 +7,7 @@ from labmesh.client import AsyncDeviceClient, DeviceClient, build_async_client, 
 from labmesh.device import Device, Parameter, operation
 from labmesh.protocol.errors import LabmeshError, RemoteError
 from labmesh.server import DeviceServer, build_server
-
-__version__ = "0.1.0"
+from labmesh.version import __version__
 
 __all__ = [
     "AsyncDeviceClient",

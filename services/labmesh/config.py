@@ -3,7 +3,7 @@
 host: lab-pc-3                    # optional; default: this machine's host name
 bind: "*"                         # interface the device servers listen on
 discovery: tcp://lab-core:5550    # optional: endpoint(s), comma list or YAML list, or auto
-metrics_port: 9105                # optional: Prometheus /metrics of this process
+metrics_port: 9105                # Prometheus /metrics of this process (default; null: off)
 lock_idle_limit_s: 600            # optional: reclaim locks of silent PLESTY clients
 devices:
   - name: pm100-a
@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+#: Where `labmesh serve` exposes /metrics unless the host file says otherwise (null: off).
+DEFAULT_METRICS_PORT = 9105
 #: Built-in drivers by short name: (module, class).
 DRIVERS = {
     "powermeter": ("labmesh.drivers.powermeter", "PowermeterDevice"),
@@ -41,7 +43,7 @@ _HOST_KEYS = {
     "bind": "interface to listen on, e.g. '*' or 127.0.0.1",
     "advertise": "address other hosts reach this one at (default: found from the route)",
     "discovery": "discovery endpoint(s): tcp://HOST:PORT, a list of them, or auto",
-    "metrics_port": "TCP port of this process's Prometheus /metrics (0 or null: off)",
+    "metrics_port": "TCP port of this process's Prometheus /metrics (default 9105; null: off)",
     "lock_idle_limit_s": "seconds after which a silent PLESTY client's locks are reclaimed",
     "devices": "the list of instruments this host serves",
 }
@@ -235,7 +237,7 @@ def parse_host_config(text: str, path: str = "<string>") -> HostConfig:
     if advertise is not None and not isinstance(advertise, str):
         raise _fail(doc, ("advertise",), f"expected a host name or address, got {advertise!r}")
     discovery = _endpoints(doc, ("discovery",), data.get("discovery") or [])
-    metrics = data.get("metrics_port")
+    metrics = data.get("metrics_port", DEFAULT_METRICS_PORT)
     metrics_port = _port(doc, ("metrics_port",), metrics, allow_zero=True) if metrics else None
     idle = data.get("lock_idle_limit_s", 600.0)
     if isinstance(idle, bool) or not isinstance(idle, (int, float)) or idle <= 0:

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from labmesh import __version__
+from labmesh import __version__, metrics
 from labmesh.config import ConfigError, DeviceSpec, HostConfig
 from labmesh.discovery import DeviceRecord, Registrar, advertised_address
 from labmesh.protocol.native import PROTOCOL_NAME
@@ -69,8 +69,10 @@ class HostServer:
         self._ready = {name: threading.Event() for name in self.devices}
         self.registrar = Registrar(config.discovery) if config.discovery else None
         self.metrics_url: str | None = None
+        self._metrics_http: Any = None
 
     def start(self) -> HostServer:
+        self._start_metrics()
         if self.registrar is not None:
             self.registrar.start()
         for state in self.devices.values():
@@ -83,6 +85,20 @@ class HostServer:
             thread.start()
             self._threads.append(thread)
         return self
+
+    def _start_metrics(self) -> None:
+        """Serve this process's /metrics; a taken port is reported, not fatal."""
+        port = self.config.metrics_port
+        if not port:
+            return
+        host = "0.0.0.0" if self.bind == "*" else self.bind
+        try:
+            self._metrics_http = metrics.start_http(port, host)
+        except OSError as exc:
+            log.error("%s; this host's devices are served without metrics", exc)
+            return
+        self.metrics_url = f"http://{host}:{port}/metrics"
+        log.info("metrics on %s", self.metrics_url)
 
     def wait_ready(self, timeout: float) -> bool:
         """Wait until every device has served or failed its first attempt."""
@@ -163,6 +179,9 @@ class HostServer:
             thread.join(max(0.0, deadline - time.monotonic()))
         if self.registrar is not None:
             self.registrar.stop(max(0.5, deadline - time.monotonic()))
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
 
     def status(self) -> list[dict[str, Any]]:
         return [state.row() for state in self.devices.values()]

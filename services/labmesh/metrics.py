@@ -10,13 +10,19 @@ Metrics are process-wide: two discovery services in one process (tests) share th
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
+    Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -81,6 +87,176 @@ for _type in DISCOVERY_REQUEST_TYPES:
         DISCOVERY_REQUESTS.labels(_type, _status)
 
 
+# ---- device servers -----------------------------------------------------------------------
+#: Request latency ladder from 50 us to 30 s (prometheus_client's default starts at 5 ms, which
+#: would put every query of a local instrument into one bucket).
+LATENCY_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+#: Value of the `operation` label for a name the device does not declare (keeps it bounded).
+UNDECLARED = "(undeclared)"
+
+REQUEST_DURATION = Histogram(
+    "labmesh_request_duration_seconds",
+    "Time from receiving a request to sending its reply, by device, request type, operation "
+    "(parameter or operation name; empty for control requests) and status (ok, error, "
+    "timeout).",
+    ["device", "type", "operation", "status"],
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+REQUEST_ERRORS = Counter(
+    "labmesh_request_errors_total",
+    "Requests answered with an error, by device, request type and error type.",
+    ["device", "type", "error"],
+    registry=REGISTRY,
+)
+BUDGET_EXPIRIES = Counter(
+    "labmesh_budget_expiries_total",
+    "Device calls whose time budget ran out (still_running: the device stayed busy).",
+    ["device", "operation", "still_running"],
+    registry=REGISTRY,
+)
+LOCK_WAIT = Histogram(
+    "labmesh_lock_wait_seconds",
+    "How long a connect waited for busy resources before it was granted or gave up.",
+    ["device", "outcome"],
+    buckets=(0.001, 0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0),
+    registry=REGISTRY,
+)
+LEASE_EXPIRIES = Counter(
+    "labmesh_lease_expiries_total",
+    "Lock grants freed because their holder stopped renewing (crashed client, lost network).",
+    ["device"],
+    registry=REGISTRY,
+)
+SERVER_INFO = Gauge(
+    "labmesh_server_info",
+    "Always 1: the labmesh version, protocols and kind of each served device.",
+    ["device", "kind", "version", "protocols"],
+    registry=REGISTRY,
+)
+
+
+class DeviceMetrics:
+    """The metrics of one device server, with labelled children cached for the hot path.
+
+    `operation` label values come only from the device's declarations (parameters and
+    operations); anything else is counted as UNDECLARED, so a client cannot grow the series.
+    """
+
+    def __init__(self, device: str, names: frozenset[str]) -> None:
+        self.device = device
+        self.names = names
+        self._durations: dict[tuple[str, str, str], Any] = {}
+
+    def operation_label(self, name: str | None) -> str:
+        if not name:
+            return ""
+        return name if name in self.names else UNDECLARED
+
+    def observe(self, rtype: str, operation: str, status: str, seconds: float) -> None:
+        key = (rtype, operation, status)
+        child = self._durations.get(key)
+        if child is None:
+            child = REQUEST_DURATION.labels(self.device, rtype, operation, status)
+            self._durations[key] = child
+        child.observe(seconds)
+
+    def error(self, rtype: str, error_type: str) -> None:
+        REQUEST_ERRORS.labels(self.device, rtype, error_type).inc()
+
+    def budget_expired(self, operation: str, still_running: bool) -> None:
+        BUDGET_EXPIRIES.labels(self.device, operation, "true" if still_running else "false").inc()
+
+    def lock_waited(self, outcome: str, seconds: float) -> None:
+        LOCK_WAIT.labels(self.device, outcome).observe(seconds)
+
+    def lease_expired(self) -> None:
+        LEASE_EXPIRIES.labels(self.device).inc()
+
+
+class _ServerCollector:
+    """Scrape-time gauges read from every live device server in the process: up, busy,
+    queue depth, calls in flight, waiters, and one series per held resource."""
+
+    def __init__(self) -> None:
+        self._servers: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def add(self, server: Any) -> None:
+        self._servers.add(server)
+
+    def remove(self, server: Any) -> None:
+        self._servers.discard(server)
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        up = GaugeMetricFamily(
+            "labmesh_device_up",
+            "1 while the device is connected and its server healthy.",
+            labels=["device"],
+        )
+        busy = GaugeMetricFamily(
+            "labmesh_device_busy", "1 while a call runs on the device.", labels=["device"]
+        )
+        queue = GaugeMetricFamily(
+            "labmesh_executor_queue_depth",
+            "Device calls waiting behind the running one.",
+            labels=["device"],
+        )
+        in_flight = GaugeMetricFamily(
+            "labmesh_requests_in_flight",
+            "Device calls received and not yet answered.",
+            labels=["device"],
+        )
+        waiters = GaugeMetricFamily(
+            "labmesh_lock_waiters", "Connects waiting for busy resources.", labels=["device"]
+        )
+        held = GaugeMetricFamily(
+            "labmesh_lock_held_since_seconds",
+            "One series per held resource: when (Unix time) its holder got it. The series "
+            "disappears when the lock is released or expires.",
+            labels=["device", "resource", "holder", "holder_name"],
+        )
+        for server in list(self._servers):
+            snapshot = server.metrics_snapshot()
+            name = snapshot["device"]
+            up.add_metric([name], 1.0 if snapshot["up"] else 0.0)
+            busy.add_metric([name], 1.0 if snapshot["busy"] else 0.0)
+            queue.add_metric([name], snapshot["queue_depth"])
+            in_flight.add_metric([name], snapshot["in_flight"])
+            waiters.add_metric([name], snapshot["waiters"])
+            for row in snapshot["locks"]:
+                held.add_metric(
+                    [name, row["resource"], row["holder"], row["holder_name"]], row["since"]
+                )
+        yield from (up, busy, queue, in_flight, waiters, held)
+
+
+SERVERS = _ServerCollector()
+REGISTRY.register(SERVERS)
+
+
 def exposition() -> bytes:
     """The text exposition of every labmesh metric (serve with EXPOSITION_CONTENT_TYPE)."""
     return generate_latest(REGISTRY)
+
+
+def start_http(port: int, host: str = "0.0.0.0") -> Any:
+    """Serve /metrics of this process on `host:port` (a daemon thread); returns the server.
+
+    Raises OSError with a clear message when the port is taken.
+    """
+    from prometheus_client import start_http_server
+
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
+    except OSError as exc:
+        raise OSError(
+            f"cannot serve metrics on {host}:{port}: {exc.strerror} (another labmesh serve on "
+            "this host? set metrics_port in the host file)"
+        ) from None
+    return server

@@ -28,6 +28,7 @@ from typing import Any
 
 import zmq
 
+from labmesh import metrics
 from labmesh.device.base import describe_device, touched_resources
 from labmesh.device.executor import RUNNING, TAKEOVER_AFTER_S, Job, Watchdog
 from labmesh.locks import DEFAULT_IDLE_LIMIT_S, Grant, LeaseTable, Waiter
@@ -43,6 +44,7 @@ from labmesh.protocol.errors import (
     wire_type_of,
 )
 from labmesh.transport import bound_address, router_socket
+from labmesh.version import __version__
 
 log = logging.getLogger("labmesh.server")
 
@@ -68,7 +70,11 @@ class _Pending:
     deadline: float | None
     session: str | None = None
     touches: tuple[str, ...] = ()
+    operation: str = ""
     answered: bool = False
+
+    def observed(self) -> tuple[str, str, float]:
+        return (self.request.type, self.operation, self.received)
 
 
 class DeviceServer:
@@ -148,6 +154,8 @@ class DeviceServer:
         self._stopped = threading.Event()
         self._started_at = 0.0
         self._next_lock_check = 0.0
+        self._observing: tuple[str, str, float] | None = None
+        self._lock_rows: list[dict[str, Any]] = []
         self.connected = False
         self._handlers = {
             "connect": self._on_connect,
@@ -311,6 +319,8 @@ class DeviceServer:
         self._budgets: dict[str, float] = description["budgets"]
         self._help_text = _help_text(description)
         self.description = description
+        declared = {p["name"] for p in description["doc"]["parameters"]["default"]}
+        self.metrics = metrics.DeviceMetrics(self.name, frozenset(declared | self._methods))
 
     def _connect_device(self, me: threading.Thread) -> None:
         job = Job(_enter_device, (self.device,), label="connect")
@@ -319,6 +329,10 @@ class DeviceServer:
             self._describe()
             self.connected = True
             Watchdog.shared().add(self)
+            metrics.SERVERS.add(self)
+            metrics.SERVER_INFO.labels(
+                self.name, self.description["kind"], __version__, native.PROTOCOL_NAME
+            ).set(1)
             with self._cond:
                 self._owner = me
                 self._cond.notify_all()
@@ -332,12 +346,44 @@ class DeviceServer:
 
     def _disconnect_device(self) -> None:
         Watchdog.shared().remove(self)
+        metrics.SERVERS.remove(self)
+        with contextlib.suppress(KeyError):
+            metrics.SERVER_INFO.remove(
+                self.name, self.description["kind"], __version__, native.PROTOCOL_NAME
+            )
         if self.connected:
             job = Job(_exit_device, (self.device,), label="disconnect")
             job.run()
             self.connected = False
             if not job.ok:
                 log.error("%s: disconnect failed: %r", self.name, job.error)
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """Scrape-time state for metrics (read from another thread: plain attribute reads)."""
+        return {
+            "device": self.name,
+            "up": self.connected and self.healthy,
+            "busy": self._running is not None,
+            "queue_depth": len(self._queue),
+            "in_flight": len(self._pending),
+            "waiters": len(self.locks.waiters),
+            "locks": self._lock_rows,
+        }
+
+    def _locks_changed(self, now: float) -> None:
+        """Republish who holds what (a fresh list, so a scrape never sees one half-built)."""
+        wall = time.time()
+        self._lock_rows = [
+            {
+                "resource": row["resource"],
+                "holder": row["client_id"],
+                "holder_name": str(
+                    row["metadata"].get("name") or row["metadata"].get("experiment") or ""
+                ),
+                "since": wall - row["since_s"],
+            }
+            for row in self.locks.holders(now)
+        ]
 
     def check_long_call(self, now: float) -> bool:
         """Called by the watchdog: hand the socket to the other thread if a call runs long."""
@@ -500,7 +546,24 @@ class DeviceServer:
         if self._own_ctx:
             self._ctx.term()
 
-    def _send(self, route: list[bytes], reply: dict[str, Any]) -> None:
+    def _send(
+        self,
+        route: list[bytes],
+        reply: dict[str, Any],
+        observe: tuple[str, str, float] | None = None,
+    ) -> None:
+        """Send a reply; `observe` = (request type, operation label, received at) records its
+        latency (control requests set `_observing` for the request being handled)."""
+        if observe is None:
+            observe, self._observing = self._observing, None
+        if observe is not None:
+            rtype, operation, received = observe
+            status = reply["status"]
+            if status != "ok":
+                self.metrics.error(rtype, str(reply.get("type")))
+                if reply.get("type") == "TimeoutError" and "started" in reply:
+                    status = "timeout"
+            self.metrics.observe(rtype, operation, status, self.clock() - received)
         body = native.encode_reply(reply)
         sock = self._sock
         try:
@@ -520,11 +583,14 @@ class DeviceServer:
         return native.error_reply(message, error_type, request.id, request.has_id, **extra)
 
     def _handle(self, frames: list[bytes]) -> None:
+        received = self.clock()
         parts = native.split_frames(frames)
         request = None
+        self._observing = ("invalid", "", received)
         try:
             obj = native.decode_body(parts, self.max_message_bytes)
             request = native.parse_request(obj)
+            self._observing = (request.type, "", received)
             self._handlers[request.type](parts, request)
         except ProtocolError as exc:
             log.warning(
@@ -550,6 +616,7 @@ class DeviceServer:
                 parts.route,
                 self._error(request, f"internal server error: {exc!r}", "InternalError"),
             )
+        self._observing = None
 
     # ---- control requests (answered on the I/O thread) ------------------------------------
     def _session_of(self, parts: native.Frames, request: native.Request) -> str | None:
@@ -585,7 +652,7 @@ class DeviceServer:
                         now + wait,
                         metadata,
                         lease,
-                        (parts.route, request),
+                        (parts.route, request, now),
                     )
                 )
                 log.info(
@@ -596,7 +663,14 @@ class DeviceServer:
             return
         self._granted(parts.route, request, grant)
 
-    def _granted(self, route: list[bytes], request: native.Request, grant: Grant) -> None:
+    def _granted(
+        self,
+        route: list[bytes],
+        request: native.Request,
+        grant: Grant,
+        observe: tuple[str, str, float] | None = None,
+    ) -> None:
+        self._locks_changed(self.clock())
         if grant.lease_s is None:
             self._plesty_sessions[grant.client_id] = grant.session
         if grant.leaves:
@@ -609,7 +683,7 @@ class DeviceServer:
             "lease": grant.lease_s,
             "epoch": self.epoch,
         }
-        self._send(route, native.ok_reply(result, request))
+        self._send(route, native.ok_reply(result, request), observe)
 
     def _refuse_connect(
         self,
@@ -618,6 +692,7 @@ class DeviceServer:
         client_id: str,
         metadata: dict[str, Any],
         exc: ResourceAllocationError,
+        observe: tuple[str, str, float] | None = None,
     ) -> None:
         log.info("%s: connect of %s refused: %s", self.name, client_id, exc)
         self._send(
@@ -629,21 +704,26 @@ class DeviceServer:
                 result={"client_id": client_id, "resources": [], "metadata": metadata},
                 **_details(exc),
             ),
+            observe,
         )
 
     def _serve_waiters(self, now: float) -> None:
         granted, expired = self.locks.serve_waiters(now)
         for waiter, grant in granted:
-            route, request = waiter.token
-            self._granted(route, request, grant)
+            route, request, since = waiter.token
+            self.metrics.lock_waited("granted", now - since)
+            self._granted(route, request, grant, ("connect", "", since))
         for waiter in expired:
-            route, request = waiter.token
+            route, request, since = waiter.token
+            self.metrics.lock_waited("timeout", now - since)
             busy = self.locks.busy_message(waiter.leaves, now)
             exc = ResourceAllocationError(
                 f"waited {request.get('wait')} s; requested resources are still not available: "
                 + busy
             )
-            self._refuse_connect(route, request, waiter.client_id, waiter.metadata, exc)
+            self._refuse_connect(
+                route, request, waiter.client_id, waiter.metadata, exc, ("connect", "", since)
+            )
 
     def _on_disconnect(self, parts: native.Frames, request: native.Request) -> None:
         client_id = native.client_id_of(parts.identity)
@@ -656,6 +736,7 @@ class DeviceServer:
                 )
             if self._plesty_sessions.get(client_id) == session:
                 del self._plesty_sessions[client_id]
+            self._locks_changed(self.clock())
         self._send(parts.route, native.ok_reply({"client_id": client_id}, request))
         self._serve_waiters(self.clock())
 
@@ -705,7 +786,9 @@ class DeviceServer:
     def _lock_tick(self, now: float) -> None:
         """Expire leases (never of a session with a call in flight) and serve waiters."""
         alive = [p.session for p in self._pending.values() if p.session and not p.answered]
-        for grant in self.locks.expire(now, alive):
+        expired = self.locks.expire(now, alive)
+        for grant in expired:
+            self.metrics.lease_expired()
             log.warning(
                 "%s: lease of %s expired after %.1f s without a request; freed %s",
                 self.name,
@@ -716,6 +799,8 @@ class DeviceServer:
             if self._plesty_sessions.get(grant.client_id) == grant.session:
                 del self._plesty_sessions[grant.client_id]
         self._serve_waiters(now)
+        if expired:
+            self._locks_changed(now)
         if self._deadlines:
             self._expire_budgets(now)
         following = self.locks.next_event()
@@ -751,7 +836,12 @@ class DeviceServer:
             budget = self._budgets.get(request.fields["func"])
         job = Job(fn, args, kwargs, label)
         deadline = now + budget if budget is not None else None
-        self._pending[job] = _Pending(parts.route, request, now, deadline, session, touches)
+        operation = self.metrics.operation_label(
+            request.fields.get("param") or request.fields.get("func")
+        )
+        self._pending[job] = _Pending(
+            parts.route, request, now, deadline, session, touches, operation
+        )
         if deadline is not None:
             heapq.heappush(self._deadlines, (deadline, next(self._seq), job))
         self._queue.append(job)
@@ -821,7 +911,7 @@ class DeviceServer:
             if grant is not None:
                 grant.last_seen = self.clock()
         if job.ok:
-            self._send(pending.route, native.ok_reply(job.value, request))
+            self._send(pending.route, native.ok_reply(job.value, request), pending.observed())
             return
         exc = job.error
         assert exc is not None
@@ -834,7 +924,11 @@ class DeviceServer:
         else:
             message = str(exc) or type(exc).__name__
             log.info("%s: %s failed: %s: %s", self.name, job.label, wire_type_of(exc), message)
-        self._send(pending.route, self._error(request, message, wire_type_of(exc), **_details(exc)))
+        self._send(
+            pending.route,
+            self._error(request, message, wire_type_of(exc), **_details(exc)),
+            pending.observed(),
+        )
 
     def _expire_budgets(self, now: float) -> None:
         while self._deadlines and self._deadlines[0][0] <= now:
@@ -863,7 +957,9 @@ class DeviceServer:
                         started=False,
                         detail=detail,
                     ),
+                    pending.observed(),
                 )
+                self.metrics.budget_expired(pending.operation, still_running=False)
                 continue
             running = job.state == RUNNING
             self._send(
@@ -878,7 +974,9 @@ class DeviceServer:
                     f"{(pending.deadline or now) - pending.received:.3f} s; the device stays "
                     "busy until it ends",
                 ),
+                pending.observed(),
             )
+            self.metrics.budget_expired(pending.operation, still_running=running)
 
 
 def _install_stop_signals(loop: asyncio.AbstractEventLoop, stop: Callable[[], Any]) -> list:

@@ -149,7 +149,8 @@ def test_serve_registers_and_the_cli_lists_and_watches(discovery, tmp_path):
     ports = [free_port(), free_port()]
     config = tmp_path / "host.yaml"
     config.write_text(
-        f"host: rig-7\nbind: 127.0.0.1\ndiscovery: {discovery.address}\ndevices:\n"
+        f"host: rig-7\nbind: 127.0.0.1\ndiscovery: {discovery.address}\n"
+        f"metrics_port: {free_port()}\ndevices:\n"
         f"  - {{name: daq, driver: nidaq, port: {ports[0]}, sim: true}}\n"
         f"  - {{name: stage, driver: motor, port: {ports[1]}, sim: true,"
         f" options: {{axes: [x, y]}}}}\n"
@@ -173,6 +174,11 @@ def test_serve_registers_and_the_cli_lists_and_watches(discovery, tmp_path):
         ls = labmesh("--json", "ls", env=env)
         assert ls.returncode == 0, ls.stderr
         rows = {r["name"]: r for r in json.loads(ls.stdout)}
+        record = next(d for d in discovery.devices() if d["name"] == "daq")
+        assert record["metrics_url"].startswith("http://127.0.0.1:")
+        assert [t["targets"] for t in discovery.targets()] == [
+            [record["metrics_url"].split("/")[2]]
+        ]
         assert rows["daq"]["host"] == "rig-7" and rows["daq"]["up"] is True
         assert rows["stage"]["address"] == f"tcp://127.0.0.1:{ports[1]}"
         with build_client(

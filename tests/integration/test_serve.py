@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -51,11 +52,12 @@ def read_until(proc: subprocess.Popen, marker: str, timeout: float = 20) -> list
 
 
 def test_serve_two_devices_one_failing_locks_and_sigterm(tmp_path):
-    daq_port, meter_port, broken_port = free_port(), free_port(), free_port()
+    daq_port, meter_port, broken_port, metrics_port = (free_port() for _ in range(4))
     config = tmp_path / "host.yaml"
     config.write_text(
         textwrap.dedent(f"""\
         host: test-host
+        metrics_port: {metrics_port}
         devices:
           - name: daq
             driver: support:MemoryDaq
@@ -90,6 +92,17 @@ def test_serve_two_devices_one_failing_locks_and_sigterm(tmp_path):
             b.close()
         with build_client(f"tcp://127.0.0.1:{meter_port}") as meter:
             assert meter.query("WAVELENGTH") == 532.0
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read()
+        text = scraped.decode()
+        assert 'labmesh_device_up{device="daq"} 1.0' in text
+        assert (
+            'labmesh_request_duration_seconds_count{device="meter",operation="WAVELENGTH"'
+            ',status="ok",type="query"} 1.0' in text
+        )
+        assert (
+            'labmesh_request_errors_total{device="daq",error="ResourceLockedError",'
+            'type="call"} 1.0' in text
+        )
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
@@ -110,7 +123,8 @@ def test_serve_retries_a_device_that_cannot_open(tmp_path):
     blocker.listen()
     config = tmp_path / "host.yaml"
     config.write_text(
-        f"devices:\n  - {{name: meter, driver: 'support:MemoryMeter', port: {port}}}\n"
+        f"metrics_port: null\ndevices:\n  - {{name: meter, driver: 'support:MemoryMeter', "
+        f"port: {port}}}\n"
     )
     proc = start_serve(config)
     try:
@@ -223,6 +237,7 @@ def test_serve_the_shared_daq_example_simulated_with_two_experiments(tmp_path):
     ports = {old: free_port() for old in (5556, 5557, 5558)}
     for old, new in ports.items():
         text = text.replace(f"port: {old}", f"port: {new}")
+    text = text.replace("bind:", f"metrics_port: {free_port()}\nbind:")
     config = tmp_path / "shared-daq.yaml"
     config.write_text(text)
     proc = start_serve(config, "--sim")
@@ -257,6 +272,7 @@ def test_serve_the_pm100_example_simulated(tmp_path):
     port = free_port()
     text = (TESTS.parent / "examples" / "hosts" / "pm100.yaml").read_text()
     config = tmp_path / "pm100.yaml"
+    text = text.replace("bind:", f"metrics_port: {free_port()}\nbind:")
     config.write_text(text.replace("port: 5555", f"port: {port}"))
     proc = start_serve(config, "--sim")
     try:

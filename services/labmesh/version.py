@@ -1,0 +1,3 @@
+"""The labmesh version (one place; pyproject reads it too)."""
+
+__version__ = "0.1.0"
