@@ -309,6 +309,16 @@ def cmd_locks(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from labmesh import demo
+    from labmesh.config import ConfigError
+
+    try:
+        return demo.run(args.base_port, args.metrics_port, args.prometheus)
+    except ConfigError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="labmesh", description="Networked lab instruments over ZeroMQ."
@@ -350,6 +360,16 @@ def build_parser() -> argparse.ArgumentParser:
     watch = sub.add_parser("watch", help="print registrations as they change")
     watch.add_argument("--seconds", type=float, help="stop after this long")
     watch.set_defaults(func=cmd_watch)
+
+    demo = sub.add_parser("demo", help="a whole simulated lab on this machine (Ctrl+C stops)")
+    demo.add_argument("--base-port", type=int, default=5550, help="first of its ports (5550)")
+    demo.add_argument("--metrics-port", type=int, default=9105, help="first metrics port")
+    demo.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="also run Prometheus (binary on PATH) with the shipped config",
+    )
+    demo.set_defaults(func=cmd_demo)
 
     disc = sub.add_parser("discovery", help="run the discovery service")
     disc.add_argument("--address", default="tcp://*:5550", help="ZeroMQ API endpoint")

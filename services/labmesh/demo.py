@@ -1,0 +1,269 @@
+"""`labmesh demo`: a whole simulated lab on this machine, in one command.
+
+A discovery service (in this process) and two simulated instrument hosts, each a real
+`labmesh serve` process: `optics-pc` with a PM100 power meter, `daq-pc` with an NI DAQ card and a
+3-axis stage. Everything listens on 127.0.0.1. Ctrl+C stops it all.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from labmesh.config import ConfigError
+
+#: Ports of the demo relative to --base-port (default 5550).
+DISCOVERY_API, DISCOVERY_PUB, DISCOVERY_HTTP = 0, 1, 2
+PM100_PORT, DAQ_PORT, STAGE_PORT = 5, 6, 7
+OPTICS_METRICS, DAQ_METRICS = 9105, 9106
+
+HOSTS = {
+    "optics-pc": """\
+        host: optics-pc
+        bind: 127.0.0.1
+        discovery: {discovery}
+        metrics_port: {optics_metrics}
+        devices:
+          - name: pm100-a
+            driver: powermeter
+            resource: USB0::0x1313::0x8078::P0000001::INSTR
+            port: {pm100}
+            options: {{sensor_type: S155C}}
+        """,
+    "daq-pc": """\
+        host: daq-pc
+        bind: 127.0.0.1
+        discovery: {discovery}
+        metrics_port: {daq_metrics}
+        devices:
+          - name: daq-1
+            driver: nidaq
+            resource: Dev1
+            port: {daq}
+            options:
+              lines: ["port0/line0:7"]
+              ai: ["ai0:1"]
+              ao: ["ao0"]
+          - name: stage
+            driver: motor
+            port: {stage}
+            options:
+              axes: [x, y, z]
+              limits: {{x: [0, 100], y: [0, 100], z: [0, 25]}}
+              speed: 25.0
+        """,
+}
+DEVICES = ("pm100-a", "daq-1", "stage")
+
+
+@dataclass
+class Demo:
+    """The running demo: its discovery service, host processes and optional Prometheus."""
+
+    base_port: int
+    workdir: Path
+    discovery: object = None
+    hosts: dict[str, subprocess.Popen] = field(default_factory=dict)
+    prometheus: subprocess.Popen | None = None
+    prometheus_url: str | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.base_port + DISCOVERY_API}"
+
+
+def _check_free(ports: list[int]) -> None:
+    for port in ports:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                raise ConfigError(
+                    f"port {port} on 127.0.0.1 is in use (another labmesh demo or serve?); "
+                    "stop it or pick other ports with --base-port and --metrics-port"
+                ) from None
+
+
+def start(
+    base_port: int = 5550, metrics_port: int = OPTICS_METRICS, timeout_s: float = 15.0
+) -> Demo:
+    """Start the demo lab; returns once every device is registered (or raises)."""
+    from labmesh.discovery import DiscoveryService
+
+    ports = {
+        "discovery": f"tcp://127.0.0.1:{base_port + DISCOVERY_API}",
+        "pm100": base_port + PM100_PORT,
+        "daq": base_port + DAQ_PORT,
+        "stage": base_port + STAGE_PORT,
+        "optics_metrics": metrics_port,
+        "daq_metrics": metrics_port + 1,
+    }
+    _check_free(
+        [
+            base_port + p
+            for p in (
+                DISCOVERY_API,
+                DISCOVERY_PUB,
+                DISCOVERY_HTTP,
+                PM100_PORT,
+                DAQ_PORT,
+                STAGE_PORT,
+            )
+        ]
+        + [metrics_port, metrics_port + 1]
+    )
+    demo = Demo(base_port, Path(tempfile.mkdtemp(prefix="labmesh-demo-")))
+    try:
+        demo.discovery = DiscoveryService(
+            f"tcp://127.0.0.1:{base_port + DISCOVERY_API}",
+            f"tcp://127.0.0.1:{base_port + DISCOVERY_PUB}",
+            http_host="127.0.0.1",
+            http_port=base_port + DISCOVERY_HTTP,
+            beacon=None,
+        ).start()
+        for host, template in HOSTS.items():
+            path = demo.workdir / f"{host}.yaml"
+            path.write_text(textwrap.dedent(template).format(**ports))
+            demo.hosts[host] = subprocess.Popen(
+                [sys.executable, "-m", "labmesh.cli", "serve", str(path), "--sim"],
+                stdout=subprocess.DEVNULL,
+                stderr=open(demo.workdir / f"{host}.log", "w"),  # noqa: SIM115
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            names = {d["name"] for d in demo.discovery.devices()}
+            if names >= set(DEVICES):
+                return demo
+            for host, proc in demo.hosts.items():
+                if proc.poll() is not None:
+                    log = (demo.workdir / f"{host}.log").read_text()[-2000:]
+                    raise RuntimeError(f"demo host {host} exited:\n{log}")
+            time.sleep(0.05)
+        raise RuntimeError(f"demo devices did not register within {timeout_s} s")
+    except BaseException:
+        stop(demo)
+        raise
+
+
+def start_prometheus(demo: Demo, port: int = 9090) -> str:
+    """Start a Prometheus binary with the shipped config pointed at the demo's discovery."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        raise ConfigError(
+            "--prometheus needs the prometheus binary on PATH (Debian: apt-get install prometheus)"
+        )
+    shipped = Path(__file__).resolve().parents[2] / "compose" / "prometheus"
+    if not (shipped / "prometheus.yml").exists():
+        raise ConfigError(
+            f"--prometheus needs the repository's compose/prometheus folder "
+            f"(not found at {shipped})"
+        )
+    _check_free([port])
+    from labmesh.prometheus_config import render
+
+    config = demo.workdir / "prometheus.yml"
+    config.write_text(
+        render(
+            shipped,
+            discovery_http=f"127.0.0.1:{demo.base_port + DISCOVERY_HTTP}",
+            scrape_interval="5s",
+        )
+    )
+    demo.prometheus = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={demo.workdir / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(demo.workdir / "prometheus.log", "w"),  # noqa: SIM115
+        start_new_session=True,
+    )
+    demo.prometheus_url = f"http://127.0.0.1:{port}"
+    return demo.prometheus_url
+
+
+def stop(demo: Demo, timeout_s: float = 5.0) -> None:
+    """Stop every process of the demo (by PID) and the discovery service."""
+    procs = [*demo.hosts.values(), *([demo.prometheus] if demo.prometheus else [])]
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(2)
+    if demo.discovery is not None:
+        demo.discovery.stop()
+    shutil.rmtree(demo.workdir, ignore_errors=True)
+
+
+def banner(demo: Demo) -> str:
+    disc = demo.discovery
+    lines = [
+        "labmesh demo: a simulated lab on 127.0.0.1",
+        "",
+        f"  discovery     {demo.endpoint}   (HTTP {disc.http_url}: /devices /targets /health)",
+    ]
+    for record in sorted(disc.devices(), key=lambda r: r["name"]):
+        lines.append(
+            f"  {record['name']:<13} {record['address']:<26} {record['kind']:<11} "
+            f"on {record['host']}   metrics {record['metrics_url']}"
+        )
+    if demo.prometheus_url:
+        lines.append(f"  prometheus    {demo.prometheus_url}")
+    lines += [
+        "",
+        "In another terminal:",
+        f"  export LABMESH_DISCOVERY={demo.endpoint}",
+        "  labmesh ls; labmesh get pm100-a POWER; labmesh locks; labmesh watch",
+        "",
+        "or in Python:",
+        "  from labmesh import build_client",
+        f'  pm = build_client("pm100-a", discovery="{demo.endpoint}")',
+        '  pm.write("WAVELENGTH", 1064); pm.query("POWER")',
+        f'  daq = build_client("daq-1", discovery="{demo.endpoint}", resources="Dev1/port0/line0",',
+        '                      connect_kwargs={"name": "my-experiment"})',
+        '  daq.write_line("Dev1/port0/line0", True)   # others now get ResourceLockedError',
+        f'  stage = build_client("stage", discovery="{demo.endpoint}"); stage.move_abs("x", 20)',
+        "",
+        "Ctrl+C stops the lab.",
+    ]
+    return "\n".join(lines)
+
+
+def run(
+    base_port: int, metrics_port: int, prometheus: bool, wait: threading.Event | None = None
+) -> int:
+    """Start, print, serve until a signal (or `wait` is set), stop."""
+    t0 = time.monotonic()
+    demo = start(base_port, metrics_port)
+    try:
+        if prometheus:
+            start_prometheus(demo)
+        print(banner(demo), flush=True)
+        print(f"(ready in {time.monotonic() - t0:.1f} s)", flush=True)
+        if wait is not None:
+            wait.wait()
+        else:
+            from labmesh.cli import _wait_for_signal
+
+            _wait_for_signal()
+    finally:
+        stop(demo)
+    print("labmesh demo: stopped", flush=True)
+    return 0
