@@ -84,6 +84,8 @@ class Demo:
 def _check_free(ports: list[int]) -> None:
     for port in ports:
         with socket.socket() as sock:
+            # as the servers will: a port merely in TIME_WAIT is free, a listener is not
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:

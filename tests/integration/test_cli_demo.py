@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -18,18 +19,17 @@ pytestmark = pytest.mark.integration
 
 
 def free_base(span: int = 8) -> int:
-    """A base port with `span` free ports after it."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + span > 65000:
-            continue
+    """A base port with `span` free ports after it, below the ephemeral range (so client
+    connections made meanwhile cannot take them)."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 32000)
         socks = []
         try:
             for port in range(base, base + span):
                 sock = socket.socket()
                 socks.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind(("127.0.0.1", port))
             return base
         except OSError:
