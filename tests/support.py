@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -148,3 +149,10 @@ class MemoryDaq(Device):
     def granted(self, resources=None) -> list:
         """What the server passes as the caller's resources (PLESTY style)."""
         return resources
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (bind port 0, read it, close)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

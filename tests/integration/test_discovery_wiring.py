@@ -14,7 +14,7 @@ import pytest
 from labmesh import build_async_client, build_client, build_server
 from labmesh.discovery import DeviceRecord, DiscoveryService, Registrar, Resolver
 
-from support import MemoryMeter, wait_until
+from support import MemoryMeter, free_port, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -139,13 +139,6 @@ def labmesh(
 
 
 def test_serve_registers_and_the_cli_lists_and_watches(discovery, tmp_path):
-    import socket
-
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
     ports = [free_port(), free_port()]
     config = tmp_path / "host.yaml"
     config.write_text(

@@ -16,15 +16,11 @@ import pytest
 
 from labmesh import RemoteError, build_client
 
+from support import free_port
+
 pytestmark = pytest.mark.integration
 
 TESTS = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_serve(config: Path, *extra: str) -> subprocess.Popen:
