@@ -28,12 +28,24 @@ def router_socket(ctx: zmq.Context, address: str, max_message_bytes: int) -> zmq
     sock.setsockopt(zmq.MAXMSGSIZE, 2 * max_message_bytes + 1024)
     sock.setsockopt(zmq.SNDHWM, 10000)
     sock.setsockopt(zmq.RCVHWM, 10000)
+    return _bind(sock, address, "listen")
+
+
+def pub_socket(ctx: zmq.Context, address: str) -> zmq.Socket:
+    """The discovery change feed's PUB socket, bound to `address`."""
+    sock = ctx.socket(zmq.PUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 10000)
+    return _bind(sock, address, "publish")
+
+
+def _bind(sock: zmq.Socket, address: str, what: str) -> zmq.Socket:
     try:
         sock.bind(address)
     except zmq.ZMQError as exc:
         sock.close()
         raise OSError(
-            f"cannot listen on {address}: {exc} (is another server on that port? "
+            f"cannot {what} on {address}: {exc} (is another server on that port? "
             "choose another port or stop the other server)"
         ) from None
     return sock

@@ -57,7 +57,7 @@ from labmesh.discovery.registry import (
 )
 from labmesh.protocol import native
 from labmesh.protocol.errors import LabmeshError, ProtocolError
-from labmesh.transport import bound_address, router_socket
+from labmesh.transport import bound_address, pub_socket, router_socket
 
 log = logging.getLogger("labmesh.discovery")
 
@@ -85,22 +85,6 @@ _HEARTBEATS_KNOWN = metrics.DISCOVERY_HEARTBEATS.labels("known")
 _HEARTBEATS_UNKNOWN = metrics.DISCOVERY_HEARTBEATS.labels("unknown")
 _LOOKUPS_FOUND = metrics.DISCOVERY_LOOKUPS.labels("found")
 _LOOKUPS_UNKNOWN = metrics.DISCOVERY_LOOKUPS.labels("unknown")
-
-
-def pub_socket(ctx: zmq.Context, address: str) -> zmq.Socket:
-    """The discovery change feed's PUB socket, bound to `address`."""
-    sock = ctx.socket(zmq.PUB)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, 10000)
-    try:
-        sock.bind(address)
-    except zmq.ZMQError as exc:
-        sock.close()
-        raise OSError(
-            f"cannot publish on {address}: {exc} (is another discovery service running? "
-            "choose another port or stop it)"
-        ) from None
-    return sock
 
 
 class DiscoveryService:
