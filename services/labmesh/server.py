@@ -631,6 +631,9 @@ class DeviceServer:
             k: v for k, v in request.fields.items() if k not in native.CONNECT_PROTOCOL_KEYS
         }
         lease = request.get("lease")
+        if lease is not None:
+            # no lease outlives the idle limit: a client cannot hold a lock "forever"
+            lease = min(float(lease), self.locks.idle_limit_s)
         known = self._session_of(parts, request)
         if known is not None and self.locks.grant(known) is None:
             known = None  # a stale token (lease ran out, server restarted): start afresh

@@ -275,3 +275,13 @@ def test_inspection_operations_touch_nothing_and_bad_arguments_fail_on_their_own
             b.write_line("Dev9/nowhere", True)
     with build_client(daq_server.address) as c:  # nobody holds anything: the call itself runs
         assert c.write_line("Dev9/nowhere", True) is True
+
+
+def test_a_huge_lease_is_capped_at_the_idle_limit():
+    srv = serve(MemoryDaq(), idle_limit_s=30)
+    try:
+        with build_client(srv.address, resources="Dev1/port0", lease_s=1e12) as c:
+            assert c.connection_info["lease"] == 30.0
+            assert c.locks()["holders"][0]["remaining_s"] <= 30.0
+    finally:
+        srv.stop()
