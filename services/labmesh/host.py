@@ -110,6 +110,7 @@ class HostServer:
     def _supervise(self, state: DeviceState) -> None:
         spec = state.spec
         delay = BACKOFF_FIRST_S
+        metrics.SERVERS.set_down(spec.name, True)  # up=0 until it serves
         while not self._stop.is_set():
             state.attempts += 1
             try:
@@ -137,6 +138,7 @@ class HostServer:
                 delay = min(delay * 2, BACKOFF_MAX_S)
                 continue
             state.server, state.state, state.error = server, "serving", None
+            metrics.SERVERS.set_down(spec.name, False)
             log.info("%s: serving %s on %s", spec.name, spec.driver, server.address)
             self._register(server)
             self._ready[spec.name].set()

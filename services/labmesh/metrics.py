@@ -36,6 +36,9 @@ GCCollector(registry=REGISTRY)
 EXPOSITION_CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 # ---- discovery service --------------------------------------------------------------------
+# Declared here, registered only by `enable_discovery_metrics()` when a discovery service runs
+# in the process: an instrument host must not export discovery series (an alert on
+# "no registered devices" would fire on every host).
 #: Request types the discovery API counts; anything else is counted as `invalid`.
 DISCOVERY_REQUEST_TYPES = (
     "register",
@@ -51,30 +54,30 @@ DISCOVERY_REQUEST_TYPES = (
 DISCOVERY_REGISTERED_DEVICES = Gauge(
     "labmesh_discovery_registered_devices",
     "Devices with a live registration in this discovery service.",
-    registry=REGISTRY,
+    registry=None,
 )
 DISCOVERY_HEARTBEATS = Counter(
     "labmesh_discovery_heartbeats_total",
     "Device heartbeats received, by whether the device was known (unknown: it must register).",
     ["result"],
-    registry=REGISTRY,
+    registry=None,
 )
 DISCOVERY_EXPIRIES = Counter(
     "labmesh_discovery_expiries_total",
     "Registrations removed because their server stopped heartbeating.",
-    registry=REGISTRY,
+    registry=None,
 )
 DISCOVERY_LOOKUPS = Counter(
     "labmesh_discovery_lookups_total",
     "Device lookups by name, by result (found or unknown).",
     ["result"],
-    registry=REGISTRY,
+    registry=None,
 )
 DISCOVERY_REQUESTS = Counter(
     "labmesh_discovery_requests_total",
     "Discovery API requests, by request type and reply status (ok or error).",
     ["type", "status"],
-    registry=REGISTRY,
+    registry=None,
 )
 
 # every label value exists from the start, so rates and dashboards see zeros, not gaps
@@ -146,10 +149,19 @@ class DeviceMetrics:
     operations); anything else is counted as UNDECLARED, so a client cannot grow the series.
     """
 
-    def __init__(self, device: str, names: frozenset[str]) -> None:
+    def __init__(
+        self, device: str, names: frozenset[str], budgeted: frozenset[str] = frozenset()
+    ) -> None:
         self.device = device
         self.names = names
         self._durations: dict[tuple[str, str, str], Any] = {}
+        # series that alerts rate() exist from the start, so their first event counts
+        LEASE_EXPIRIES.labels(device)
+        for outcome in ("granted", "timeout"):
+            LOCK_WAIT.labels(device, outcome)
+        for operation in budgeted:
+            for still_running in ("true", "false"):
+                BUDGET_EXPIRIES.labels(device, operation, still_running)
 
     def operation_label(self, name: str | None) -> str:
         if not name:
@@ -183,12 +195,20 @@ class _ServerCollector:
 
     def __init__(self) -> None:
         self._servers: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._down: set[str] = set()
 
     def add(self, server: Any) -> None:
         self._servers.add(server)
 
     def remove(self, server: Any) -> None:
         self._servers.discard(server)
+
+    def set_down(self, device: str, down: bool) -> None:
+        """Report a configured device that is not served (yet) as up=0 (labmesh serve)."""
+        if down:
+            self._down.add(device)
+        else:
+            self._down.discard(device)
 
     def describe(self) -> list:
         return []
@@ -221,8 +241,10 @@ class _ServerCollector:
             "disappears when the lock is released or expires.",
             labels=["device", "resource", "holder", "holder_name"],
         )
+        served = set()
         for server in list(self._servers):
             snapshot = server.metrics_snapshot()
+            served.add(snapshot["device"])
             name = snapshot["device"]
             up.add_metric([name], 1.0 if snapshot["up"] else 0.0)
             busy.add_metric([name], 1.0 if snapshot["busy"] else 0.0)
@@ -233,11 +255,32 @@ class _ServerCollector:
                 held.add_metric(
                     [name, row["resource"], row["holder"], row["holder_name"]], row["since"]
                 )
+        for name in sorted(self._down - served):
+            up.add_metric([name], 0.0)
         yield from (up, busy, queue, in_flight, waiters, held)
 
 
 SERVERS = _ServerCollector()
 REGISTRY.register(SERVERS)
+
+
+_discovery_enabled = False
+
+
+def enable_discovery_metrics() -> None:
+    """Add the discovery metrics to REGISTRY (once per process)."""
+    global _discovery_enabled
+    if _discovery_enabled:
+        return
+    for metric in (
+        DISCOVERY_REGISTERED_DEVICES,
+        DISCOVERY_HEARTBEATS,
+        DISCOVERY_EXPIRIES,
+        DISCOVERY_LOOKUPS,
+        DISCOVERY_REQUESTS,
+    ):
+        REGISTRY.register(metric)
+    _discovery_enabled = True
 
 
 def exposition() -> bytes:

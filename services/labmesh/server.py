@@ -320,7 +320,9 @@ class DeviceServer:
         self._help_text = _help_text(description)
         self.description = description
         declared = {p["name"] for p in description["doc"]["parameters"]["default"]}
-        self.metrics = metrics.DeviceMetrics(self.name, frozenset(declared | self._methods))
+        self.metrics = metrics.DeviceMetrics(
+            self.name, frozenset(declared | self._methods), frozenset(self._budgets)
+        )
 
     def _connect_device(self, me: threading.Thread) -> None:
         job = Job(_enter_device, (self.device,), label="connect")

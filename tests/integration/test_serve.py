@@ -91,6 +91,8 @@ def test_serve_two_devices_one_failing_locks_and_sigterm(tmp_path):
         scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read()
         text = scraped.decode()
         assert 'labmesh_device_up{device="daq"} 1.0' in text
+        assert 'labmesh_device_up{device="broken"} 0.0' in text  # configured, not served
+        assert "labmesh_discovery_" not in text  # an instrument host is no discovery service
         assert (
             'labmesh_request_duration_seconds_count{device="meter",operation="WAVELENGTH"'
             ',status="ok",type="query"} 1.0' in text

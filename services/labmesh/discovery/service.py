@@ -113,6 +113,7 @@ class DiscoveryService:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        metrics.enable_discovery_metrics()
         self._registry = Registry(ttl_s)  # touched only under self._lock
         self.ttl_s = self._registry.ttl_s
         self.instance = secrets.token_hex(6)
