@@ -2,7 +2,7 @@
 
 host: lab-pc-3                    # optional; default: this machine's host name
 bind: "*"                         # interface the device servers listen on
-discovery: tcp://lab-core:5550    # optional: endpoint(s), comma list or YAML list, or auto
+discovery: tcp://lab-core:5550    # optional: endpoint(s) or auto; default $LABMESH_DISCOVERY
 metrics_port: 9105                # Prometheus /metrics of this process (default; null: off)
 lock_idle_limit_s: 600            # optional: reclaim locks of silent PLESTY clients
 devices:

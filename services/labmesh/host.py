@@ -67,7 +67,9 @@ class HostServer:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._ready = {name: threading.Event() for name in self.devices}
-        self.registrar = Registrar(config.discovery) if config.discovery else None
+        # the host file's discovery endpoints, else LABMESH_DISCOVERY (what containers set)
+        registrar = Registrar(config.discovery or None)
+        self.registrar = registrar if (registrar.auto or registrar.endpoints) else None
         self.metrics_url: str | None = None
         self._metrics_http: Any = None
 

@@ -243,3 +243,26 @@ def test_a_registered_host_that_is_killed_expires_after_the_ttl(discovery):
     finally:
         proc.kill()
         proc.wait(5)
+
+
+def test_serve_uses_labmesh_discovery_when_the_host_file_names_none(discovery, tmp_path):
+    port = free_port()
+    config = tmp_path / "host.yaml"
+    config.write_text(
+        f"bind: 127.0.0.1\nmetrics_port: null\ndevices:\n"
+        f"  - {{name: envdaq, driver: nidaq, port: {port}, sim: true}}\n"
+    )
+    env = {**os.environ, "LABMESH_DISCOVERY": discovery.address}
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "labmesh.cli", "serve", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        assert wait_until(
+            lambda: [d["name"] for d in discovery.devices()] == ["envdaq"], timeout=15
+        )
+    finally:
+        serve.terminate()
+        serve.wait(10)
