@@ -156,6 +156,10 @@ class HostServer:
         if self.registrar is None:
             return
         toward = self.registrar.route_target()
+        while toward is None and self.registrar.auto and not self._stop.is_set():
+            # with `auto`, register only once the beacon has named discovery: the address
+            # advertised is the one on the route toward it
+            toward = self.registrar.wait_route_target(1.0)
         advertise = self.config.advertise
         self.registrar.add(
             DeviceRecord(

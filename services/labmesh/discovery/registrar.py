@@ -101,6 +101,14 @@ class Registrar:
         """An endpoint to compute the advertised address toward (None until one is known)."""
         return next(iter(self._workers), None)
 
+    def wait_route_target(self, timeout: float) -> str | None:
+        """Like route_target, but with `auto` waits up to `timeout` s for the beacon."""
+        with self._cond:
+            self._cond.wait_for(
+                lambda: self._workers or self._stopping or not self.auto, max(0.0, timeout)
+            )
+        return self.route_target()
+
     # ---- what to register -----------------------------------------------------------------
     def add(self, record: DeviceRecord) -> None:
         """Register `record` (replacing any record of that name); InvalidRecordError at once
@@ -184,6 +192,7 @@ class Registrar:
                 new = [e for e in found if e not in self._workers]
                 for endpoint in new:
                     self._workers[endpoint] = _EndpointWorker(self, endpoint)
+                self._cond.notify_all()
             for endpoint in new:
                 log.info("found discovery at %s by its beacon", endpoint)
                 self._workers[endpoint].start()
