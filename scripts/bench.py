@@ -33,6 +33,28 @@ Two throughput tables:
   also gives the server's and the generators' CPU per request and how many cores the server
   kept busy, which tell whether the server or the generators were the limit.
 
+Discovery (skipped with --no-discovery): `labmesh discovery`, the real command, in its own process
+(127.0.0.1, no beacon):
+- lookup round trip: one client process making sequential `lookup` requests for one name among
+  1,000 registered records, both with the floor's bare DEALER and with labmesh's
+  `Resolver.lookup`, as a ratio to the floor's query round trip of the same run (target: the
+  Resolver's p50 <= 2x);
+- registry capacity: 5,000 device records kept alive at 1 Hz (TTL 3 s: the registrar
+  heartbeats every TTL/3) by 4 load-generator processes, each simulated server with its own
+  connection: 5,000 single-device servers sending one heartbeat request each, and 500
+  `labmesh serve` hosts of 10 devices sending one batched heartbeat each (as the registrar
+  does). Over a fixed 20 s window: heartbeats/s achieved, the discovery process's CPU from
+  /proc (target: < 50% of one core) and whether any registration expired (none may).
+  `--quick`: 500 records, 5 s.
+
+LAPLACE-LHC (skipped with --no-laplace): GET round trip against the real laplace-server
+ServerLHC (interop virtualenv) in the same run: the ServerLHC, labmesh's LaplaceServer serving the
+same data, a simulated MotorStage behind a LaplaceAdapter and a floor (a bare pyzmq REP socket
+with a fixed reply), each in its own process, timed by one REQ client sending the LAPLACE
+master's bytes: back to back (servers interleaved), then sparse, polling every server every
+300 ms on average as the master does (targets: LaplaceServer p50 <= ServerLHC's p50; sparse GET
+p99 < 1 ms). `--quick`: 300 GETs, 10 polls; default 5,000 GETs, 300 polls (90 s).
+
 Every server runs alone in its own process; every client runs in its own process (a pool of
 worker processes started once and reused, so the layout is identical for every server). A
 latency run is one client making sequential calls; a throughput run is 1, 4 or 16 clients
@@ -51,9 +73,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import heapq
 import json
+import math
 import os
 import platform
+import re
 import secrets
 import selectors
 import shutil
@@ -432,8 +457,7 @@ def worker_main(max_seconds: float) -> None:
                     client = _LoadGenerator(cmd["address"], cmd["timeout_ms"], cmd["window"],
                                             cmd["check"], cmd["session"])
                 else:
-                    kind = _RawClient if cmd["client"] == "raw" else _LabmeshClient
-                    client = kind(cmd["address"], cmd["timeout_ms"])
+                    client = _CLIENTS[cmd["client"]](cmd["address"], cmd["timeout_ms"])
                 for _ in range(cmd["warmup"]):
                     client.query()
                 reply({"ready": True})
@@ -872,7 +896,8 @@ def evaluate_targets(results: list[ServerResult], floor: ServerResult,
 def targets_table(targets: list[dict[str, Any]]) -> str:
     lines = ["| server | measured by | target | measured | met |", "|---|---|---|---|---|"]
     for t in targets:
-        measured = f"{t['ratio']:.2f}x" if t["ratio"] is not None else "n/a"
+        measured = t.get("measured") or (f"{t['ratio']:.2f}x" if t["ratio"] is not None
+                                         else "n/a")
         lines.append(f"| {t['server']} | {t['measured_by']} | {t['target']} | {measured} | "
                      f"{'yes' if t['met'] else 'NO'} |")
     return "\n".join(lines)
@@ -918,6 +943,738 @@ def server_specs(args: argparse.Namespace, max_s: str,
     return specs, f"PLESTY {version} from {interop}"
 
 
+# ---- discovery: lookup round trip and registry capacity ------------------------------------------
+#: Targets of the discovery service (issue 5): a lookup costs at most 2x the floor's round trip;
+#: 5,000 servers heartbeating at 1 Hz keep it below half a core.
+TARGET_LOOKUP_P50_VS_FLOOR = 2.0
+TARGET_DISCOVERY_CPU_CORES = 0.5
+#: The capacity run's registration TTL: labmesh's registrar heartbeats every TTL/3, so 1 Hz.
+CAPACITY_TTL_S = 3.0
+HEARTBEAT_PERIOD_S = CAPACITY_TTL_S / 3
+#: The lookup run's TTL: long enough that its records need no heartbeats during the run.
+LOOKUP_TTL_S = 600.0
+LOAD_GENERATORS = 4
+#: Records registered per second while the capacity run sets up (servers starting up).
+REGISTER_RATE = 1000
+#: The name every lookup asks for (registered among `lookup_records` others).
+LOOKUP_NAME = "bench-dev-00042"
+
+
+@dataclass(frozen=True)
+class DiscoveryCounts:
+    """Sizes of the discovery runs."""
+
+    lookup_records: int  # records registered while lookups run
+    servers: int  # registry capacity: device records renewed at 1 Hz
+    devices_per_host: int  # the batched scenario: devices per `labmesh serve` host
+    window_s: float  # the measured window of each capacity run
+
+
+DEFAULT_DISCOVERY_COUNTS = DiscoveryCounts(1000, 5000, 10, 20.0)
+QUICK_DISCOVERY_COUNTS = DiscoveryCounts(100, 500, 10, 5.0)
+
+
+def bench_record(index: int, host: str, instance: str) -> dict[str, Any]:
+    """A device record shaped like those `labmesh serve` registers (an NI card's tree)."""
+    return {
+        "name": f"bench-dev-{index:05d}",
+        "kind": "daq",
+        "address": f"tcp://127.0.0.1:{20000 + index % 40000}",
+        "metrics_url": f"http://127.0.0.1:{9100 + index % 100}/metrics",
+        "host": host,
+        "labels": {"room": "bench"},
+        "resources": {"Dev1": {"port0": [f"line{i}" for i in range(8)]}},
+        "protocols": ["labmesh/1"],
+        "version": "bench",
+        "started": time.time(),
+        "instance": instance,
+    }
+
+
+class _LookupClient(_RawClient):
+    """The floor's bare DEALER, asking discovery for one record: `lookup` requests, each reply
+    decoded and checked (its id, status ok, the name asked for)."""
+
+    def query(self) -> None:
+        self._counter += 1
+        rid = f"{self._prefix}:{self._counter}"
+        body = {"type": "lookup", "name": LOOKUP_NAME, "id": rid}
+        self._sock.send(json.dumps(body, separators=(",", ":")).encode())
+        if not self._sock.poll(self._timeout_ms):
+            raise TimeoutError(f"no lookup reply within {self._timeout_ms} ms")
+        reply = json.loads(self._sock.recv())
+        if reply.get("id") != rid or reply.get("status") != "ok":
+            raise RuntimeError(f"wrong lookup reply: {str(reply)[:200]}")
+        if reply["result"]["name"] != LOOKUP_NAME:
+            raise RuntimeError(f"lookup answered another record: {reply['result']['name']}")
+
+
+class _ResolverClient:
+    """labmesh's Resolver asking discovery for one record (`lookup`: never from its cache)."""
+
+    def __init__(self, address: str, timeout_ms: int) -> None:
+        from labmesh.discovery import Resolver
+
+        self._resolver = Resolver([address], timeout_s=timeout_ms / 1000)
+
+    def query(self) -> None:
+        record = self._resolver.lookup(LOOKUP_NAME)
+        if record["name"] != LOOKUP_NAME:
+            raise RuntimeError(f"lookup answered another record: {record['name']}")
+
+    def close(self) -> None:
+        self._resolver.close()
+
+
+_HEARTBEAT_OK = b'{"status":"ok"'
+_NONE_UNKNOWN = b'"unknown":[]'
+
+
+class _HeartbeatLoad:
+    """Simulated device servers keeping their registrations alive, as labmesh's registrar does.
+
+    Each unit is one server process with its own DEALER connection and identity: a single-device
+    server (`per_unit` 1: one heartbeat request per record, so 5,000 servers send 5,000 requests
+    a second) or a `labmesh serve` host with `per_unit` devices (one batched heartbeat
+    `{records: [...]}` per period, as the registrar sends it). Unit i connects and registers at
+    start + i * ramp / units (servers starting one after another), then heartbeats every period
+    from then on; with the ramp a whole number of periods the heartbeats are spread evenly.
+    Like the registrar (TTL 3 s: heartbeat interval and request timeout both 1 s), a unit waits
+    for each reply; one still unanswered at the unit's next turn has timed out: the unit closes
+    its connection, opens a new one and sends again (counted as a timeout).
+    """
+
+    def __init__(self, cmd: dict[str, Any]) -> None:
+        import zmq
+
+        self._zmq = zmq
+        self.address = cmd["address"]
+        self.units = int(cmd["units"])
+        self.per_unit = int(cmd["per_unit"])
+        self.period_s = float(cmd["period_s"])
+        self.ramp_s = float(cmd["ramp_s"])
+        first = int(cmd["first"])
+        self._ctx = zmq.Context()
+        # after timeouts closed sockets linger a while: room for a few periods of reconnects
+        self._ctx.set(zmq.MAX_SOCKETS, min(60000, 8 * self.units + 256))
+        self._socks: list[Any] = [None] * self.units
+        self._unit_of: dict[Any, int] = {}
+        self._pending = [0] * self.units  # replies still due, per unit
+        self._registering = [True] * self.units
+        self._confirmed: list[set[str]] = [set() for _ in range(self.units)]
+        self._sent_at = [0.0] * self.units
+        self._rids = [b""] * self.units
+        self._registers: list[list[bytes]] = []
+        self._beats: list[tuple[bytes, bytes]] = []  # (head, tail) around the request id
+        for unit in range(self.units):
+            instance = secrets.token_hex(6)
+            host = f"bench-host-{first + unit:05d}"
+            indices = range((first + unit) * self.per_unit, (first + unit + 1) * self.per_unit)
+            records = [bench_record(i, host, instance) for i in indices]
+            self._registers.append(
+                [
+                    json.dumps({"type": "register", "record": r, "id": f"r{i}"}).encode()
+                    for i, r in zip(indices, records, strict=True)
+                ]
+            )
+            pairs = [{"name": r["name"], "instance": instance} for r in records]
+            fields = {"records": pairs} if self.per_unit > 1 else pairs[0]
+            head = json.dumps({"type": "heartbeat", **fields}, separators=(",", ":"))[:-1]
+            self._beats.append(((head + ',"id":"').encode(), b'"}'))
+        self.counters = {
+            "requests": 0,
+            "heartbeat_requests": 0,
+            "replies": 0,
+            "registered": 0,
+            "renewed": 0,
+            "unknown": 0,
+            "errors": 0,
+            "timeouts": 0,
+        }
+        self.first_error: str | None = None
+        self._samples_us: list[int] = []
+        self._counter = 0
+
+    def _connect(self, unit: int) -> Any:
+        """A new connection for `unit` (its first, or after a timeout), as the registrar makes."""
+        zmq = self._zmq
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IDENTITY, f"registrar-{secrets.token_hex(6)}".encode())
+        sock.connect(self.address)
+        self._socks[unit] = sock
+        self._unit_of[sock] = unit
+        return sock
+
+    def _turn(self, unit: int, now: float, poller: Any) -> None:
+        """Unit `unit`'s turn: register (until registered) or heartbeat."""
+        c = self.counters
+        sock = self._socks[unit]
+        if self._pending[unit]:  # unanswered for a whole period: the registrar's timeout
+            c["timeouts"] += 1
+            poller.unregister(sock)
+            del self._unit_of[sock]
+            sock.close(linger=0)
+            self._pending[unit] = 0
+            sock = None
+        if sock is None:
+            try:
+                sock = self._connect(unit)
+            except self._zmq.ZMQError as exc:  # out of sockets or descriptors: next turn
+                self._error(f"cannot open a connection: {exc}".encode())
+                return
+        if self._registering[unit]:
+            for body in self._registers[unit]:
+                sock.send(body, self._zmq.NOBLOCK)
+            self._pending[unit] = len(self._registers[unit])
+            c["requests"] += self._pending[unit]
+        else:
+            self._counter += 1
+            rid = b"%d" % self._counter
+            head, tail = self._beats[unit]
+            sock.send(head + rid + tail, self._zmq.NOBLOCK)
+            self._rids[unit] = rid
+            self._sent_at[unit] = now
+            self._pending[unit] = 1
+            c["requests"] += 1
+            c["heartbeat_requests"] += 1
+        poller.register(sock, self._zmq.POLLIN)
+
+    def _error(self, reply: bytes) -> None:
+        self.counters["errors"] += 1
+        if self.first_error is None:
+            self.first_error = reply[:300].decode(errors="replace")
+
+    def _reply(self, unit: int, reply: bytes, now: float, poller: Any) -> None:
+        c = self.counters
+        c["replies"] += 1
+        if self._registering[unit]:
+            if reply.startswith(_HEARTBEAT_OK):
+                confirmed = self._confirmed[unit]
+                before = len(confirmed)
+                confirmed.add(json.loads(reply)["id"])  # a register sent again counts once
+                c["registered"] += len(confirmed) - before
+            else:
+                self._error(reply)
+            self._pending[unit] -= 1
+        else:
+            ok = reply.startswith(_HEARTBEAT_OK) and b'"id":"' + self._rids[unit] + b'"' in reply
+            if ok and _NONE_UNKNOWN in reply:
+                c["renewed"] += self.per_unit
+                self._samples_us.append(int((now - self._sent_at[unit]) * 1e6))
+            elif ok:
+                unknown = len(json.loads(reply)["result"]["unknown"])
+                c["unknown"] += unknown
+                c["renewed"] += self.per_unit - unknown
+            else:
+                self._error(reply)
+            self._pending[unit] = 0
+        if not self._pending[unit]:
+            self._registering[unit] = False
+            poller.unregister(self._socks[unit])
+
+    def snapshot(self) -> dict[str, Any]:
+        """The counters so far, the heartbeat round trips since the last snapshot, CPU time."""
+        samples, self._samples_us = self._samples_us, []
+        return {
+            "t": time.monotonic(),
+            "cpu_s": time.process_time(),
+            **self.counters,
+            "first_error": self.first_error,
+            "samples_us": samples,
+        }
+
+    def run(self, stdin_fd: int, reply: Any) -> None:
+        """Turns on schedule until stdin says `stop` or closes; `mark` replies a snapshot."""
+        zmq = self._zmq
+        poller = zmq.Poller()
+        poller.register(stdin_fd, zmq.POLLIN)
+        start = time.monotonic()
+        # (when, unit), sorted: a valid heap; units start one after another over the ramp
+        turns = [(start + unit * self.ramp_s / self.units, unit) for unit in range(self.units)]
+        buffered = b""
+        monotonic = time.monotonic
+        while True:
+            now = monotonic()
+            while turns[0][0] <= now:
+                when, unit = turns[0]
+                self._turn(unit, now, poller)
+                heapq.heapreplace(turns, (when + self.period_s, unit))
+            wait_ms = max(1, int((turns[0][0] - monotonic()) * 1000) + 1)
+            for sock, _ in poller.poll(wait_ms):
+                if sock == stdin_fd:
+                    chunk = os.read(stdin_fd, 4096)
+                    if not chunk:
+                        return
+                    buffered += chunk
+                    while b"\n" in buffered:
+                        line, buffered = buffered.split(b"\n", 1)
+                        cmd = json.loads(line)["cmd"]
+                        reply(self.snapshot())
+                        if cmd == "stop":
+                            return
+                    continue
+                unit = self._unit_of[sock]
+                now = monotonic()
+                while self._pending[unit]:
+                    try:
+                        self._reply(unit, sock.recv(zmq.NOBLOCK), now, poller)
+                    except zmq.Again:
+                        break
+
+    def close(self) -> None:
+        for sock in self._socks:
+            if sock is not None:
+                sock.close(linger=0)
+        self._ctx.term()
+
+
+def heartbeat_load_main(max_seconds: float) -> None:
+    """A load-generator process: one `start` command (JSON line on stdin), then turns until
+    `stop` (or stdin closing); `mark` and `stop` reply a snapshot of the counters."""
+    killer = threading.Timer(max_seconds, os._exit, (3,))
+    killer.daemon = True
+    killer.start()
+
+    def reply(obj: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    line = sys.stdin.readline()
+    if not line:
+        return
+    try:
+        load = _HeartbeatLoad(json.loads(line))
+    except Exception as exc:
+        reply({"error": f"{type(exc).__name__}: {exc}"})
+        return
+    reply({"started": True})
+    try:
+        load.run(sys.stdin.fileno(), reply)
+    finally:
+        load.close()
+
+
+def _raise_fd_limit(needed: int) -> None:
+    """Let this process and its children open `needed` descriptors (sockets), if allowed."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        new = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+
+
+def _scrape(http_url: str) -> dict[str, float]:
+    """The discovery service's own /metrics, as {sample name with labels: value}."""
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 only
+    with opener.open(f"{http_url}/metrics", timeout=5.0) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+_EXPIRIES = "labmesh_discovery_expiries_total"
+_UNKNOWN_BEATS = 'labmesh_discovery_heartbeats_total{result="unknown"}'
+_REGISTERED = "labmesh_discovery_registered_devices"
+
+
+class DiscoveryBench:
+    """Runs `labmesh discovery` (the real command, in its own process, 127.0.0.1, no beacon)
+    through a lookup latency run and two registry capacity runs."""
+
+    def __init__(self, bench: Bench, counts: Counts, dcounts: DiscoveryCounts) -> None:
+        self.bench = bench
+        self.counts = counts
+        self.dcounts = dcounts
+
+    def _start_service(self, name: str, ttl_s: float) -> tuple[Proc, str, str]:
+        argv = [
+            sys.executable, "-m", "labmesh.cli", "discovery",
+            "--address", "tcp://127.0.0.1:0", "--pub", "tcp://127.0.0.1:0",
+            "--http-host", "127.0.0.1", "--http-port", "0",
+            "--ttl", str(ttl_s), "--no-beacon",
+        ]  # fmt: skip
+        proc = Proc(argv, name, self.bench.log_dir, env=self.bench.env)
+        try:
+            line = proc.readline(30.0)
+            found = re.search(r"API (\S+), changes \S+, HTTP (\S+);", line)
+            if not found:
+                raise RuntimeError(f"labmesh discovery did not announce itself: {line!r}")
+        except BaseException:
+            self._stop_service(proc)
+            raise
+        return proc, found.group(1), found.group(2)
+
+    @staticmethod
+    def _stop_service(proc: Proc) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)  # how `labmesh discovery` is stopped
+        proc.stop()
+
+    def run(self) -> dict[str, Any]:
+        _raise_fd_limit(self.dcounts.servers * 3 + 1024)
+        out: dict[str, Any] = {"lookup": self.lookup()}
+        out["capacity"] = [
+            self.capacity(per_unit=1),
+            self.capacity(per_unit=self.dcounts.devices_per_host),
+        ]
+        return out
+
+    # ---- lookup round trip -------------------------------------------------------------------
+    def lookup(self) -> dict[str, Any]:
+        specs = [
+            ServerSpec("lookup_raw", "raw DEALER (the floor's client), lookup", [], "lookup"),
+            ServerSpec("lookup_resolver", "labmesh Resolver.lookup", [], "resolver"),
+        ]
+        print("discovery: lookup round trip ...", file=sys.stderr, flush=True)
+        runs: dict[str, list[dict[str, Any]]] = {spec.key: [] for spec in specs}
+        try:
+            service, api, _ = self._start_service("discovery-lookup", LOOKUP_TTL_S)
+        except (RuntimeError, TimeoutError, OSError) as exc:
+            return {"error": str(exc)}
+        try:
+            _register_records(api, self.dcounts.lookup_records)
+            for round_no in range(self.counts.rounds):
+                shift = round_no % len(specs)
+                for spec in specs[shift:] + specs[:shift]:
+                    runs[spec.key].append(
+                        self.bench._run(
+                            service,
+                            spec,
+                            api,
+                            1,
+                            self.counts.latency_calls,
+                            self.counts.latency_warmup,
+                            record=True,
+                        )
+                    )
+        except (RuntimeError, TimeoutError, OSError) as exc:
+            self.bench.restart_workers()
+            return {"error": f"{exc} [discovery stderr: {service.stderr_tail(300)}]"}
+        finally:
+            self._stop_service(service)
+        result: dict[str, Any] = {"records": self.dcounts.lookup_records, "clients": {}}
+        for spec in specs:
+            lats = [run["latency"] for run in runs[spec.key]]
+            result["clients"][spec.key] = {
+                "label": spec.label,
+                "n": sum(lat["n"] for lat in lats),
+                "p50_us": round(statistics.median(lat["p50_us"] for lat in lats), 1),
+                "p99_us": round(statistics.median(lat["p99_us"] for lat in lats), 1),
+                "p50_us_per_round": [lat["p50_us"] for lat in lats],
+                "server_cpu_us_per_call": round(
+                    statistics.median(run["server_cpu_us_per_call"] for run in runs[spec.key]), 1
+                ),
+            }
+        return result
+
+    # ---- registry capacity ---------------------------------------------------------------------
+    def capacity(self, per_unit: int) -> dict[str, Any]:
+        d = self.dcounts
+        units = d.servers // per_unit
+        scenario = (
+            f"{units} servers, one heartbeat request each"
+            if per_unit == 1
+            else f"{units} hosts x {per_unit} devices, one batched heartbeat per host"
+        )
+        result: dict[str, Any] = {
+            "scenario": scenario,
+            "records": units * per_unit,
+            "units": units,
+            "devices_per_unit": per_unit,
+            "generators": LOAD_GENERATORS,
+            "period_s": HEARTBEAT_PERIOD_S,
+            "ttl_s": CAPACITY_TTL_S,
+        }
+        print(f"discovery: registry capacity, {scenario} ...", file=sys.stderr, flush=True)
+        try:
+            service, api, http = self._start_service(
+                f"discovery-capacity-{per_unit}", CAPACITY_TTL_S
+            )
+        except (RuntimeError, TimeoutError, OSError) as exc:
+            return {**result, "error": str(exc)}
+        limit = str(d.window_s + 120)
+        generators: list[Proc] = []
+        try:
+            idle0, t_idle = service.cpu_seconds(), time.monotonic()
+            time.sleep(1.0)  # the service's own ticks (expiry, change feed hello, HTTP poll)
+            idle_cores = (service.cpu_seconds() - idle0) / (time.monotonic() - t_idle)
+            ramp_s = HEARTBEAT_PERIOD_S * max(1, math.ceil(result["records"] / REGISTER_RATE))
+            share = [
+                units // LOAD_GENERATORS + (i < units % LOAD_GENERATORS)
+                for i in range(LOAD_GENERATORS)
+            ]
+            first = 0
+            for i, n in enumerate(share):
+                gen = Proc(
+                    [sys.executable, __file__, "--heartbeat-load", "--max-seconds", limit],
+                    f"heartbeat-load-{per_unit}-{i}",
+                    self.bench.log_dir,
+                    env=self.bench.env,
+                )
+                generators.append(gen)
+                gen.send(
+                    {
+                        "cmd": "start",
+                        "address": api,
+                        "first": first,
+                        "units": n,
+                        "per_unit": per_unit,
+                        "period_s": HEARTBEAT_PERIOD_S,
+                        "ramp_s": ramp_s,
+                    }
+                )
+                first += n
+            for gen in generators:
+                started = gen.recv(30.0)
+                if "error" in started:
+                    raise RuntimeError(f"{gen.name}: {started['error']}")
+            # every unit registers during the ramp, then heartbeats once more before the window;
+            # a service that cannot keep up is measured anyway (the table shows what it lost)
+            t_setup = time.monotonic()
+            deadline = t_setup + ramp_s + 5 * HEARTBEAT_PERIOD_S + 10.0
+            registered = 0
+            while registered < result["records"] and time.monotonic() < deadline:
+                time.sleep(0.1)
+                registered = sum(m["registered"] for m in self._mark(generators))
+            result["setup_s"] = round(time.monotonic() - t_setup, 2)
+            result["registered_before_window"] = registered
+            time.sleep(HEARTBEAT_PERIOD_S * 1.5)
+            before = _scrape(http)
+            ours = {os.getpid(), service.pid, *(gen.pid for gen in generators)}
+            others0 = _cpu_of_others(ours)
+            cpu0, t0 = service.cpu_seconds(), time.monotonic()
+            marks0 = self._mark(generators)
+            time.sleep(d.window_s)
+            cpu1, t1 = service.cpu_seconds(), time.monotonic()
+            marks1 = self._mark(generators)
+            others1 = _cpu_of_others(ours)
+            after = _scrape(http)
+            if not service.alive():
+                raise RuntimeError("labmesh discovery exited during the run")
+        except (RuntimeError, TimeoutError, OSError) as exc:
+            return {**result, "error": f"{exc} [discovery stderr: {service.stderr_tail(300)}]"}
+        finally:
+            for gen in generators:
+                gen.stop()
+            self._stop_service(service)
+        seconds = t1 - t0
+
+        def delta(key: str) -> int:
+            return sum(b[key] - a[key] for a, b in zip(marks0, marks1, strict=True))
+
+        requests = delta("requests")
+        samples = sorted(s for m in marks1 for s in m["samples_us"])
+        result.update(
+            window_s=round(seconds, 2),
+            requests_per_s=round(requests / seconds, 1),
+            heartbeats_per_s=round(delta("renewed") / seconds, 1),
+            expected_heartbeats_per_s=round(result["records"] / HEARTBEAT_PERIOD_S, 1),
+            cpu_cores=round((cpu1 - cpu0) / seconds, 3),
+            idle_cpu_cores=round(idle_cores, 3),
+            cpu_us_per_request=round((cpu1 - cpu0) / requests * 1e6, 1) if requests else None,
+            heartbeat_p50_us=_percentile(samples, 0.50),
+            heartbeat_p99_us=_percentile(samples, 0.99),
+            expired_in_window=int(after[_EXPIRIES] - before[_EXPIRIES]),
+            expired_before_window=int(before[_EXPIRIES]),
+            unknown_in_window=int(after[_UNKNOWN_BEATS] - before[_UNKNOWN_BEATS]),
+            timeouts_in_window=delta("timeouts"),
+            timeouts_before_window=sum(m["timeouts"] for m in marks0),
+            errors=sum(m["errors"] for m in marks1),
+            first_error=next((m["first_error"] for m in marks1 if m["first_error"]), None),
+            registered_at_end=int(after[_REGISTERED]),
+            generator_cpu_cores=round(delta("cpu_s") / seconds, 3),
+            # what every other process on the machine used meanwhile (contention)
+            other_cpu_cores=round((others1 - others0) / seconds, 2),
+        )
+        return result
+
+    @staticmethod
+    def _mark(generators: list[Proc]) -> list[dict[str, Any]]:
+        for gen in generators:
+            gen.send({"cmd": "mark"})
+        return [gen.recv(10.0) for gen in generators]
+
+
+def _cpu_of_others(exclude: set[int]) -> float:
+    """CPU seconds of every process but `exclude`, with the reaped children of each (so a
+    process that ended since is still counted, in its parent), from /proc."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in exclude:
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # ended meanwhile
+        total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _percentile(ordered: list[int], q: float) -> float | None:
+    return float(ordered[min(len(ordered) - 1, int(q * len(ordered)))]) if ordered else None
+
+
+def _register_records(address: str, count: int) -> None:
+    """Register `count` records (LOOKUP_NAME among them) over one DEALER, pipelined."""
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    try:
+        instance = secrets.token_hex(6)
+        for i in range(max(count, 43)):
+            record = bench_record(i, f"bench-host-{i // 10:05d}", instance)
+            sock.send(json.dumps({"type": "register", "record": record, "id": i}).encode())
+        for _ in range(max(count, 43)):
+            if not sock.poll(10000):
+                raise TimeoutError("discovery did not answer a register within 10 s")
+            reply = json.loads(sock.recv())
+            if reply.get("status") != "ok":
+                raise RuntimeError(f"register refused: {str(reply)[:300]}")
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+def discovery_report(
+    disc: dict[str, Any], floor: ServerResult, counts: Counts, dcounts: DiscoveryCounts
+) -> str:
+    """The discovery section: the lookup table and the registry capacity table."""
+    lines = [
+        "discovery (`labmesh discovery` in its own process on 127.0.0.1, no beacon):",
+        "",
+        f"lookup round trip: 1 client process, {counts.latency_calls} sequential lookups of one "
+        f"name among {dcounts.lookup_records} registered records (each with a resource tree), "
+        f"median of {counts.rounds} rounds; (x) = ratio to the floor's query round trip above:",
+        "",
+    ]
+    lookup = disc["lookup"]
+    if "error" in lookup:
+        lines.append(f"lookup run failed: {_one_line(lookup['error'], 300)}")
+    else:
+        lines += [
+            "| client | lookup p50 us | lookup p99 us | discovery CPU us/lookup | p50 per round |",
+            "|---|---|---|---|---|",
+        ]
+        for run in lookup["clients"].values():
+            lines.append(
+                f"| {run['label']} | {run['p50_us']:.0f}{_ratio(run['p50_us'], _p50(floor))} | "
+                f"{run['p99_us']:.0f}{_ratio(run['p99_us'], _p99(floor))} | "
+                f"{run['server_cpu_us_per_call']:.0f} | "
+                + " / ".join(f"{p:.0f}" for p in run["p50_us_per_round"])
+                + " |"
+            )
+    lines += [
+        "",
+        f"registry capacity: {dcounts.servers} device records renewed every "
+        f"{HEARTBEAT_PERIOD_S:g} s (TTL {CAPACITY_TTL_S:g} s; labmesh's registrar heartbeats "
+        f"every TTL/3), {LOAD_GENERATORS} load-generator processes, each unit with its own "
+        f"connection, turns spread evenly over the period; measured over {dcounts.window_s:g} s "
+        "after every record registered and heartbeated once; CPU = the discovery process's "
+        "utime+stime from /proc over the window:",
+        "",
+        "| scenario | requests/s | heartbeats/s (records renewed) | discovery CPU (one core) "
+        "| CPU us/request | heartbeat p50 / p99 us | expired in window | unknown heartbeats "
+        "| timed out, sent again | registered at end | generators CPU (cores) "
+        "| other processes' CPU (cores) |",
+        "|" + "---|" * 12,
+    ]
+    for run in disc["capacity"]:
+        if "error" in run:
+            lines.append(
+                f"| {run['scenario']} | failed: {_one_line(run['error'], 300)} |" + " |" * 10
+            )
+            continue
+        lines.append(
+            f"| {run['scenario']} | {run['requests_per_s']:.0f} | {run['heartbeats_per_s']:.0f} "
+            f"of {run['expected_heartbeats_per_s']:.0f} | {run['cpu_cores'] * 100:.1f}% "
+            f"(idle {run['idle_cpu_cores'] * 100:.0f}%) | "
+            f"{_figure(run['cpu_us_per_request'])} | {_figure(run['heartbeat_p50_us'])} / "
+            f"{_figure(run['heartbeat_p99_us'])} | {run['expired_in_window']} | "
+            f"{run['unknown_in_window']} | {run['timeouts_in_window']} | "
+            f"{run['registered_at_end']} of {run['records']} | {run['generator_cpu_cores']:.2f} | "
+            f"{run['other_cpu_cores']:.2f} |"
+        )
+        if run["registered_before_window"] < run["records"]:
+            lines.append(
+                f"  ({run['scenario']}: only {run['registered_before_window']} of "
+                f"{run['records']} records registered in {run['setup_s']:.0f} s of setup, "
+                f"{run['expired_before_window']} expired, {run['timeouts_before_window']} "
+                "requests timed out)"
+            )
+        if run["other_cpu_cores"] > 0.25:
+            lines.append(
+                f"  ({run['scenario']}: other processes kept {run['other_cpu_cores']:.2f} of "
+                f"{os.cpu_count()} CPUs busy during the window, competing with the service and "
+                "the generators: noisy figures, and any timeouts or expiries may be the "
+                "machine's)"
+            )
+        if run["errors"]:
+            lines.append(f"  ({run['errors']} error replies; first: {run['first_error']})")
+    return "\n".join(lines)
+
+
+def _figure(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
+
+
+def discovery_targets(disc: dict[str, Any], floor: ServerResult) -> list[dict[str, Any]]:
+    """Lookup p50 <= 2x the floor (through labmesh's Resolver); CPU < 0.5 core with every
+    record alive, for both capacity scenarios."""
+    targets = []
+    run = disc["lookup"].get("clients", {}).get("lookup_resolver")
+    ratio = run["p50_us"] / _p50(floor) if run and _p50(floor) else None
+    targets.append(
+        {
+            "server": "labmesh discovery",
+            "measured_by": "lookup, 1 client (Resolver.lookup)",
+            "target": f"lookup p50 <= {TARGET_LOOKUP_P50_VS_FLOOR:g}x floor",
+            "ratio": _round(ratio),
+            "met": ratio is not None and ratio <= TARGET_LOOKUP_P50_VS_FLOOR,
+        }
+    )
+    for run in disc["capacity"]:
+        ok = "error" not in run
+        alive = (
+            ok
+            and run["registered_before_window"] == run["records"]
+            and run["expired_in_window"] == 0
+            and run["registered_at_end"] == run["records"]
+        )
+        targets.append(
+            {
+                "server": "labmesh discovery",
+                "measured_by": f"registry capacity: {run['scenario']}",
+                "target": f"CPU < {TARGET_DISCOVERY_CPU_CORES:.0%} of one core, none expired",
+                "ratio": run["cpu_cores"] if ok else None,
+                "measured": f"{run['cpu_cores']:.1%}, {run['expired_in_window']} expired"
+                if ok
+                else "failed",
+                "met": alive and run["cpu_cores"] < TARGET_DISCOVERY_CPU_CORES,
+            }
+        )
+    return targets
+
+
+#: The clients a worker can run, by the name a `prepare` command gives.
+_CLIENTS = {
+    "raw": _RawClient,
+    "labmesh": _LabmeshClient,
+    "lookup": _LookupClient,
+    "resolver": _ResolverClient,
+}
+
+
 def _load_average() -> float | None:
     try:
         return float(Path("/proc/loadavg").read_text().split()[0])
@@ -935,6 +1692,215 @@ def _git_state() -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "?"
     return f"{head or '?'}{' + uncommitted changes in services/' if dirty else ''}"
+
+
+# ---- LAPLACE-LHC: GET round trip against the real ServerLHC --------------------------------
+LAPLACE_PEER = REPO / "tests" / "interop" / "laplace_peer_server.py"
+LAPLACE_LABMESH = REPO / "tests" / "interop" / "laplace_labmesh_server.py"
+#: The LAPLACE master's polling period (it sends PING then GET to every server); the sparse run
+#: draws each interval from LAPLACE_POLL_S +- LAPLACE_POLL_JITTER_S, because at exactly 300 ms
+#: after its previous request ServerLHC is always inside its 100 ms poll, never in the 10 ms
+#: sleep between two polls, which a real master's timer, GUI and other clients do hit.
+LAPLACE_POLL_S = 0.3
+LAPLACE_POLL_JITTER_S = 0.1
+TARGET_LAPLACE_SPARSE_P99_US = 1000.0
+
+
+@dataclass(frozen=True)
+class LaplaceCounts:
+    """GETs per server back to back, and ticks of sparse polling (one every LAPLACE_POLL_S)."""
+
+    back_to_back: int
+    sparse_ticks: int
+
+
+DEFAULT_LAPLACE_COUNTS = LaplaceCounts(5000, 300)
+QUICK_LAPLACE_COUNTS = LaplaceCounts(300, 10)
+
+
+def _laplace_message(cmd: str, payload: dict[str, Any], msg: str) -> bytes:
+    """A request exactly as the LAPLACE master's laplace_server.protocol builders make it."""
+    return json.dumps({"from": "Master", "to": "peer", "cmd": cmd, "payload": payload,
+                       "version": "0.2.2", "error_msg": None, "msg": msg}).encode()
+
+
+def _laplace_exchange(sock: Any, body: bytes, cmd: str) -> None:
+    sock.send(body)
+    reply = json.loads(sock.recv())  # decoded, as the master's recv_json does
+    if reply.get("cmd") != cmd or reply.get("error_msg") is not None:
+        raise RuntimeError(f"unexpected reply to {cmd}: {str(reply)[:200]}")
+
+
+def laplace_bench(interop_python: str, env: dict[str, str], log_dir: Path,
+                  lcounts: LaplaceCounts) -> dict[str, Any]:
+    """GET round trips of laplace-server's ServerLHC and of labmesh, in the same run.
+
+    Each server in its own process on 127.0.0.1, serving {"positions": [0, 0], "unit": "mm"}:
+    the real ServerLHC (interop venv; tests/interop/laplace_peer_server.py), labmesh's
+    LaplaceServer, and a simulated MotorStage behind a DeviceServer with a LaplaceAdapter (its
+    GET reads the stage's four parameters and positions), and the floor: a bare pyzmq REP
+    socket answering with a fixed reply (what this machine's sockets and wake-ups cost alone).
+    The client is this process with one REQ socket per server, as the master has, sending the
+    master's request bytes and decoding every reply. Back to back: sequential GETs, the servers
+    interleaved one GET at a time. Sparse: every LAPLACE_POLL_S on average (seeded jitter) each
+    server gets a GET alone (even ticks) or the master's PING+GET (odd ticks, the pair timed),
+    so it has idled in between as under a real master.
+    """
+    import random
+    import socket
+
+    import zmq
+
+    specs = [("floor", "floor: bare pyzmq REP, fixed reply",
+              [sys.executable, str(LAPLACE_LABMESH), "0", "--floor"]),
+             ("labmesh", "labmesh LaplaceServer",
+              [sys.executable, str(LAPLACE_LABMESH), "0"]),
+             ("labmesh_stage", "labmesh MotorStage + LaplaceAdapter",
+              [sys.executable, str(LAPLACE_LABMESH), "0", "--stage"])]
+    note = None
+    if Path(interop_python).exists():
+        with contextlib.closing(socket.socket()) as probe:  # ServerLHC needs a port number
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        specs.insert(1, ("laplace_server", "laplace-server ServerLHC",
+                         [interop_python, str(LAPLACE_PEER), str(port), "--quiet",
+                          "--max-lifetime", "600"]))
+    else:
+        note = f"laplace-server not measured: no interop virtualenv at {interop_python}"
+    ctx = zmq.Context()
+    procs: list[Proc] = []
+    socks: dict[str, Any] = {}
+    out: dict[str, Any] = {"servers": {}, "note": note,
+                           "counts": dataclasses.asdict(lcounts), "poll_s": LAPLACE_POLL_S,
+                           "poll_jitter_s": LAPLACE_POLL_JITTER_S}
+    get = _laplace_message("GET", {}, "Get values.")
+    ping = _laplace_message("PING", {"PING": None}, "Alive?")
+    try:
+        for key, label, argv in specs:
+            proc = Proc(argv, f"laplace-{key}", log_dir, env=env)
+            procs.append(proc)
+            out["servers"][key] = {"label": label}
+            try:
+                line = proc.readline(30.0)
+                if not line.startswith("READY "):
+                    raise RuntimeError(f"{label} said {line!r} instead of READY")
+            except (TimeoutError, RuntimeError) as exc:
+                out["servers"][key]["error"] = str(exc)
+                continue
+            sock = ctx.socket(zmq.REQ)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RCVTIMEO, 2000)  # the master's timeout
+            sock.connect(line.split(" ", 1)[1].strip())
+            socks[key] = sock
+        samples: dict[str, dict[str, list[int]]] = {
+            key: {"back_to_back": [], "sparse_get": [], "sparse_ping_get": []} for key in socks}
+        clock = time.perf_counter_ns
+
+        def timed(key: str, series: str | None, *bodies: tuple[bytes, str]) -> None:
+            if key not in socks:
+                return
+            try:
+                started = clock()
+                for body, cmd in bodies:
+                    _laplace_exchange(socks[key], body, cmd)
+                if series is not None:
+                    samples[key][series].append(clock() - started)
+            except (zmq.ZMQError, RuntimeError, ValueError) as exc:
+                out["servers"][key]["error"] = f"{series}: {exc}"
+                socks.pop(key).close(0)
+
+        keys = list(socks)
+        for key in keys:
+            for _ in range(200):
+                timed(key, None, (get, "GET"))  # warm-up
+        print(f"LAPLACE: {lcounts.back_to_back} GETs back to back per server ...",
+              file=sys.stderr, flush=True)
+        for i in range(lcounts.back_to_back):
+            for key in keys[i % len(keys):] + keys[:i % len(keys)]:
+                timed(key, "back_to_back", (get, "GET"))
+        print(f"LAPLACE: {lcounts.sparse_ticks} sparse polls, one every {LAPLACE_POLL_S} s ...",
+              file=sys.stderr, flush=True)
+        jitter = random.Random(0)
+        tick = time.monotonic()
+        for i in range(lcounts.sparse_ticks):
+            tick += LAPLACE_POLL_S + jitter.uniform(-LAPLACE_POLL_JITTER_S, LAPLACE_POLL_JITTER_S)
+            time.sleep(max(0.0, tick - time.monotonic()))
+            for key in keys[i % len(keys):] + keys[:i % len(keys)]:
+                if i % 2 == 0:
+                    timed(key, "sparse_get", (get, "GET"))
+                else:
+                    timed(key, "sparse_ping_get", (ping, "PING"), (get, "GET"))
+        for key, series in samples.items():
+            for name, values in series.items():
+                if values:
+                    out["servers"][key][name] = _percentiles(values)
+            sparse = series["sparse_get"]
+            out["servers"][key]["sparse_get_over_1ms"] = sum(v > 1_000_000 for v in sparse)
+    finally:
+        for sock in socks.values():
+            sock.close(0)
+        ctx.term()
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGTERM)  # both servers stop on SIGTERM
+            proc.stop()
+    return out
+
+
+def laplace_report(lap: dict[str, Any]) -> str:
+    """The LAPLACE section as a markdown table (us)."""
+    def cell(run: dict[str, Any], series: str) -> str:
+        s = run.get(series)
+        return f"{s['p50_us']:.0f} / {s['p99_us']:.0f} / {s['max_us']:.0f}" if s else "n/a"
+
+    counts = lap["counts"]
+    lines = [f"LAPLACE-LHC GET round trip (us, p50 / p99 / max), one REQ client sending the "
+             f"master's bytes: {counts['back_to_back']} GETs back to back per server, then "
+             f"{counts['sparse_ticks']} polls one every {lap['poll_s']:g} +- "
+             f"{lap['poll_jitter_s']:g} s (GET alone, or the master's PING+GET timed as a "
+             "pair):", "",
+             "| server | back to back | sparse GET | sparse PING+GET | sparse GETs > 1 ms |",
+             "|---|---|---|---|---|"]
+    for run in lap["servers"].values():
+        if "error" in run:
+            lines.append(f"| {run['label']} | failed: {_one_line(run['error'])} | | | |")
+            continue
+        n = run.get("sparse_get", {}).get("n", 0)
+        lines.append(f"| {run['label']} | {cell(run, 'back_to_back')} | "
+                     f"{cell(run, 'sparse_get')} | {cell(run, 'sparse_ping_get')} | "
+                     f"{run['sparse_get_over_1ms']} of {n} |")
+    if lap.get("note"):
+        lines += ["", lap["note"]]
+    return "\n".join(lines)
+
+
+def laplace_targets(lap: dict[str, Any]) -> list[dict[str, Any]]:
+    """labmesh's GET p50 <= the real ServerLHC's (back to back); sparse GET p99 < 1 ms."""
+    servers = lap["servers"]
+    real = servers.get("laplace_server", {}).get("back_to_back")
+    targets = []
+    for key in ("labmesh", "labmesh_stage"):
+        run = servers.get(key, {})
+        mine = run.get("back_to_back")
+        if key == "labmesh":
+            ratio = mine["p50_us"] / real["p50_us"] if mine and real else None
+            targets.append({"server": run.get("label", key),
+                            "measured_by": "LAPLACE GET, back to back",
+                            "target": "p50 <= laplace-server ServerLHC's p50",
+                            "ratio": _round(ratio),
+                            "measured": f"{mine['p50_us']:.0f} vs {real['p50_us']:.0f} us"
+                            if mine and real else "n/a",
+                            "met": ratio is not None and ratio <= 1.0})
+        sparse = run.get("sparse_get")
+        floor = servers.get("floor", {}).get("sparse_get")
+        targets.append({"server": run.get("label", key),
+                        "measured_by": f"LAPLACE GET, polled every {lap['poll_s']:g} s",
+                        "target": f"p99 < {TARGET_LAPLACE_SPARSE_P99_US / 1000:g} ms",
+                        "ratio": None,
+                        "measured": (f"{sparse['p99_us']:.0f} us" if sparse else "n/a")
+                        + (f" (floor {floor['p99_us']:.0f} us)" if floor else ""),
+                        "met": bool(sparse) and sparse["p99_us"] < TARGET_LAPLACE_SPARSE_P99_US})
+    return targets
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -956,11 +1922,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="requests each load generator keeps in flight in the server "
                              "capacity run; several (e.g. 1,4) make one run each, the first "
                              "is the one the targets use (default: %(default)s)")
+    parser.add_argument("--no-discovery", action="store_true",
+                        help="skip the discovery section (lookup round trip, registry capacity)")
+    parser.add_argument("--no-laplace", action="store_true",
+                        help="skip the LAPLACE-LHC section (GET round trip vs the real ServerLHC)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--heartbeat-load", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--max-seconds", type=float, default=600.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker_main(args.max_seconds)
+        return 0
+    if args.heartbeat_load:
+        heartbeat_load_main(args.max_seconds)
         return 0
 
     # Stop cleanly (every child ended by its PID) on Ctrl+C and on SIGTERM, also when started
@@ -974,6 +1948,7 @@ def main(argv: list[str] | None = None) -> int:
     if not windows or not all(1 <= w <= 64 for w in windows):
         parser.error("--capacity-windows: each window must be 1 to 64")
     counts = QUICK_COUNTS if args.quick else DEFAULT_COUNTS
+    dcounts = QUICK_DISCOVERY_COUNTS if args.quick else DEFAULT_DISCOVERY_COUNTS
     if args.rounds is not None:
         counts = dataclasses.replace(counts, rounds=max(1, min(args.rounds, 20)))
     started = time.monotonic()
@@ -1004,6 +1979,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"round {round_no + 1}/{counts.rounds}: {spec.label} ...",
                           file=sys.stderr, flush=True)
                     by_key[spec.key].append(bench.measure(spec, round_no))
+            discovery = None if args.no_discovery else DiscoveryBench(bench, counts, dcounts).run()
+            laplace = None if args.no_laplace else laplace_bench(
+                args.interop_python, env, log_dir,
+                QUICK_LAPLACE_COUNTS if args.quick else DEFAULT_LAPLACE_COUNTS)
         finally:
             bench.stop_workers()
         results = [combine(by_key[spec.key]) for spec in specs]
@@ -1012,6 +1991,10 @@ def main(argv: list[str] | None = None) -> int:
     plesty = next((r for r in results if r.key == "plesty"), None)
     window = windows[0]
     targets = evaluate_targets(results, floor, plesty, window) if not floor.error else []
+    if discovery is not None:
+        targets += discovery_targets(discovery, floor)
+    if laplace is not None:
+        targets += laplace_targets(laplace)
     import zmq
 
     meta = {
@@ -1025,7 +2008,8 @@ def main(argv: list[str] | None = None) -> int:
                    "calls_per_client": counts.calls_per_client, "rounds": counts.rounds,
                    "capacity_requests_per_generator": counts.capacity_requests,
                    "capacity_limit_s": counts.capacity_limit_s,
-                   "capacity_windows": list(windows)},
+                   "capacity_windows": list(windows),
+                   "discovery": None if args.no_discovery else dataclasses.asdict(dcounts)},
         "plesty": plesty_note,
         "labmesh_commit": commit,
         "load_average_before": load_before,
@@ -1055,6 +2039,12 @@ def main(argv: list[str] | None = None) -> int:
               f"ok; PLESTY, which echoes no id: status ok); window {w}:")
         print()
         print(capacity_table(results, floor, plesty, w))
+        print()
+    if discovery is not None:
+        print(discovery_report(discovery, floor, counts, dcounts))
+        print()
+    if laplace is not None:
+        print(laplace_report(laplace))
         print()
     print("targets (throughput ones on both tables: 'client library' = the first table, "
           "'server capacity' = the load-generator one):")
@@ -1112,10 +2102,17 @@ def main(argv: list[str] | None = None) -> int:
                                 "capacity": {str(w): v for w, v in r.capacity.items()},
                                 "error": r.error}
                         for r in results},
+            "discovery": discovery,
+            "laplace": laplace,
             "targets": targets,
         }
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
-    return 1 if any(r.error for r in results) else 0
+    failed_discovery = discovery is not None and (
+        "error" in discovery["lookup"] or any("error" in run for run in discovery["capacity"])
+    )
+    failed_laplace = laplace is not None and any(
+        "error" in run for run in laplace["servers"].values())
+    return 1 if any(r.error for r in results) or failed_discovery or failed_laplace else 0
 
 
 if __name__ == "__main__":

@@ -47,6 +47,15 @@ class DeviceState:
         }
 
 
+def _laplace_adapter(spec: DeviceSpec) -> Any:
+    """The LAPLACE adapter a device's `laplace:` mapping asks for (None without one)."""
+    if spec.laplace is None:
+        return None
+    from labmesh.laplace import LaplaceAdapter
+
+    return LaplaceAdapter(**spec.laplace)
+
+
 class HostServer:
     """Serves every device of a host file.
 
@@ -117,6 +126,7 @@ class HostServer:
             state.attempts += 1
             try:
                 device = spec.build(sim=self.sim)
+                laplace = _laplace_adapter(spec)
             except (ConfigError, TypeError, ValueError, ImportError) as exc:
                 state.state, state.error = "failed", f"{spec.where}: {spec.name}: {exc}"
                 log.error("%s (not retried: fix the lab file)", state.error)
@@ -129,6 +139,7 @@ class HostServer:
                     address=state.address,
                     name=spec.name,
                     idle_limit_s=self.config.lock_idle_limit_s,
+                    laplace=laplace,
                 )
                 server.start()
             except Exception as exc:

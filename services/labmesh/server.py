@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -32,6 +32,7 @@ from labmesh import metrics
 from labmesh.device.base import describe_device, touched_resources
 from labmesh.device.executor import RUNNING, TAKEOVER_AFTER_S, Job, Watchdog
 from labmesh.locks import DEFAULT_IDLE_LIMIT_S, Grant, LeaseTable, Waiter
+from labmesh.protocol import laplace as laplace_envelope
 from labmesh.protocol import native
 from labmesh.protocol.errors import (
     ExecutorDeadError,
@@ -45,6 +46,9 @@ from labmesh.protocol.errors import (
 )
 from labmesh.transport import bound_address, router_socket
 from labmesh.version import __version__
+
+if TYPE_CHECKING:
+    from labmesh.laplace import LaplaceAdapter, LaplaceAnswer
 
 log = logging.getLogger("labmesh.server")
 
@@ -72,6 +76,8 @@ class _Pending:
     touches: tuple[str, ...] = ()
     operation: str = ""
     answered: bool = False
+    #: the LAPLACE message this call answers (None: a native request)
+    answer: LaplaceAnswer | None = None
 
     def observed(self) -> tuple[str, str, float]:
         return (self.request.type, self.operation, self.received)
@@ -90,6 +96,8 @@ class DeviceServer:
         max_message_bytes: largest accepted request; larger ones get a ProtocolError.
         idle_limit_s: how long a lock without a lease (PLESTY client) survives silence.
         connect_timeout_s: how long `start()` waits for the device's connect.
+        laplace: a `labmesh.laplace.LaplaceAdapter` answering LAPLACE-LHC messages (`cmd` and
+            `version`, no `type`) on this same socket (PROTOCOL.md section 4).
     """
 
     def __init__(
@@ -104,6 +112,7 @@ class DeviceServer:
         connect_timeout_s: float = 60.0,
         context: zmq.Context | None = None,
         clock: Callable[[], float] = time.monotonic,
+        laplace: LaplaceAdapter | None = None,
     ) -> None:
         self.device = device
         self.name = name or describe_device(device)["name"]
@@ -113,6 +122,9 @@ class DeviceServer:
         self.epoch = secrets.token_hex(6)
         self.locks = LeaseTable(idle_limit_s=idle_limit_s)
         self._describe()
+        self._laplace = laplace
+        if laplace is not None:
+            laplace.attach(self)
         self.fixed_threading = fixed_threading
         # An own context by default: terminating it on stop guarantees the port is released
         # when stop() returns (a socket close alone finishes asynchronously).
@@ -528,15 +540,15 @@ class DeviceServer:
         for job, pending in self._pending.items():
             if not pending.answered:
                 pending.answered = True
-                self._send(
-                    pending.route,
-                    self._error(
-                        pending.request,
-                        f"server is shutting down; {job.label} was "
-                        + ("interrupted" if job.state == RUNNING else "not started"),
-                        "ShutdownError",
-                    ),
+                message = f"server is shutting down; {job.label} was " + (
+                    "interrupted" if job.state == RUNNING else "not started"
                 )
+                if pending.answer is None:
+                    reply = self._error(pending.request, message, "ShutdownError")
+                else:
+                    reply = pending.answer.failed(message)
+                if reply is not None:
+                    self._send(pending.route, reply)
         self._queue.clear()
         self._close_socket()
         with self._cond:
@@ -560,9 +572,10 @@ class DeviceServer:
             observe, self._observing = self._observing, None
         if observe is not None:
             rtype, operation, received = observe
-            status = reply["status"]
+            # a LAPLACE reply has no status: it failed when it carries an error_msg
+            status = reply.get("status") or ("ok" if reply.get("error_msg") is None else "error")
             if status != "ok":
-                self.metrics.error(rtype, str(reply.get("type")))
+                self.metrics.error(rtype, str(reply.get("type", "LaplaceError")))
                 if reply.get("type") == "TimeoutError" and "started" in reply:
                     status = "timeout"
             self.metrics.observe(rtype, operation, status, self.clock() - received)
@@ -588,12 +601,16 @@ class DeviceServer:
         received = self.clock()
         parts = native.split_frames(frames)
         request = None
+        obj = None
         self._observing = ("invalid", "", received)
         try:
             obj = native.decode_body(parts, self.max_message_bytes)
-            request = native.parse_request(obj)
-            self._observing = (request.type, "", received)
-            self._handlers[request.type](parts, request)
+            if self._laplace is not None and laplace_envelope.is_envelope(obj):
+                self._on_laplace(parts.route, obj, received)
+            else:
+                request = native.parse_request(obj)
+                self._observing = (request.type, "", received)
+                self._handlers[request.type](parts, request)
         except ProtocolError as exc:
             log.warning(
                 "%s: malformed request from %s: %s",
@@ -601,15 +618,16 @@ class DeviceServer:
                 native.client_id_of(parts.identity),
                 exc,
             )
-            self._send(
-                parts.route,
-                native.error_reply(
-                    str(exc),
-                    exc.wire_type,
-                    exc.details.get("request_id"),
-                    exc.details.get("has_id", False),
-                ),
+            reply = native.error_reply(
+                str(exc),
+                exc.wire_type,
+                exc.details.get("request_id"),
+                exc.details.get("has_id", False),
             )
+            if obj is None and self._laplace is not None:
+                # no envelope to read: answer in both shapes, so a LAPLACE client can read it too
+                reply.update(self._laplace.undecodable(str(exc)))
+            self._send(parts.route, reply)
         except LabmeshError as exc:
             self._send(parts.route, self._error(request, str(exc), exc.wire_type, **_details(exc)))
         except Exception as exc:  # a bug of ours must cost one request, never the server
@@ -619,6 +637,21 @@ class DeviceServer:
                 self._error(request, f"internal server error: {exc!r}", "InternalError"),
             )
         self._observing = None
+
+    def _on_laplace(self, route: list[bytes], obj: dict[str, Any], received: float) -> None:
+        """A LAPLACE message: answered now, and/or queued on the device like a native call."""
+        assert self._laplace is not None
+        answer = self._laplace.handle(obj, self._running is not None or bool(self._queue))
+        self._observing = ("laplace", answer.command, received)
+        job = answer.job
+        if job is not None:
+            request = native.Request("laplace", obj)
+            self._pending[job] = _Pending(
+                route, request, received, None, None, answer.touches, answer.command, answer=answer
+            )
+            self._queue.append(job)
+        if answer.now is not None:
+            self._send(route, answer.now)
 
     # ---- control requests (answered on the I/O thread) ------------------------------------
     def _session_of(self, parts: native.Frames, request: native.Request) -> str | None:
@@ -915,6 +948,11 @@ class DeviceServer:
             grant = self.locks.grant(pending.session)
             if grant is not None:
                 grant.last_seen = self.clock()
+        if pending.answer is not None:
+            reply = pending.answer.reply(job)
+            if reply is not None:
+                self._send(pending.route, reply, pending.observed())
+            return
         if job.ok:
             self._send(pending.route, native.ok_reply(job.value, request), pending.observed())
             return

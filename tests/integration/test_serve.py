@@ -286,3 +286,37 @@ def test_serve_the_pm100_example_simulated(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+def test_serve_answers_laplace_clients_when_the_host_file_asks(tmp_path):
+    import json
+
+    import zmq
+
+    port = free_port()
+    config = tmp_path / "host.yaml"
+    config.write_text(
+        f"metrics_port: null\ndevices:\n  - name: stage\n    driver: motor\n    port: {port}\n"
+        "    sim: true\n    options: {axes: [x, y]}\n    laplace: {}\n"
+    )
+    proc = start_serve(config)
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 5000)
+    try:
+        read_until(proc, "Ctrl+C stops")
+        sock.connect(f"tcp://127.0.0.1:{port}")
+        sock.send(
+            json.dumps(
+                {"version": "0.2.2", "cmd": "INFO", "from": "master", "to": "stage", "payload": {}}
+            ).encode()
+        )
+        info = json.loads(sock.recv())
+        assert info["error_msg"] is None and info["payload"]["freedom"] == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        sock.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)

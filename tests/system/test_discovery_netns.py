@@ -12,66 +12,30 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
 
 import pytest
+from netns import SUBNET, Lan, netns_problem
+from system_tools import unavailable
 
 pytestmark = pytest.mark.system
 
-SUBNET = "10.213.0"
 HOSTS = {"discovery": 1, "client": 2, "bare": 3}
 
 
-def _ip(*args: str, ns: str | None = None) -> None:
-    cmd = ["ip", "netns", "exec", ns, "ip", *args] if ns else ["ip", *args]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=10)
-
-
-def _netns_available() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to create network namespaces"
-    if shutil.which("ip") is None:
-        return "iproute2 (`ip`) is not installed"
-    probe = subprocess.run(["ip", "netns", "list"], capture_output=True, timeout=10)
-    if probe.returncode != 0:
-        return f"`ip netns` is unavailable: {probe.stderr.decode().strip()}"
-    return None
-
-
 @pytest.fixture
-def lan() -> Iterator[dict[str, str]]:
-    reason = _netns_available()
+def lan() -> Iterator[Lan]:
+    reason = netns_problem()
     if reason:
-        pytest.skip(reason)
-    tag = f"lm{os.getpid() % 100000}"
-    names = {role: f"{tag}-{role}" for role in ("switch", *HOSTS)}
-    created: list[str] = []
+        unavailable(reason)  # skipped (failed on CI)
+    network = Lan(f"lm{os.getpid() % 100000}", HOSTS, multicast=("discovery", "client"))
     try:
-        for ns in names.values():
-            _ip("netns", "add", ns)
-            created.append(ns)
-        switch = names["switch"]
-        _ip("link", "add", "br0", "type", "bridge", ns=switch)
-        _ip("link", "set", "br0", "type", "bridge", "mcast_snooping", "0", ns=switch)
-        _ip("link", "set", "br0", "up", ns=switch)
-        for role, last in HOSTS.items():
-            ns, port = names[role], f"p{last}"
-            _ip("link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns, ns=switch)
-            _ip("link", "set", port, "master", "br0", ns=switch)
-            _ip("link", "set", port, "up", ns=switch)
-            _ip("addr", "add", f"{SUBNET}.{last}/24", "dev", "eth0", ns=ns)
-            _ip("link", "set", "eth0", "up", ns=ns)
-            _ip("link", "set", "lo", "up", ns=ns)
-            if role != "bare":
-                _ip("route", "add", "224.0.0.0/4", "dev", "eth0", ns=ns)
-        yield names
+        yield network.build()
     finally:
-        for ns in reversed(created):  # deleting a namespace removes its links and bridge
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+        network.delete()
 
 
 def _python(ns: str, code: str) -> list[str]:
@@ -126,7 +90,7 @@ def _run(ns: str, code: str) -> dict:
 
 def test_clients_find_discovery_by_multicast_and_register_by_route(lan):
     server = subprocess.Popen(
-        _python(lan["discovery"], DISCOVERY),
+        _python(lan.ns["discovery"], DISCOVERY),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -138,7 +102,7 @@ def test_clients_find_discovery_by_multicast_and_register_by_route(lan):
         assert address == f"tcp://0.0.0.0:{port}"  # announced as a wildcard ...
         expected = f"tcp://{SUBNET}.1:{port}"  # ... and completed with the sender's address
 
-        client = _run(lan["client"], CLIENT)
+        client = _run(lan.ns["client"], CLIENT)
         assert client["found"] == [expected]
         assert client["ping"] == instance
         assert client["registered"] is True
@@ -146,7 +110,7 @@ def test_clients_find_discovery_by_multicast_and_register_by_route(lan):
         assert client["resolved"] == f"tcp://{SUBNET}.2:5555"
         assert client["after_stop"] == []
 
-        bare = _run(lan["bare"], BARE)
+        bare = _run(lan.ns["bare"], BARE)
         assert bare["by_name"] == [expected]
         assert bare["by_address"] == [expected]
         assert "pass the interface" in bare["no_route"]
@@ -217,14 +181,14 @@ def _end(process: subprocess.Popen) -> None:
 def test_link_cut_expires_a_host_and_restoring_it_brings_it_back(lan):
     processes = []
     try:
-        server = _popen(lan["discovery"], DISCOVERY)
+        server = _popen(lan.ns["discovery"], DISCOVERY)
         processes.append(server)
         port = server.stdout.readline().split()[0].rsplit(":", 1)[1]
         endpoint = f"tcp://{SUBNET}.1:{port}"
-        host = _popen(lan["client"], HOST, endpoint)
+        host = _popen(lan.ns["client"], HOST, endpoint)
         processes.append(host)
         assert host.stdout.readline().strip() == "ready"
-        observer = _popen(lan["bare"], OBSERVER, endpoint)
+        observer = _popen(lan.ns["bare"], OBSERVER, endpoint)
         processes.append(observer)
 
         def after(state: str) -> float | None:
@@ -233,10 +197,10 @@ def test_link_cut_expires_a_host_and_restoring_it_brings_it_back(lan):
             return json.loads(observer.stdout.readline())
 
         assert after("present") is not None
-        _ip("link", "set", f"p{HOSTS['client']}", "down", ns=lan["switch"])
+        lan.link("client", up=False)
         gone = after("absent")
         assert gone is not None and gone <= 3 + 1.0, gone  # within the TTL (+ expiry tick)
-        _ip("link", "set", f"p{HOSTS['client']}", "up", ns=lan["switch"])
+        lan.link("client", up=True)
         back = after("present")
         assert back is not None and back <= 6.0, back  # next retry, plus TCP reconnecting
         host.kill()  # a crashed host: no deregistration, its record expires
