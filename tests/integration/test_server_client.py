@@ -215,6 +215,7 @@ def test_unencodable_result_fails_only_that_call(server):
         assert client.add(2, 2) == 4
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_dead_device_thread_shows_unhealthy_and_requests_get_clear_error(meter):
     import ctypes
 
