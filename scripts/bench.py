@@ -1041,7 +1041,8 @@ class _HeartbeatLoad:
     from then on; with the ramp a whole number of periods the heartbeats are spread evenly.
     Like the registrar (TTL 3 s: heartbeat interval and request timeout both 1 s), a unit waits
     for each reply; one still unanswered at the unit's next turn has timed out: the unit closes
-    its connection, opens a new one and sends again (counted as a timeout).
+    its connection, opens a new one and sends again (counted as a timeout). Names a heartbeat
+    reply reports unknown are registered again at once, as the registrar does.
     """
 
     def __init__(self, cmd: dict[str, Any]) -> None:
@@ -1053,7 +1054,7 @@ class _HeartbeatLoad:
         self.per_unit = int(cmd["per_unit"])
         self.period_s = float(cmd["period_s"])
         self.ramp_s = float(cmd["ramp_s"])
-        first = int(cmd["first"])
+        first = self._first = int(cmd["first"])
         self._ctx = zmq.Context()
         # after timeouts closed sockets linger a while: room for a few periods of reconnects
         self._ctx.set(zmq.MAX_SOCKETS, min(60000, 8 * self.units + 256))
@@ -1090,6 +1091,7 @@ class _HeartbeatLoad:
             "unknown": 0,
             "errors": 0,
             "timeouts": 0,
+            "reregistered": 0,
         }
         self.first_error: str | None = None
         self._samples_us: list[int] = []
@@ -1150,25 +1152,37 @@ class _HeartbeatLoad:
         c["replies"] += 1
         if self._registering[unit]:
             if reply.startswith(_HEARTBEAT_OK):
-                confirmed = self._confirmed[unit]
-                before = len(confirmed)
-                confirmed.add(json.loads(reply)["id"])  # a register sent again counts once
-                c["registered"] += len(confirmed) - before
+                rid = json.loads(reply)["id"]
+                if rid in self._confirmed[unit]:  # registered again (sent again, or unknown)
+                    c["reregistered"] += 1
+                else:
+                    self._confirmed[unit].add(rid)
+                    c["registered"] += 1
             else:
                 self._error(reply)
             self._pending[unit] -= 1
         else:
             ok = reply.startswith(_HEARTBEAT_OK) and b'"id":"' + self._rids[unit] + b'"' in reply
+            self._pending[unit] = 0
             if ok and _NONE_UNKNOWN in reply:
                 c["renewed"] += self.per_unit
                 self._samples_us.append(int((now - self._sent_at[unit]) * 1e6))
             elif ok:
-                unknown = len(json.loads(reply)["result"]["unknown"])
-                c["unknown"] += unknown
-                c["renewed"] += self.per_unit - unknown
+                unknown = json.loads(reply)["result"]["unknown"]
+                c["unknown"] += len(unknown)
+                c["renewed"] += self.per_unit - len(unknown)
+                # as the registrar does: register what discovery does not know, right away
+                base = (self._first + unit) * self.per_unit
+                for name in unknown:
+                    self._socks[unit].send(
+                        self._registers[unit][int(name.rsplit("-", 1)[1]) - base],
+                        self._zmq.NOBLOCK,
+                    )
+                self._pending[unit] = len(unknown)
+                self._registering[unit] = bool(unknown)
+                c["requests"] += len(unknown)
             else:
                 self._error(reply)
-            self._pending[unit] = 0
         if not self._pending[unit]:
             self._registering[unit] = False
             poller.unregister(self._socks[unit])
@@ -1196,11 +1210,15 @@ class _HeartbeatLoad:
         monotonic = time.monotonic
         while True:
             now = monotonic()
-            while turns[0][0] <= now:
+            # a bounded batch of due turns, then replies and commands; like the registrar
+            # (next heartbeat = now + interval) a late unit skips the turns it missed
+            for _ in range(256):
                 when, unit = turns[0]
+                if when > now:
+                    break
                 self._turn(unit, now, poller)
-                heapq.heapreplace(turns, (when + self.period_s, unit))
-            wait_ms = max(1, int((turns[0][0] - monotonic()) * 1000) + 1)
+                heapq.heapreplace(turns, (now + self.period_s, unit))
+            wait_ms = max(0, int((turns[0][0] - monotonic()) * 1000) + 1)
             for sock, _ in poller.poll(wait_ms):
                 if sock == stdin_fd:
                     chunk = os.read(stdin_fd, 4096)
@@ -1487,6 +1505,7 @@ class DiscoveryBench:
             unknown_in_window=int(after[_UNKNOWN_BEATS] - before[_UNKNOWN_BEATS]),
             timeouts_in_window=delta("timeouts"),
             timeouts_before_window=sum(m["timeouts"] for m in marks0),
+            reregistered_in_window=delta("reregistered"),
             errors=sum(m["errors"] for m in marks1),
             first_error=next((m["first_error"] for m in marks1 if m["first_error"]), None),
             registered_at_end=int(after[_REGISTERED]),
