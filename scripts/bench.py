@@ -1,6 +1,6 @@
 """Round-trip latency and throughput of labmesh against a raw pyzmq floor and PLESTY's server.
 
-    .venv/bin/python scripts/bench.py                  # real numbers (about 2 minutes)
+    .venv/bin/python scripts/bench.py                  # real numbers (about 6 minutes)
     .venv/bin/python scripts/bench.py --quick          # smoke run for tests and CI (seconds)
     .venv/bin/python scripts/bench.py --json out.json  # also write every figure as JSON
     .venv/bin/python scripts/bench.py --profile-dir prof/  # py-spy each server (see --help)

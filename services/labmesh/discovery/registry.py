@@ -423,6 +423,10 @@ class Registry:
         out.sort(key=lambda e: e.record.name)
         return out
 
+    def size(self) -> int:
+        """How many records are held (live ones, plus expired ones until `expire` runs)."""
+        return len(self._entries)
+
     def count(self, now: float) -> int:
         """How many records are live."""
         return sum(1 for e in self._entries.values() if e.expires_at > now)
