@@ -17,7 +17,7 @@ import zmq
 
 from labmesh import build_client, metrics
 from labmesh.drivers.motor import MotorStage
-from labmesh.laplace import LaplaceAdapter, LaplaceServer
+from labmesh.laplace import CALLBACKS, LaplaceAdapter, LaplaceServer
 from labmesh.protocol import laplace as env
 from labmesh.server import DeviceServer
 
@@ -107,16 +107,9 @@ class Recorder:
         self.threads: set[str] = set()
 
     def bind(self, target: LaplaceAdapter) -> None:
-        for name in (
-            "on_position_changed",
-            "on_saving_path_changed",
-            "on_opt",
-            "on_scan",
-            "on_set_actuators",
-            "on_set_diagnostics",
-            "on_update_actuator_positions",
-        ):
-            getattr(target, f"set_{name}")(self._record(name))
+        for name in CALLBACKS:
+            if name != "on_get":
+                getattr(target, f"set_{name}")(self._record(name))
         target.set_on_get(lambda: self._note("on_get", None))
 
     def _record(self, name: str):

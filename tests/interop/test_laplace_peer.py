@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from labmesh.drivers.motor import MotorStage
-from labmesh.laplace import LaplaceAdapter, LaplaceServer
+from labmesh.laplace import CALLBACKS, LaplaceAdapter, LaplaceServer
 from labmesh.server import DeviceServer
 
 pytestmark = pytest.mark.interop
@@ -114,16 +114,7 @@ def master_client(interop_python: Path, spawn: Callable[..., Any]) -> Callable[.
 class Callbacks:
     """Records labmesh callbacks as the peer prints them: (name, [arguments])."""
 
-    NAMES = (
-        "on_get",
-        "on_position_changed",
-        "on_saving_path_changed",
-        "on_opt",
-        "on_scan",
-        "on_set_actuators",
-        "on_set_diagnostics",
-        "on_update_actuator_positions",
-    )
+    NAMES = CALLBACKS
 
     def __init__(self, target: LaplaceAdapter) -> None:
         self.calls: list[tuple[str, list[Any]]] = []
