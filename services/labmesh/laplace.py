@@ -234,7 +234,7 @@ class LaplaceAdapter:
             message = envelope.parse_message(obj, self.versions)
             return self._commands[message.cmd](message, busy)
         except LabmeshError as exc:
-            log.info("%s: LAPLACE request refused: %s", self.name, exc)
+            log.debug("%s: LAPLACE request refused: %s", self.name, exc)
             return LaplaceAnswer(_label(obj), now=self._error(obj, str(exc)))
         except Exception as exc:  # a bug of ours must cost one request, never the server
             log.exception("%s: failed to handle a LAPLACE request", self.name)

@@ -20,6 +20,8 @@ from labmesh.protocol.errors import (
 )
 
 DEFAULT_IDLE_LIMIT_S = 600.0
+#: Unknown or busy names quoted in one refusal; the rest are counted, never listed.
+QUOTED_NAMES = 5
 
 
 def normalize_path(path: Any) -> str:
@@ -27,23 +29,45 @@ def normalize_path(path: Any) -> str:
     return "/".join(part.strip() for part in str(path).split("/") if part.strip())
 
 
-def flatten(spec: Any, prefix: str = "") -> list[str]:
-    """All paths named by a resource spec: a string, a collection, or a nested dict tree."""
-    if spec is None:
-        return [prefix] if prefix else []
-    if isinstance(spec, Mapping):
-        out: list[str] = []
-        for key, value in spec.items():
-            out.extend(flatten(value, _join(prefix, key)))
-        return out
-    if isinstance(spec, (str, bytes)) or not isinstance(spec, Iterable):
-        text = spec.decode() if isinstance(spec, bytes) else spec
-        path = _join(prefix, text)
-        return [path] if path else []
-    out = []
-    for item in spec:
-        out.extend(flatten(item, prefix))
+def flatten(spec: Any, prefix: str = "", limit: int | None = None) -> list[str]:
+    """All paths named by a resource spec: a string, a collection, or a nested dict tree.
+
+    With `limit`, a spec naming more paths than that raises ResourceAllocationError as soon as
+    the count is passed (a peer's spec is never walked further than the limit).
+    """
+    out: list[str] = []
+    _flatten(spec, prefix, out, limit)
     return out
+
+
+def _flatten(spec: Any, prefix: str, out: list[str], limit: int | None) -> None:
+    if isinstance(spec, Mapping):
+        for key, value in spec.items():
+            _flatten(value, _join(prefix, key), out, limit)
+        return
+    if spec is None or isinstance(spec, (str, bytes)) or not isinstance(spec, Iterable):
+        if spec is None:
+            path = prefix
+        else:
+            path = _join(prefix, spec.decode() if isinstance(spec, bytes) else spec)
+        if path:
+            if limit is not None and len(out) >= limit:
+                raise ResourceAllocationError(
+                    f"the request names more than {limit} resource paths; name a common "
+                    "prefix instead (a prefix locks every resource below it)",
+                    too_many=True,
+                )
+            out.append(path)
+        return
+    for item in spec:
+        _flatten(item, prefix, out, limit)
+
+
+def quote_names(names: list[str]) -> str:
+    """The first few of `names` and how many more (a refusal never echoes a whole list)."""
+    shown = repr(names[:QUOTED_NAMES])
+    more = len(names) - QUOTED_NAMES
+    return f"{shown} (+{more} more)" if more > 0 else shown
 
 
 def _join(prefix: str, name: Any) -> str:
@@ -110,7 +134,8 @@ class LeaseTable:
         self._leaves: set[str] = set()
         self._grants: dict[str, Grant] = {}
         self._holder: dict[str, str] = {}
-        self._waiters: list[Waiter] = []
+        # insertion-ordered: first come, first served; enqueue and release are O(1)
+        self._waiters: dict[str, Waiter] = {}
         self.register(resources)
 
     def register(self, resources: Any) -> None:
@@ -121,29 +146,38 @@ class LeaseTable:
     def leaves(self) -> frozenset[str]:
         return frozenset(self._leaves)
 
-    def expand(self, spec: Any) -> tuple[str, ...]:
+    def expand(self, spec: Any, limit: int | None = None) -> tuple[str, ...]:
         """The registered leaves a request names (a prefix means every leaf below it).
 
-        Raises ResourceAllocationError naming what is unknown and listing what exists.
+        `limit` bounds the paths the spec may name (see `flatten`). Raises
+        ResourceAllocationError naming the first few unknown paths and how many there are.
         """
-        out: list[str] = []
-        unknown: list[str] = []
-        for path in flatten(spec):
+        out: dict[str, None] = {}
+        unknown: dict[str, None] = {}
+        seen: set[str] = set()
+        for path in flatten(spec, limit=limit):
+            if path in seen:
+                continue
+            seen.add(path)
             if path in self._leaves:
-                matches = [path]
-            else:
-                below = f"{path}/"
-                matches = sorted(leaf for leaf in self._leaves if leaf.startswith(below))
+                out[path] = None
+                continue
+            below = f"{path}/"
+            matches = sorted(leaf for leaf in self._leaves if leaf.startswith(below))
             if not matches:
-                unknown.append(path)
-            out.extend(m for m in matches if m not in out)
+                unknown[path] = None
+            out.update(dict.fromkeys(matches))
         if unknown:
+            names = list(unknown)
             known = sorted(self._leaves)
             raise ResourceAllocationError(
-                f"unknown resource(s) {unknown}; this device's lockable resources are {known}"
+                f"unknown resource(s) {quote_names(names)}; this device's lockable resources "
+                f"are {quote_names(known) if len(known) > 4 * QUOTED_NAMES else known}"
                 if known
-                else f"unknown resource(s) {unknown}; this device declares no lockable resources",
-                unknown=unknown,
+                else f"unknown resource(s) {quote_names(names)}; this device declares no "
+                "lockable resources",
+                unknown=names[:QUOTED_NAMES],
+                unknown_count=len(names),
             )
         return tuple(out)
 
@@ -160,7 +194,7 @@ class LeaseTable:
     def _reserved(self, session: str) -> dict[str, Waiter]:
         """Leaves wanted by waiters (other than `session`), each by its first waiter."""
         reserved: dict[str, Waiter] = {}
-        for waiter in self._waiters:
+        for waiter in self._waiters.values():
             if waiter.session != session:
                 for leaf in waiter.leaves:
                     reserved.setdefault(leaf, waiter)
@@ -232,10 +266,17 @@ class LeaseTable:
             self._holder[leaf] = session
         return grant
 
-    def enqueue(self, waiter: Waiter) -> None:
-        """Queue a connect that will wait for its leaves (see `serve_waiters`)."""
-        self._waiters = [w for w in self._waiters if w.session != waiter.session]
-        self._waiters.append(waiter)
+    def enqueue(self, waiter: Waiter) -> Waiter | None:
+        """Queue a connect that will wait for its leaves (see `serve_waiters`); a session that
+        already waits goes to the back with its new request, and its old wait is returned (it
+        is owed a refusal). O(1)."""
+        replaced = self._waiters.pop(waiter.session, None)
+        self._waiters[waiter.session] = waiter
+        return replaced
+
+    def drop_waiter(self, session: str) -> Waiter | None:
+        """Remove a session's wait (its peer is gone); what it waited for stays as it is."""
+        return self._waiters.pop(session, None)
 
     def serve_waiters(self, now: float) -> tuple[list[tuple[Waiter, Grant]], list[Waiter]]:
         """Grant every waiter that can be served now, in arrival order, and drop the expired.
@@ -245,9 +286,9 @@ class LeaseTable:
         """
         granted: list[tuple[Waiter, Grant]] = []
         expired: list[Waiter] = []
-        still: list[Waiter] = []
+        still: dict[str, Waiter] = {}
         wanted: set[str] = set()
-        for waiter in self._waiters:
+        for waiter in self._waiters.values():
             if waiter.deadline <= now:
                 expired.append(waiter)
             elif wanted.isdisjoint(waiter.leaves) and not self.conflicts(
@@ -264,13 +305,17 @@ class LeaseTable:
                 granted.append((waiter, grant))
             else:
                 wanted.update(waiter.leaves)
-                still.append(waiter)
+                still[waiter.session] = waiter
         self._waiters = still
         return granted, expired
 
     @property
     def waiters(self) -> list[Waiter]:
-        return list(self._waiters)
+        return list(self._waiters.values())
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
 
     def busy_message(self, leaves: Iterable[str], now: float) -> str:
         """Who holds any of `leaves` and for how long (for refusals)."""
@@ -279,7 +324,7 @@ class LeaseTable:
 
     def release(self, session: str) -> Grant | None:
         """Drop a session (and its wait, if any) and free what it held."""
-        self._waiters = [w for w in self._waiters if w.session != session]
+        self._waiters.pop(session, None)
         return self._drop_grant(session)
 
     def _drop_grant(self, session: str) -> Grant | None:
@@ -320,7 +365,7 @@ class LeaseTable:
     def next_event(self) -> float | None:
         """When the earliest grant or wait runs out (None when there is nothing to watch)."""
         times = [g.expires_at(self.idle_limit_s) for g in self._grants.values()]
-        times.extend(w.deadline for w in self._waiters)
+        times.extend(w.deadline for w in self._waiters.values())
         return min(times, default=None)
 
     def check(self, session: str | None, leaves: Iterable[str], now: float) -> None:

@@ -97,9 +97,6 @@ LATENCY_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
-#: Value of the `operation` label for a name the device does not declare (keeps it bounded).
-UNDECLARED = "(undeclared)"
-
 REQUEST_DURATION = Histogram(
     "labmesh_request_duration_seconds",
     "Time from receiving a request to sending its reply, by device, request type, operation "
@@ -134,6 +131,29 @@ LEASE_EXPIRIES = Counter(
     ["device"],
     registry=REGISTRY,
 )
+#: The ServerLimits fields whose hits are refusals (the `bound` label's values).
+REFUSAL_BOUNDS = (
+    "max_queue_per_device",
+    "max_queue_per_session",
+    "max_waiters",
+    "max_connect_paths",
+    "max_metadata_bytes",
+)
+BOUND_REFUSALS = Counter(
+    "labmesh_bound_refusals_total",
+    "Requests refused at once because a server bound was reached, by bound (a ServerLimits "
+    "field: max_queue_per_device, max_queue_per_session, max_waiters, max_connect_paths, "
+    "max_metadata_bytes).",
+    ["device", "bound"],
+    registry=REGISTRY,
+)
+REPLIES_DROPPED = Counter(
+    "labmesh_replies_dropped_total",
+    "Replies that could not be queued to their peer: peer_gone (it disconnected first) or "
+    "peer_not_reading (max_replies_queued_per_peer replies already waiting for it).",
+    ["device", "reason"],
+    registry=REGISTRY,
+)
 SERVER_INFO = Gauge(
     "labmesh_server_info",
     "Always 1: the labmesh version, protocols and kind of each served device.",
@@ -145,28 +165,24 @@ SERVER_INFO = Gauge(
 class DeviceMetrics:
     """The metrics of one device server, with labelled children cached for the hot path.
 
-    `operation` label values come only from the device's declarations (parameters and
-    operations); anything else is counted as UNDECLARED, so a client cannot grow the series.
+    `operation` label values come only from the device's declarations (the server core labels
+    anything else `(undeclared)`), so a client cannot grow the series.
     """
 
-    def __init__(
-        self, device: str, names: frozenset[str], budgeted: frozenset[str] = frozenset()
-    ) -> None:
+    def __init__(self, device: str, budgeted: frozenset[str] = frozenset()) -> None:
         self.device = device
-        self.names = names
         self._durations: dict[tuple[str, str, str], Any] = {}
         # series that alerts rate() exist from the start, so their first event counts
         LEASE_EXPIRIES.labels(device)
+        for reason in ("peer_gone", "peer_not_reading"):
+            REPLIES_DROPPED.labels(device, reason)
+        for bound in REFUSAL_BOUNDS:
+            BOUND_REFUSALS.labels(device, bound)
         for outcome in ("granted", "timeout"):
             LOCK_WAIT.labels(device, outcome)
         for operation in budgeted:
             for still_running in ("true", "false"):
                 BUDGET_EXPIRIES.labels(device, operation, still_running)
-
-    def operation_label(self, name: str | None) -> str:
-        if not name:
-            return ""
-        return name if name in self.names else UNDECLARED
 
     def observe(self, rtype: str, operation: str, status: str, seconds: float) -> None:
         key = (rtype, operation, status)
@@ -187,6 +203,12 @@ class DeviceMetrics:
 
     def lease_expired(self) -> None:
         LEASE_EXPIRIES.labels(self.device).inc()
+
+    def refused(self, bound: str) -> None:
+        BOUND_REFUSALS.labels(self.device, bound).inc()
+
+    def reply_dropped(self, reason: str) -> None:
+        REPLIES_DROPPED.labels(self.device, reason).inc()
 
 
 class _ServerCollector:

@@ -8,26 +8,36 @@ from __future__ import annotations
 
 import zmq
 
+from labmesh.protocol.native import ZMQ_CUT_FACTOR
+
 #: How quickly a DEALER reconnects after its server went away (ms), and the cap of its backoff.
 RECONNECT_IVL_MS = 100
 RECONNECT_IVL_MAX_MS = 1000
 
 
-def router_socket(ctx: zmq.Context, address: str, max_message_bytes: int) -> zmq.Socket:
+#: Messages ZeroMQ reads ahead from one peer before the server takes them (per connection).
+ROUTER_RCVHWM = 1000
+
+
+def router_socket(
+    ctx: zmq.Context, address: str, max_message_bytes: int, max_replies_queued_per_peer: int = 1000
+) -> zmq.Socket:
     """The device server's ROUTER, bound to `address` (e.g. `tcp://127.0.0.1:5555`).
 
-    Replies to a peer that has gone raise instead of vanishing (ROUTER_MANDATORY) so they can be
-    logged; a reconnecting client with the same identity takes over its old route
-    (ROUTER_HANDOVER). Messages far beyond the size limit are cut off by ZeroMQ itself; those
-    between the limit and twice it still get a readable error reply.
+    A reply that cannot be queued raises instead of vanishing (ROUTER_MANDATORY): EAGAIN when
+    the peer already has `max_replies_queued_per_peer` replies waiting (it does not read),
+    EHOSTUNREACH when it has gone; the server counts both. A reconnecting client with the same
+    identity takes over its old route (ROUTER_HANDOVER). ZeroMQ's own size cut (MAXMSGSIZE) sits
+    at ZMQ_CUT_FACTOR times `max_message_bytes`, so any request up to there gets a readable
+    ProtocolError reply; beyond it ZeroMQ drops the connection unread.
     """
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-    sock.setsockopt(zmq.MAXMSGSIZE, 2 * max_message_bytes + 1024)
-    sock.setsockopt(zmq.SNDHWM, 10000)
-    sock.setsockopt(zmq.RCVHWM, 10000)
+    sock.setsockopt(zmq.MAXMSGSIZE, ZMQ_CUT_FACTOR * max_message_bytes + 1024)
+    sock.setsockopt(zmq.SNDHWM, max_replies_queued_per_peer)
+    sock.setsockopt(zmq.RCVHWM, ROUTER_RCVHWM)
     return _bind(sock, address, "listen")
 
 

@@ -19,7 +19,7 @@ from labmesh import build_client, metrics
 from labmesh.drivers.motor import MotorStage
 from labmesh.laplace import CALLBACKS, LaplaceAdapter, LaplaceServer
 from labmesh.protocol import laplace as env
-from labmesh.server import DeviceServer
+from labmesh.server import DeviceServer, ServerLimits
 
 from support import MemoryMeter, wait_until
 
@@ -416,7 +416,7 @@ def test_every_bad_input_gets_one_exact_error_and_the_server_lives(cam, kind):
 def test_oversized_message_is_answered(cam):
     server = LaplaceServer("small", "tcp://127.0.0.1:0", 0, "CAMERA").start()
     try:
-        server.server.max_message_bytes = 100
+        server.server.core.limits = ServerLimits(max_message_bytes=100)
         sock = client_socket(server.address)
         body = json.dumps(req("OPT", {"data": {"pad": "x" * 200}})).encode()
         reply = ask(sock, body)

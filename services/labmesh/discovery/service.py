@@ -25,6 +25,12 @@ notices a restarted service (a new `service` id) or missed events (a gap in `seq
 
 HTTP (stdlib ThreadingHTTPServer): GET /targets (Prometheus http_sd), /devices (JSON, same
 filters as `list` as query parameters, `label=key=value` repeatable), /health, /metrics.
+
+Logging: every line a peer can cause (malformed requests, refused registrations, dropped
+replies, HTTP failures, registrations and expiries) goes through one LogBudget per service: at
+most `log_burst` lines per cause per `log_interval_s`, then one summary line with the count of
+the rest. The changes of one batch (e.g. every record expiring after a network cut) are logged
+as one line per kind naming the first few records.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import zmq
 
-from labmesh import metrics
+from labmesh import logbudget, metrics
 from labmesh.discovery.beacon import BeaconAnnouncer, BeaconSettings, encode_announcement
 from labmesh.discovery.registry import (
     DEFAULT_TTL_S,
@@ -72,6 +78,10 @@ REQUEST_TYPES = frozenset(
 )
 #: Seconds between `hello` events on the change feed.
 HELLO_INTERVAL_S = 1.0
+#: Records named in a log line about a batch of changes (the rest are counted).
+NAMED_IN_BATCH_LINE = 5
+#: Longest peer-caused text (an error message quoting the request) copied into a log line.
+MAX_LOGGED_TEXT = 300
 _NOBLOCK = int(zmq.NOBLOCK)
 _SCALARS = (str, int, float, bool, type(None))
 _LABEL_NAME_JUNK = re.compile(r"[^A-Za-z0-9_]")
@@ -99,6 +109,9 @@ class DiscoveryService:
         beacon: announce this service by UDP multicast with these settings (None: silent).
         max_message_bytes: largest accepted request.
         clock: monotonic seconds (injected in tests).
+        log_burst: log lines a peer can cause per cause ("malformed request", "record
+            expired", ...) per `log_interval_s`; the rest are counted in one summary line.
+        log_interval_s: the interval of `log_burst`.
     """
 
     def __init__(
@@ -112,6 +125,8 @@ class DiscoveryService:
         beacon: BeaconSettings | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         clock: Callable[[], float] = time.monotonic,
+        log_burst: int = logbudget.DEFAULT_BURST,
+        log_interval_s: float = logbudget.DEFAULT_INTERVAL_S,
     ) -> None:
         metrics.enable_discovery_metrics()
         self._registry = Registry(ttl_s)  # touched only under self._lock
@@ -120,6 +135,9 @@ class DiscoveryService:
         self.max_message_bytes = max_message_bytes
         self.clock = clock
         self._lock = threading.Lock()
+        # peer-caused log lines: used by the API thread and the HTTP threads
+        self._log_budget = logbudget.LogBudget(log_burst, log_interval_s)
+        self._log_budget_lock = threading.Lock()
         self._tick_s = max(0.01, min(0.5, self.ttl_s / 10))
         self._ctx = zmq.Context(io_threads=1)
         self._router: zmq.Socket | None = None
@@ -280,6 +298,7 @@ class DiscoveryService:
             metrics.DISCOVERY_EXPIRIES.inc(len(expired))
         metrics.DISCOVERY_REGISTERED_DEVICES.set(count)
         self._publish()
+        self._log_summaries(now)
         if now >= self._next_hello:
             self._next_hello = now + HELLO_INTERVAL_S
             hello = {"event": "hello", "seq": seq, "service": self.instance, "devices": count}
@@ -294,8 +313,8 @@ class DiscoveryService:
                 return
             count = self._registry.size()
         metrics.DISCOVERY_REGISTERED_DEVICES.set(count)
+        self._log_changes(changes)
         for change in changes:
-            _log_change(change)
             event = {**change.to_dict(), "service": self.instance}
             self._send_event(b"device:" + change.record.name.encode(), event)
 
@@ -304,7 +323,8 @@ class DiscoveryService:
         try:
             self._pub.send_multipart([topic, native.encode(event)], _NOBLOCK)
         except zmq.ZMQError as exc:  # PUB drops on its own when full; this is a real fault
-            log.warning("discovery: change event %s not published: %s", topic, exc)
+            if self._may_log(logging.WARNING, "publish failed"):
+                log.warning("discovery: change event %s not published: %s", _clip(topic), exc)
 
     def _handle(self, frames: list[bytes]) -> None:
         parts = native.split_frames(frames)
@@ -316,18 +336,20 @@ class DiscoveryService:
             reply = native.ok_reply(result, request)
             status = "ok"
         except ProtocolError as exc:
-            log.warning(
-                "discovery: malformed request from %s: %s",
-                native.client_id_of(parts.identity),
-                exc,
-            )
+            if self._may_log(logging.WARNING, "malformed request"):
+                log.warning(
+                    "discovery: malformed request from %s: %s",
+                    _clip(native.client_id_of(parts.identity)),
+                    _clip(str(exc)),
+                )
             rid, has_id = _id_of(request, exc)
             reply = native.error_reply(str(exc), exc.wire_type, rid, has_id)
         except LabmeshError as exc:
             rid, has_id = _id_of(request, exc)
             reply = native.error_reply(str(exc), exc.wire_type, rid, has_id, **_details(exc))
         except Exception as exc:  # a bug of ours must cost one request, never the service
-            log.exception("discovery: failed to handle a request")
+            if self._may_log(logging.ERROR, "internal error"):
+                log.exception("discovery: failed to handle a request")
             rid, has_id = _id_of(request, None)
             reply = native.error_reply(f"internal error: {exc!r}", "InternalError", rid, has_id)
         _REQUESTS[request.type if request else "invalid", status].inc()
@@ -338,7 +360,32 @@ class DiscoveryService:
         try:
             self._router.send_multipart([*route, native.encode_reply(reply)], _NOBLOCK)
         except zmq.ZMQError as exc:
-            log.info("discovery: reply to %r dropped: client gone (%s)", route[0], exc)
+            if self._may_log(logging.INFO, "reply dropped"):
+                log.info("discovery: reply to %r dropped: client gone (%s)", route[0], exc)
+
+    # ---- peer-caused log lines, within the budget -------------------------------------------
+    def _may_log(self, level: int, cause: str) -> bool:
+        """Whether a line of `cause` (a fixed string, never peer text) may be written now."""
+        if not log.isEnabledFor(level):
+            return False
+        with self._log_budget_lock:
+            return self._log_budget.allow(cause, self.clock())
+
+    def _log_summaries(self, now: float) -> None:
+        with self._log_budget_lock:
+            due = self._log_budget.summaries_by_cause(now)
+        for cause, line in due:
+            log.log(_CAUSE_LEVELS.get(cause, logging.WARNING), "discovery: %s", line)
+
+    def _log_changes(self, changes: list[Change]) -> None:
+        """One line per kind of change in this batch (e.g. every record that expired)."""
+        groups: dict[str, list[DeviceRecord]] = {}
+        for change in changes:
+            groups.setdefault(_change_cause(change), []).append(change.record)
+        for cause, records in groups.items():
+            level = _CAUSE_LEVELS[cause]
+            if self._may_log(level, cause):
+                log.log(level, "discovery: %s", _change_line(cause, records))
 
     # ---- request handlers: (fields, now) -> result ----------------------------------------
     def _on_register(self, fields: dict[str, Any], now: float) -> dict[str, Any]:
@@ -347,7 +394,8 @@ class DiscoveryService:
             with self._lock:
                 self._registry.register(record, now)
         except NameTakenError as exc:
-            log.warning("discovery: refused %s: %s", record.describe(), exc)
+            if self._may_log(logging.WARNING, "registration refused"):
+                log.warning("discovery: refused %s: %s", _clip(record.describe()), _clip(str(exc)))
             raise
         return {
             "name": record.name,
@@ -541,16 +589,61 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _log_change(change: Change) -> None:
-    record = change.record
+#: The level of each cause of a peer-caused log line (its summary line is written at it too).
+_CAUSE_LEVELS = {
+    "malformed request": logging.WARNING,
+    "registration refused": logging.WARNING,
+    "reply dropped": logging.INFO,
+    "publish failed": logging.WARNING,
+    "internal error": logging.ERROR,
+    "HTTP request failed": logging.WARNING,
+    "HTTP internal error": logging.ERROR,
+    "registered": logging.INFO,
+    "updated": logging.INFO,
+    "record expired": logging.WARNING,
+    "deregistered": logging.INFO,
+    "removed": logging.INFO,
+}
+#: Per cause of a change: (what one record did, what several did).
+_CHANGE_WORDS = {
+    "registered": ("registered {}", "registered {n} records: {}"),
+    "updated": ("updated {}", "updated {n} records: {}"),
+    "record expired": (
+        "{} stopped heartbeating; removed",
+        "{n} records stopped heartbeating and were removed: {}",
+    ),
+    "deregistered": ("{} deregistered", "{n} records deregistered: {}"),
+    "removed": ("{} removed", "{n} records removed: {}"),
+}
+
+
+def _change_cause(change: Change) -> str:
     if change.event == "added":
-        log.info("discovery: registered %s", record.describe())
-    elif change.event == "updated":
-        log.info("discovery: updated %s", record.describe())
-    elif change.reason == "expired":
-        log.warning("discovery: %s stopped heartbeating; removed", record.describe())
-    else:
-        log.info("discovery: %s %s", record.describe(), change.reason)
+        return "registered"
+    if change.event == "updated":
+        return "updated"
+    if change.reason == "expired":
+        return "record expired"
+    return "deregistered" if change.reason == "deregistered" else "removed"
+
+
+def _change_line(cause: str, records: list[DeviceRecord]) -> str:
+    """`registered pm100-a at tcp://...`, or `registered 40 records: a, b, ... (+35 more)`."""
+    one, several = _CHANGE_WORDS[cause]
+    if len(records) == 1:
+        return one.format(_clip(records[0].describe()))
+    names = ", ".join(r.name for r in records[:NAMED_IN_BATCH_LINE])
+    if len(records) > NAMED_IN_BATCH_LINE:
+        names += f", ... (+{len(records) - NAMED_IN_BATCH_LINE} more)"
+    return several.format(names, n=len(records))
+
+
+def _clip(text: Any) -> str:
+    """Peer-chosen text (identities, error messages quoting a request) cut for a log line."""
+    text = text if isinstance(text, str) else repr(text)
+    if len(text) <= MAX_LOGGED_TEXT:
+        return text
+    return f"{text[:MAX_LOGGED_TEXT]}... ({len(text) - MAX_LOGGED_TEXT} more characters)"
 
 
 # ---- HTTP -----------------------------------------------------------------------------------
@@ -564,14 +657,18 @@ def _http_server(service: DiscoveryService, host: str, port: int) -> ThreadingHT
             f"discovery: cannot serve HTTP on {host}:{port}: {exc.strerror} (another "
             "service on that port? choose another http port)",
         ) from None
+    httpd.service = service
     return httpd
 
 
 class _QuietHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
 
+    service: DiscoveryService
+
     def handle_error(self, request: Any, client_address: Any) -> None:
-        log.warning("discovery: HTTP request from %s failed", client_address, exc_info=True)
+        if self.service._may_log(logging.WARNING, "HTTP request failed"):
+            log.warning("discovery: HTTP request from %s failed", client_address, exc_info=True)
 
 
 _HTTP_PATHS = ("/targets", "/devices", "/health", "/metrics")
@@ -609,7 +706,8 @@ class _HttpHandler(BaseHTTPRequestHandler):
         except ProtocolError as exc:
             self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
         except Exception as exc:
-            log.exception("discovery: HTTP %s failed", self.path)
+            if self.service._may_log(logging.ERROR, "HTTP internal error"):
+                log.exception("discovery: HTTP %s failed", _clip(self.path))
             self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {exc!r}"})
 
     def _json(self, status: HTTPStatus, body: Any) -> None:

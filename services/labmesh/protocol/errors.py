@@ -56,6 +56,16 @@ class LeaseExpiredError(LabmeshError):
     wire_type = "LeaseExpiredError"
 
 
+class BusyError(LabmeshError):
+    """A request refused at once because a bound was reached (calls queued, waiters).
+
+    Its details name the bound (`bound`, a ServerLimits field), its `limit` and the `depth`
+    reached; nothing was queued, so the request can be sent again later.
+    """
+
+    wire_type = "BusyError"
+
+
 class BudgetExpiredError(LabmeshError):
     """The server-side time budget of a device call ran out (wire type TimeoutError)."""
 

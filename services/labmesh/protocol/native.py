@@ -17,6 +17,9 @@ from labmesh.protocol.errors import ProtocolError, SerializationError
 PROTOCOL_NAME = "labmesh/1"
 #: Default largest accepted request body; bigger ones are answered with a ProtocolError.
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+#: ZeroMQ's own cut (MAXMSGSIZE) is this many times a server's limit: a request between the
+#: two gets a ProtocolError reply; beyond the cut ZeroMQ drops the connection unread.
+ZMQ_CUT_FACTOR = 4
 
 #: Request types answered by the I/O loop without waiting for the device.
 CONTROL_TYPES = frozenset(
@@ -113,6 +116,10 @@ def decode_body(frames: Frames, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> d
         obj = json.loads(text)
     except ValueError as exc:
         raise ProtocolError(f"request is not valid JSON ({exc}); send one JSON object") from None
+    except RecursionError:
+        raise ProtocolError(
+            "request nests arrays or objects too deeply to decode; send a flatter JSON object"
+        ) from None
     if not isinstance(obj, dict):
         raise ProtocolError(
             f'request must be a JSON object, got {type(obj).__name__}; send e.g. {{"type": "ping"}}'

@@ -1,0 +1,1113 @@
+"""The device server's decisions, with no I/O: what to answer, what to run, what to refuse.
+
+`ServerCore` follows caproto's `_circuit.py` and h11's `Connection`: the socket loop feeds it
+events and executes the actions it returns.
+
+- `receive(identity, frames, now, conn)`: one ROUTER message (the routing identity, the frames
+  after it) from the connection `conn` (an id the loop gives each accepted connection).
+- `start_next(now)`: the loop may run a device call now; the core picks it (or none).
+- `job_done(job, now)`: a device call finished.
+- `tick(now)`: time passed (leases, waiters, budgets, log summaries).
+- `peer_gone(conn, now)`: a connection closed.
+- `undeliverable(send, reason, now)`: a reply could not be queued to its peer.
+- `shutdown(now)`: the server stops; every unanswered request gets its reply.
+
+Actions are `Send` (a reply to a route, with the latency observation it closes), `Run` (run this
+job on the device now), `Count` (a metric event), `Log` and `LocksChanged`. No sockets, threads or
+clock reads here: every rule (sessions, PLESTY sessions bound to their connection, leases,
+waiters, budgets, the call queue, every bound a peer can hit, LAPLACE dispatch) is unit-tested
+with plain data.
+"""
+
+from __future__ import annotations
+
+import heapq
+import inspect
+import itertools
+import logging
+import secrets
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from labmesh.device.base import describe_device, touched_resources
+from labmesh.device.executor import RUNNING, Job
+from labmesh.locks import DEFAULT_IDLE_LIMIT_S, Grant, LeaseTable, Waiter, quote_names
+from labmesh.logbudget import DEFAULT_BURST, DEFAULT_INTERVAL_S, LogBudget
+from labmesh.protocol import laplace as laplace_envelope
+from labmesh.protocol import native
+from labmesh.protocol.errors import (
+    BusyError,
+    ExecutorDeadError,
+    LabmeshError,
+    LeaseExpiredError,
+    ProtocolError,
+    ResourceAllocationError,
+    ResourceLockedError,
+    UnknownOperationError,
+    wire_type_of,
+)
+
+if TYPE_CHECKING:
+    from labmesh.laplace import LaplaceAdapter, LaplaceAnswer
+
+CAPABILITIES = [
+    "budgets",
+    "still_running",
+    "sessions",
+    "leases",
+    "ping",
+    "heartbeat",
+    "locks",
+    "bounds",
+]
+#: The operation label of a request naming something the device does not declare (so a peer
+#: cannot grow the metric series).
+UNDECLARED = "(undeclared)"
+#: How often leases and waiters are looked at when nothing else is due (s).
+LOCK_CHECK_S = 0.25
+
+_INFO = logging.INFO
+_WARNING = logging.WARNING
+_ERROR = logging.ERROR
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """Everything a peer can make a device server hold is bounded by one of these.
+
+    Hitting a bound is an error reply to that peer plus a count in
+    `labmesh_bound_refusals_total{bound=<field name>}` (or, for replies a peer does not read,
+    `labmesh_replies_dropped_total`), never a log line each.
+
+    Attributes:
+        max_message_bytes: largest request body; larger ones get a ProtocolError. ZeroMQ itself
+            drops the connection of a peer sending a frame over `native.ZMQ_CUT_FACTOR` (4)
+            times this (nothing can be answered then).
+        max_replies_queued_per_peer: replies ZeroMQ holds for one peer that does not read them
+            (its send high-water mark); further replies to it are dropped and counted.
+        max_queue_per_device: device calls waiting for the device; more get BusyError.
+        max_queue_per_session: calls one session (or one connection without a session) may
+            have waiting; more get BusyError.
+        max_waiters: connects waiting (`wait`) for busy resources; more get BusyError.
+        max_wait_s: longest `wait` honoured; longer requests wait this long.
+        max_connect_paths: resource paths one connect may name (use a prefix for more).
+        max_metadata_bytes: size of a connect's metadata (the experiment name, ...) as JSON.
+        log_burst, log_interval_s: log lines written per cause per interval; the rest are
+            counted in one summary line.
+    """
+
+    max_message_bytes: int = native.DEFAULT_MAX_MESSAGE_BYTES
+    max_replies_queued_per_peer: int = 1000
+    max_queue_per_device: int = 1000
+    max_queue_per_session: int = 100
+    max_waiters: int = 1000
+    max_wait_s: float = 300.0
+    max_connect_paths: int = 4096
+    max_metadata_bytes: int = 4096
+    log_burst: int = DEFAULT_BURST
+    log_interval_s: float = DEFAULT_INTERVAL_S
+
+
+# ---- actions ---------------------------------------------------------------------------------
+@dataclass(slots=True)
+class Observation:
+    """The latency sample a reply closes: request type, operation label, outcome, arrival."""
+
+    rtype: str
+    operation: str
+    status: str  # ok | error | timeout
+    error_type: str | None
+    received: float
+
+
+@dataclass(slots=True)
+class Send:
+    """Send `body` to `route`. `grant`: the session this reply hands a lock to (if the peer
+    cannot be reached, the loop reports it with `undeliverable` and the grant is taken back)."""
+
+    route: list[bytes]
+    body: bytes
+    observe: Observation | None = None
+    grant: str | None = None
+
+
+@dataclass(slots=True)
+class Run:
+    """Run `job` on the device now (the core marked the device busy with it)."""
+
+    job: Job
+
+
+@dataclass(slots=True)
+class Count:
+    """A metric event: `DeviceMetrics.<event>(*args)`."""
+
+    event: str
+    args: tuple = ()
+
+
+@dataclass(slots=True)
+class Log:
+    level: int
+    message: str
+
+
+@dataclass(slots=True)
+class LocksChanged:
+    """Who holds what now; `since` values are on the core's (monotonic) clock."""
+
+    rows: list[dict[str, Any]]
+
+
+Action = Send | Run | Count | Log | LocksChanged
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A device call accepted and not yet answered (queued or running)."""
+
+    route: list[bytes]
+    request: native.Request
+    received: float
+    deadline: float | None
+    session: str | None
+    touches: tuple[str, ...]
+    operation: str
+    queue_key: Any
+    answered: bool = False
+    answer: LaplaceAnswer | None = None
+
+
+@dataclass(slots=True)
+class _PlestySession:
+    """A grant made to a connect without a lease: usable by that connection only."""
+
+    session: str
+    conn: Any
+
+
+class ServerCore:
+    """All of one device server's decisions (see the module docstring).
+
+    Parameters:
+        device: the driver object (only described and wrapped in jobs here, never called).
+        name: the device's name in the lab.
+        limits: the bounds (ServerLimits).
+        idle_limit_s: how long a grant without a lease survives silence.
+        laplace: a LaplaceAdapter answering LAPLACE-LHC envelopes on the same socket.
+        server: what the LAPLACE adapter is attached to (the DeviceServer facade).
+    """
+
+    def __init__(
+        self,
+        device: Any,
+        name: str,
+        *,
+        limits: ServerLimits | None = None,
+        idle_limit_s: float = DEFAULT_IDLE_LIMIT_S,
+        laplace: LaplaceAdapter | None = None,
+    ) -> None:
+        self.device = device
+        self.name = name
+        self.limits = limits or ServerLimits()
+        self.epoch = secrets.token_hex(6)
+        self.locks = LeaseTable(idle_limit_s=idle_limit_s)
+        self.laplace = laplace
+        self.logs = LogBudget(self.limits.log_burst, self.limits.log_interval_s)
+        #: set by the loop: the device is connected / every server thread is alive /
+        #: the thread that runs this device's calls is alive
+        self.connected = False
+        self.healthy = True
+        self.executor_alive = True
+        self.started_at = 0.0
+        self.running: Job | None = None
+        self._queue: deque[Job] = deque()
+        self._queued_by: dict[Any, int] = {}
+        self._pending: dict[Job, _Pending] = {}
+        self._deadlines: list[tuple[float, int, Job]] = []
+        self._seq = itertools.count()
+        self._plesty: dict[bytes, _PlestySession] = {}
+        self._plesty_by_conn: dict[Any, set[bytes]] = {}
+        self._waiters_by_conn: dict[Any, set[str]] = {}
+        self._takes_resources: dict[str, bool] = {}
+        self._next_lock_check = 0.0
+        self.describe()
+
+    # ---- declarations ---------------------------------------------------------------------
+    def describe(self) -> None:
+        """(Re)read the device's declarations: at construction, and after connect, where a
+        driver may have learned its limits or channels from the instrument."""
+        description = describe_device(self.device)
+        description["name"] = self.name
+        self.locks.register(description["resources"])
+        self.methods = frozenset(description["methods"])
+        self.budgets: dict[str, float] = description["budgets"]
+        self.help_text = help_text(description)
+        self.description = description
+        declared = {p["name"] for p in description["doc"]["parameters"]["default"]}
+        self.declared = frozenset(declared | self.methods)
+
+    def operation_label(self, name: Any) -> str:
+        if not name:
+            return ""
+        return name if name in self.declared else UNDECLARED
+
+    # ---- state the loop reads --------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    @property
+    def has_work(self) -> bool:
+        """A call is waiting and the device is free (the loop should call start_next)."""
+        return bool(self._queue) and self.running is None
+
+    def next_wakeup(self) -> float:
+        """When `tick` has something to do next (leases, waiters, budgets, log summaries)."""
+        due = self._next_lock_check
+        if self._deadlines:
+            due = min(due, self._deadlines[0][0])
+        summary = self.logs.next_summary_at()
+        if summary is not None:
+            due = min(due, summary)
+        return due
+
+    # ---- events ---------------------------------------------------------------------------
+    def receive(
+        self, identity: bytes, frames: list[bytes], now: float, conn: Any = None
+    ) -> list[Action]:
+        """One message from a peer: `frames` are the frames after its routing identity."""
+        out: list[Action] = []
+        if frames and frames[0] == b"" and len(frames) >= 2:
+            route = [identity, b""]
+            body = frames[1:]
+        else:
+            route = [identity]
+            body = frames
+        request = None
+        obj = None
+        observe = Observation("invalid", "", "ok", None, now)
+        try:
+            obj = native.decode_body(native.Frames(route, body), self.limits.max_message_bytes)
+            if self.laplace is not None and laplace_envelope.is_envelope(obj):
+                observe.rtype = "laplace"
+                self._on_laplace(route, obj, now, observe, out)
+                return out
+            request = native.parse_request(obj)
+            observe.rtype = request.type
+            handler = self._handlers[request.type]
+            handler(self, route, conn, request, now, observe, out)
+        except ProtocolError as exc:
+            client = native.client_id_of(identity)
+            self._log(
+                out,
+                "malformed request",
+                now,
+                _WARNING,
+                f"malformed request from {_short(client)}: {_short(str(exc), 300)}",
+            )
+            reply = native.error_reply(
+                str(exc),
+                exc.wire_type,
+                exc.details.get("request_id"),
+                exc.details.get("has_id", False),
+            )
+            if obj is None and self.laplace is not None:
+                # no envelope to read: answer in both shapes, so a LAPLACE client can read it too
+                reply.update(self.laplace.undecodable(str(exc)))
+            self._reply(out, route, reply, observe)
+        except LabmeshError as exc:
+            if isinstance(exc, BusyError):
+                out.append(Count("refused", (exc.details.get("bound", ""),)))
+            self._reply(
+                out, route, _error(request, str(exc), exc.wire_type, **_details(exc)), observe
+            )
+        except Exception as exc:  # a bug of ours must cost one request, never the server
+            self._log(out, "internal error", now, _ERROR, f"failed to handle a request: {exc!r}")
+            self._reply(
+                out,
+                route,
+                _error(request, f"internal server error: {exc!r}", "InternalError"),
+                observe,
+            )
+        return out
+
+    def start_next(self, now: float) -> list[Action]:
+        """The loop may start a device call: return a Run for the next one whose resources are
+        free (calls refused by a lock taken since they arrived are answered on the way)."""
+        out: list[Action] = []
+        while self._queue and self.running is None:
+            job = self._queue.popleft()
+            pending = self._pending.get(job)
+            if pending is not None:
+                self._dequeued(pending)
+                if pending.touches:
+                    # checked when the call starts, not when it arrived
+                    try:
+                        self.locks.check(pending.session, pending.touches, now)
+                    except ResourceLockedError as exc:
+                        job.error = exc
+                        self._deliver(job, now, out)
+                        continue
+            self.running = job
+            out.append(Run(job))
+        return out
+
+    def job_done(self, job: Job, now: float) -> list[Action]:
+        """A device call finished (its outcome is on the job): answer it."""
+        out: list[Action] = []
+        if self.running is job:
+            self.running = None
+        self._deliver(job, now, out)
+        return out
+
+    def tick(self, now: float) -> list[Action]:
+        """Expire leases (never of a session with a call in flight), serve waiters, expire
+        budgets, write log summaries."""
+        out: list[Action] = []
+        if now >= self._next_lock_check:
+            self._lock_tick(now, out)
+        if self._deadlines and self._deadlines[0][0] <= now:
+            self._expire_budgets(now, out)
+        for line in self.logs.summaries(now):
+            out.append(Log(_WARNING, line))
+        return out
+
+    def peer_gone(self, conn: Any, now: float) -> list[Action]:
+        """A connection closed: its PLESTY grants end (held until disconnect) and its waits
+        are dropped, so a vanished peer never inherits a lock."""
+        out: list[Action] = []
+        changed = False
+        for session in self._waiters_by_conn.pop(conn, ()):
+            self.locks.drop_waiter(session)
+        for identity in self._plesty_by_conn.pop(conn, ()):
+            entry = self._plesty.get(identity)
+            if entry is None or entry.conn != conn:
+                continue
+            del self._plesty[identity]
+            grant = self.locks.release(entry.session)
+            if grant is not None and grant.leaves:
+                changed = True
+                self._log(
+                    out,
+                    "lock released",
+                    now,
+                    _INFO,
+                    f"{_short(grant.describe_holder())} disconnected; freed {_quote(grant.leaves)}",
+                )
+        if changed:
+            self._serve_waiters(now, out)
+            self._locks_changed(now, out)
+        return out
+
+    def undeliverable(self, send: Send, reason: str, now: float) -> list[Action]:
+        """The loop could not queue `send` (`reason`: peer_gone or peer_not_reading). A lock
+        that reply was handing over is taken back and offered to the next waiter."""
+        out: list[Action] = [Count("reply_dropped", (reason,))]
+        what = "client gone" if reason == "peer_gone" else "client not reading its replies"
+        self._log(
+            out,
+            f"reply dropped ({reason})",
+            now,
+            _INFO,
+            f"reply to {_short(native.client_id_of(send.route[0]))} dropped: {what}",
+        )
+        if send.grant is not None:
+            grant = self.locks.release(send.grant)
+            self._forget_plesty(send.grant)
+            if grant is not None and grant.leaves:
+                self._log(
+                    out,
+                    "lock released",
+                    now,
+                    _INFO,
+                    f"{_short(grant.describe_holder())} is gone before its grant of "
+                    f"{_quote(grant.leaves)} reached it; passed on",
+                )
+                self._serve_waiters(now, out)
+                self._locks_changed(now, out)
+        return out
+
+    def shutdown(self, now: float) -> list[Action]:
+        """The server stops: every unanswered call gets a ShutdownError (or LAPLACE's shape)."""
+        out: list[Action] = []
+        for job, pending in self._pending.items():
+            if pending.answered:
+                continue
+            pending.answered = True
+            message = f"server is shutting down; {job.label} was " + (
+                "interrupted" if job.state == RUNNING else "not started"
+            )
+            if pending.answer is None:
+                reply = _error(pending.request, message, "ShutdownError")
+            else:
+                reply = pending.answer.failed(message)
+            if reply is not None:
+                out.append(Send(pending.route, native.encode_reply(reply)))
+        self._queue.clear()
+        self._queued_by.clear()
+        return out
+
+    # ---- replies and logs -------------------------------------------------------------------
+    def _reply(
+        self,
+        out: list[Action],
+        route: list[bytes],
+        reply: dict[str, Any],
+        observe: Observation | None,
+        grant: str | None = None,
+    ) -> None:
+        # a LAPLACE reply has no status: it failed when it carries an error_msg
+        if observe is not None and (
+            reply.get("status", "ok") != "ok" or reply.get("error_msg") is not None
+        ):
+            observe.status = "error"
+            observe.error_type = str(reply.get("type", "LaplaceError"))
+            if observe.error_type == "TimeoutError" and "started" in reply:
+                observe.status = "timeout"
+        out.append(Send(route, native.encode_reply(reply), observe, grant))
+
+    def _log(self, out: list[Action], cause: str, now: float, level: int, message: str) -> None:
+        if self.logs.allow(cause, now):
+            out.append(Log(level, f"{self.name}: {message}"))
+
+    # ---- control requests ------------------------------------------------------------------
+    def _session_of(self, identity: bytes, conn: Any, request: native.Request) -> str | None:
+        """The session a request speaks for: its token, or the PLESTY grant of its own
+        connection (never of another peer that claims the same client id)."""
+        if request.session is not None:
+            return request.session
+        entry = self._plesty.get(identity)
+        if entry is not None and entry.conn == conn:
+            return entry.session
+        return None
+
+    def _on_connect(self, route, conn, request, now, observe, out) -> None:
+        identity = route[0]
+        client_id = native.client_id_of(identity)
+        metadata = {
+            k: v for k, v in request.fields.items() if k not in native.CONNECT_PROTOCOL_KEYS
+        }
+        if metadata:
+            size = len(native.encode(metadata))
+            if size > self.limits.max_metadata_bytes:
+                out.append(Count("refused", ("max_metadata_bytes",)))
+                raise ProtocolError(
+                    f"connect metadata is {size} bytes of JSON; the limit is "
+                    f"{self.limits.max_metadata_bytes} (max_metadata_bytes): send a short "
+                    "experiment name, not data"
+                )
+        lease = request.get("lease")
+        if lease is not None:
+            # no lease outlives the idle limit: a client cannot hold a lock "forever"
+            lease = min(float(lease), self.locks.idle_limit_s)
+        known = self._session_of(identity, conn, request)
+        if known is not None and self.locks.grant(known) is None:
+            known = None  # a stale token (lease ran out, server restarted): start afresh
+        session = known or secrets.token_urlsafe(16)
+        leaves: tuple[str, ...] = ()
+        try:
+            leaves = self.locks.expand(request.get("resources"), self.limits.max_connect_paths)
+            grant = self.locks.acquire(
+                session, client_id, leaves, now, lease_s=lease, metadata=metadata
+            )
+        except ResourceAllocationError as exc:
+            if exc.details.get("too_many"):
+                out.append(Count("refused", ("max_connect_paths",)))
+                raise ProtocolError(str(exc)) from None
+            wait = request.get("wait")
+            if wait and "unknown" not in exc.details:
+                replaced = self._enqueue_waiter(
+                    route, conn, request, session, client_id, leaves, metadata, lease, wait, now
+                )
+                if replaced is not None:
+                    old_route, old_request, since, _, _ = replaced.token
+                    self._refuse_connect(
+                        out,
+                        old_route,
+                        old_request,
+                        replaced.client_id,
+                        replaced.metadata,
+                        ResourceAllocationError(
+                            "this wait was replaced by a newer connect of the same session"
+                        ),
+                        Observation("connect", "", "ok", None, since),
+                        now,
+                    )
+                return
+            self._refuse_connect(out, route, request, client_id, metadata, exc, observe, now)
+            return
+        self._granted(out, route, conn, request, grant, observe, now)
+
+    def _enqueue_waiter(
+        self, route, conn, request, session, client_id, leaves, metadata, lease, wait, now
+    ) -> Waiter | None:
+        waiting = self.locks.waiting
+        if waiting >= self.limits.max_waiters and self.locks.grant(session) is None:
+            raise BusyError(
+                f"{self.name}: {waiting} connects are already waiting for resources "
+                f"(max_waiters={self.limits.max_waiters}); try again later, or connect without "
+                "wait to see who holds them",
+                bound="max_waiters",
+                limit=self.limits.max_waiters,
+                depth=waiting,
+            )
+        wait = min(float(wait), self.limits.max_wait_s)
+        replaced = self.locks.enqueue(
+            Waiter(
+                session,
+                client_id,
+                leaves,
+                now + wait,
+                metadata,
+                lease,
+                (route, request, now, conn, wait),
+            )
+        )
+        if replaced is not None:
+            self._unindex_waiter(replaced.token[3], session)
+        self._waiters_by_conn.setdefault(conn, set()).add(session)
+        return replaced
+
+    def _granted(self, out, route, conn, request, grant: Grant, observe, now) -> None:
+        if grant.lease_s is None:
+            self._bind_plesty(route[0], conn, grant.session)
+        if grant.leaves:
+            self._log(
+                out,
+                "lock granted",
+                now,
+                _INFO,
+                f"{_short(grant.describe_holder())} holds {_quote(grant.leaves)}",
+            )
+            self._locks_changed(now, out)
+        result = {
+            "client_id": grant.client_id,
+            "resources": list(grant.leaves),
+            "metadata": grant.metadata,
+            "session": grant.session,
+            "lease": grant.lease_s,
+            "epoch": self.epoch,
+        }
+        self._reply(
+            out,
+            route,
+            native.ok_reply(result, request),
+            observe,
+            grant.session if grant.leaves else None,
+        )
+
+    def _bind_plesty(self, identity: bytes, conn: Any, session: str) -> None:
+        old = self._plesty.get(identity)
+        if old is not None and old.session != session:
+            self._forget_plesty(old.session)
+        self._plesty[identity] = _PlestySession(session, conn)
+        self._plesty_by_conn.setdefault(conn, set()).add(identity)
+
+    def _forget_plesty(self, session: str) -> None:
+        for identity, entry in list(self._plesty.items()):
+            if entry.session == session:
+                del self._plesty[identity]
+                ids = self._plesty_by_conn.get(entry.conn)
+                if ids is not None:
+                    ids.discard(identity)
+                    if not ids:
+                        del self._plesty_by_conn[entry.conn]
+
+    def _refuse_connect(self, out, route, request, client_id, metadata, exc, observe, now):
+        self._log(
+            out,
+            "connect refused",
+            now,
+            _INFO,
+            f"connect of {_short(client_id)} refused: {_short(str(exc), 300)}",
+        )
+        self._reply(
+            out,
+            route,
+            _error(
+                request,
+                str(exc),
+                exc.wire_type,
+                result={"client_id": client_id, "resources": [], "metadata": metadata},
+                **_details(exc),
+            ),
+            observe,
+        )
+
+    def _serve_waiters(self, now: float, out: list[Action]) -> None:
+        granted, expired = self.locks.serve_waiters(now)
+        for waiter, grant in granted:
+            route, request, since, conn, _ = waiter.token
+            self._unindex_waiter(conn, waiter.session)
+            out.append(Count("lock_waited", ("granted", now - since)))
+            self._granted(
+                out, route, conn, request, grant, Observation("connect", "", "ok", None, since), now
+            )
+        for waiter in expired:
+            route, request, since, conn, wait = waiter.token
+            self._unindex_waiter(conn, waiter.session)
+            out.append(Count("lock_waited", ("timeout", now - since)))
+            busy = self.locks.busy_message(waiter.leaves, now)
+            exc = ResourceAllocationError(
+                f"waited {wait:g} s; requested resources are still not available: " + busy
+            )
+            self._refuse_connect(
+                out,
+                route,
+                request,
+                waiter.client_id,
+                waiter.metadata,
+                exc,
+                Observation("connect", "", "ok", None, since),
+                now,
+            )
+
+    def _unindex_waiter(self, conn: Any, session: str) -> None:
+        sessions = self._waiters_by_conn.get(conn)
+        if sessions is not None:
+            sessions.discard(session)
+            if not sessions:
+                del self._waiters_by_conn[conn]
+
+    def _on_disconnect(self, route, conn, request, now, observe, out) -> None:
+        identity = route[0]
+        session = self._session_of(identity, conn, request)
+        if session is not None:
+            grant = self.locks.release(session)
+            if grant is not None and grant.leaves:
+                self._log(
+                    out,
+                    "lock released",
+                    now,
+                    _INFO,
+                    f"{_short(grant.describe_holder())} released {_quote(grant.leaves)}",
+                )
+            self._forget_plesty(session)
+            self._locks_changed(now, out)
+        self._reply(
+            out,
+            route,
+            native.ok_reply({"client_id": native.client_id_of(identity)}, request),
+            observe,
+        )
+        self._serve_waiters(now, out)
+
+    def _on_describe(self, route, conn, request, now, observe, out) -> None:
+        result = {
+            **self.description,
+            "protocol": native.PROTOCOL_NAME,
+            "capabilities": CAPABILITIES,
+            "healthy": self.healthy,
+            "epoch": self.epoch,
+        }
+        self._reply(out, route, native.ok_reply(result, request), observe)
+
+    def _on_help(self, route, conn, request, now, observe, out) -> None:
+        self._reply(out, route, native.ok_reply({"help": self.help_text}, request), observe)
+
+    def _on_ping(self, route, conn, request, now, observe, out) -> None:
+        current = self.running
+        result = {
+            "pong": True,
+            "name": self.name,
+            "healthy": self.healthy,
+            "connected": self.connected,
+            "busy": current is not None,
+            "running": {"label": current.label, "for_s": round(now - current.started_at, 3)}
+            if current is not None
+            else None,
+            "queue_depth": len(self._queue),
+            "epoch": self.epoch,
+            "uptime_s": round(now - self.started_at, 3),
+        }
+        self._reply(out, route, native.ok_reply(result, request), observe)
+
+    def _on_heartbeat(self, route, conn, request, now, observe, out) -> None:
+        grant = self.locks.renew(request.session or "", now)
+        result = {"lease_remaining": self.locks.remaining(grant, now), "epoch": self.epoch}
+        self._reply(out, route, native.ok_reply(result, request), observe)
+
+    def _on_locks(self, route, conn, request, now, observe, out) -> None:
+        result = {"resources": sorted(self.locks.leaves), "holders": self.locks.holders(now)}
+        self._reply(out, route, native.ok_reply(result, request), observe)
+
+    def _lock_tick(self, now: float, out: list[Action]) -> None:
+        alive = [p.session for p in self._pending.values() if p.session and not p.answered]
+        expired = self.locks.expire(now, alive)
+        for grant in expired:
+            out.append(Count("lease_expired"))
+            self._forget_plesty(grant.session)
+        if expired:
+            first = expired[0]
+            more = f" (and {len(expired) - 1} more sessions)" if len(expired) > 1 else ""
+            self._log(
+                out,
+                "lease expired",
+                now,
+                _WARNING,
+                f"lease of {_short(first.describe_holder())} expired after "
+                f"{now - first.last_seen:.1f} s without a request; freed "
+                f"{_quote(first.leaves)}{more}",
+            )
+        self._serve_waiters(now, out)
+        if expired:
+            self._locks_changed(now, out)
+        following = self.locks.next_event()
+        self._next_lock_check = (
+            now + LOCK_CHECK_S if following is None else min(now + LOCK_CHECK_S, following)
+        )
+
+    def _locks_changed(self, now: float, out: list[Action]) -> None:
+        rows = [
+            {
+                "resource": row["resource"],
+                "holder": row["client_id"],
+                "holder_name": str(
+                    row["metadata"].get("name") or row["metadata"].get("experiment") or ""
+                ),
+                "since": now - row["since_s"],
+            }
+            for row in self.locks.holders(now)
+        ]
+        out.append(LocksChanged(rows))
+
+    # ---- device requests ------------------------------------------------------------------
+    def _on_device_request(self, route, conn, request, now, observe, out) -> None:
+        if not self.executor_alive:
+            raise ExecutorDeadError(
+                f"{self.name}: the thread that runs this device's calls is not running; "
+                "restart the server"
+            )
+        identity = route[0]
+        session = self._session_of(identity, conn, request)
+        resources: list[str] = []
+        if session is not None:
+            grant = self.locks.grant(session)
+            if grant is None:
+                raise LeaseExpiredError(
+                    f"{self.name}: this session is unknown here (its lease ran out, or the "
+                    "server restarted); any locks it held are gone: connect again"
+                )
+            grant.last_seen = now
+            resources = list(grant.leaves)
+        queue_key = session if session is not None else (identity, conn)
+        self._check_queue_bounds(queue_key)
+        fn, args, kwargs, label = self._device_call(request)
+        touches: tuple[str, ...] = ()
+        if request.type != "query" and self.locks.leaves:
+            touches = self._touches(request, args, kwargs)
+        if resources and self._accepts_resources(label, fn):
+            kwargs["resources"] = resources
+        budget = request.timeout
+        if budget is None and request.type == "call":
+            budget = self.budgets.get(request.fields["func"])
+        job = Job(fn, args, kwargs, label)
+        deadline = now + budget if budget is not None else None
+        operation = self.operation_label(request.fields.get("param") or request.fields.get("func"))
+        observe.operation = operation
+        self._pending[job] = _Pending(
+            route, request, now, deadline, session, touches, operation, queue_key
+        )
+        if deadline is not None:
+            heapq.heappush(self._deadlines, (deadline, next(self._seq), job))
+        self._enqueue(job, queue_key)
+
+    def _check_queue_bounds(self, queue_key: Any) -> None:
+        depth = len(self._queue)
+        if depth >= self.limits.max_queue_per_device:
+            raise BusyError(
+                f"{self.name}: {depth} calls are already queued for this device "
+                f"(max_queue_per_device={self.limits.max_queue_per_device}); nothing was "
+                "queued: retry later, or wait for replies before sending more",
+                bound="max_queue_per_device",
+                limit=self.limits.max_queue_per_device,
+                depth=depth,
+            )
+        mine = self._queued_by.get(queue_key, 0)
+        if mine >= self.limits.max_queue_per_session:
+            raise BusyError(
+                f"{self.name}: this client already has {mine} calls queued "
+                f"(max_queue_per_session={self.limits.max_queue_per_session}); nothing was "
+                "queued: wait for replies before sending more",
+                bound="max_queue_per_session",
+                limit=self.limits.max_queue_per_session,
+                depth=mine,
+            )
+
+    def _enqueue(self, job: Job, queue_key: Any) -> None:
+        self._queue.append(job)
+        self._queued_by[queue_key] = self._queued_by.get(queue_key, 0) + 1
+
+    def _dequeued(self, pending: _Pending) -> None:
+        key = pending.queue_key
+        left = self._queued_by.get(key, 0) - 1
+        if left > 0:
+            self._queued_by[key] = left
+        else:
+            self._queued_by.pop(key, None)
+
+    def _touches(self, request: native.Request, args: tuple, kwargs: dict) -> tuple[str, ...]:
+        """The registered leaves a write or call touches (all of them unless declared)."""
+        name = request.fields.get("param") or request.fields.get("func")
+        declared = touched_resources(self.device, request.type, name, args, kwargs)
+        if declared is None:
+            return tuple(sorted(self.locks.leaves))
+        try:
+            return self.locks.expand(declared)
+        except ResourceAllocationError:
+            # e.g. a template filled from a bad argument: lock-check it as the whole device,
+            # and let the call itself refuse the argument with its own error
+            return tuple(sorted(self.locks.leaves))
+
+    def _device_call(self, request: native.Request) -> tuple[Callable, tuple, dict, str]:
+        fields = request.fields
+        if request.type == "query":
+            return self.device.query, (fields["param"],), {}, f"query {fields['param']}"
+        if request.type == "write":
+            return (
+                self.device.write,
+                (fields["param"], fields["value"]),
+                {},
+                f"write {fields['param']}",
+            )
+        func = fields["func"]
+        if func not in self.methods:
+            raise UnknownOperationError(
+                f"{self.name} has no operation {_short(repr(func), 80)}; operations: "
+                f"{sorted(self.methods)}"
+            )
+        kwargs = dict(fields.get("kwargs") or {})
+        kwargs.pop("resources", None)  # never trust client-sent resources
+        return getattr(self.device, func), tuple(fields.get("args") or ()), kwargs, func
+
+    def _accepts_resources(self, label: str, fn: Callable) -> bool:
+        """Whether a device method takes `resources=` (PLESTY passes it; ours may not)."""
+        key = label.split(" ", 1)[0] if label.startswith(("query ", "write ")) else label
+        known = self._takes_resources.get(key)
+        if known is None:
+            try:
+                params = inspect.signature(fn).parameters.values()
+                known = any(p.kind is p.VAR_KEYWORD or p.name == "resources" for p in params)
+            except (TypeError, ValueError):
+                known = False
+            self._takes_resources[key] = known
+        return known
+
+    def _deliver(self, job: Job, now: float, out: list[Action]) -> None:
+        pending = self._pending.pop(job, None)
+        if pending is None:
+            return
+        if pending.answered:
+            self._log(
+                out,
+                "late result",
+                now,
+                _WARNING,
+                f"{job.label} finished {job.finished_at - job.started_at:.3f} s after it "
+                "started, past its budget; result discarded",
+            )
+            return
+        pending.answered = True
+        request = pending.request
+        if pending.session is not None:
+            grant = self.locks.grant(pending.session)
+            if grant is not None:
+                grant.last_seen = now
+        observe = Observation(request.type, pending.operation, "ok", None, pending.received)
+        if pending.answer is not None:
+            reply = pending.answer.reply(job)
+            if reply is not None:
+                self._reply(out, pending.route, reply, observe)
+            return
+        if job.ok:
+            out.append(
+                Send(
+                    pending.route, native.encode_reply(native.ok_reply(job.value, request)), observe
+                )
+            )
+            return
+        exc = job.error
+        assert exc is not None
+        if isinstance(exc, (SystemExit, KeyboardInterrupt, GeneratorExit)):
+            message = (
+                f"{type(exc).__name__}({', '.join(map(repr, exc.args))}) raised inside "
+                f"{job.label}; the call failed, the server carries on"
+            )
+            self._log(out, "call raised SystemExit", now, _ERROR, message)
+        else:
+            message = str(exc) or type(exc).__name__
+            self._log(
+                out,
+                "call failed",
+                now,
+                _INFO,
+                f"{job.label} failed: {wire_type_of(exc)}: {_short(message, 300)}",
+            )
+        self._reply(
+            out,
+            pending.route,
+            _error(request, message, wire_type_of(exc), **_details(exc)),
+            observe,
+        )
+
+    def _expire_budgets(self, now: float, out: list[Action]) -> None:
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, job = heapq.heappop(self._deadlines)
+            pending = self._pending.get(job)
+            if pending is None or pending.answered:
+                continue
+            pending.answered = True
+            observe = Observation(
+                pending.request.type, pending.operation, "ok", None, pending.received
+            )
+            if job is not self.running and job.state != RUNNING:
+                self._queue.remove(job)
+                self._dequeued(pending)
+                del self._pending[job]
+                current = self.running
+                detail = (
+                    f"not started: the device was busy with {current.label} for "
+                    f"{now - current.started_at:.1f} s"
+                    if current
+                    else "not started"
+                )
+                self._reply(
+                    out,
+                    pending.route,
+                    _error(
+                        pending.request,
+                        "Operation timed out",
+                        "TimeoutError",
+                        still_running=False,
+                        started=False,
+                        detail=detail,
+                    ),
+                    observe,
+                )
+                out.append(Count("budget_expired", (pending.operation, False)))
+                continue
+            running = job.state == RUNNING
+            self._reply(
+                out,
+                pending.route,
+                _error(
+                    pending.request,
+                    "Operation timed out",
+                    "TimeoutError",
+                    still_running=running,
+                    started=True,
+                    detail=f"{job.label} ran past its budget of "
+                    f"{(pending.deadline or now) - pending.received:.3f} s; the device stays "
+                    "busy until it ends",
+                ),
+                observe,
+            )
+            out.append(Count("budget_expired", (pending.operation, running)))
+
+    # ---- LAPLACE -----------------------------------------------------------------------------
+    def _on_laplace(self, route, obj, now, observe, out) -> None:
+        """A LAPLACE message: answered now, and/or queued on the device like a native call."""
+        assert self.laplace is not None
+        answer = self.laplace.handle(obj, self.running is not None or bool(self._queue))
+        observe.operation = answer.command
+        job = answer.job
+        if job is not None:
+            key = (route[0], "laplace")
+            self._check_queue_bounds(key)
+            request = native.Request("laplace", obj)
+            self._pending[job] = _Pending(
+                route,
+                request,
+                now,
+                None,
+                None,
+                answer.touches,
+                answer.command,
+                key,
+                answer=answer,
+            )
+            self._enqueue(job, key)
+        if answer.now is not None:
+            self._reply(out, route, answer.now, observe)
+
+    _handlers: dict[str, Callable[..., None]] = {
+        "connect": _on_connect,
+        "disconnect": _on_disconnect,
+        "describe": _on_describe,
+        "help": _on_help,
+        "ping": _on_ping,
+        "heartbeat": _on_heartbeat,
+        "locks": _on_locks,
+        "query": _on_device_request,
+        "write": _on_device_request,
+        "call": _on_device_request,
+    }
+
+
+def _error(
+    request: native.Request | None, message: str, error_type: str, **extra: Any
+) -> dict[str, Any]:
+    if request is None:
+        return native.error_reply(message, error_type, **extra)
+    return native.error_reply(message, error_type, request.id, request.has_id, **extra)
+
+
+def _details(exc: BaseException) -> dict[str, Any]:
+    """Extra reply fields an error carries (e.g. lock holders); never the protocol's own."""
+    details = getattr(exc, "details", None)
+    if not isinstance(details, dict):
+        return {}
+    return {
+        k: v
+        for k, v in details.items()
+        if k not in ("status", "error", "type", "id", "too_many", "request_id", "has_id")
+    }
+
+
+def _short(text: str, limit: int = 120) -> str:
+    """A peer-chosen string cut for a log line (a log line never carries a peer's megabytes)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
+
+def _quote(leaves: tuple[str, ...] | list[str]) -> str:
+    return quote_names(list(leaves))
+
+
+def help_text(description: dict[str, Any]) -> str:
+    """The `help` reply: the device's parameters, operations and resources as text."""
+    lines = [f"{description['name']} ({description['kind']})"]
+    summary = (description["doc"].get("description") or "").split("\n\n")[0]
+    if summary:
+        lines.append(summary)
+    params = description["doc"]["parameters"]["default"]
+    if params:
+        lines.append("")
+        lines.append("Parameters:")
+        for p in params:
+            limits = ""
+            if p["options"] is not None:
+                limits = f" options {p['options']}"
+            elif p["min_value"] is not None or p["max_value"] is not None:
+                limits = f" [{p['min_value']}, {p['max_value']}]"
+            access = " read-only" if p["read_only"] else " write-only" if p["write_only"] else ""
+            unit = f" {p['unit']}" if p["unit"] else ""
+            lines.append(f"  {p['name']}: {p['dtype']}{unit}{limits}{access}  {p['description']}")
+    if description["doc"]["functions"]:
+        lines.append("")
+        lines.append("Operations:")
+        for f in description["doc"]["functions"]:
+            args = ", ".join(a["name"] for a in f["iparams"])
+            budget = f" (budget {f['kind']['budget_s']} s)" if f["kind"]["budget_s"] else ""
+            first = f["description"].splitlines()[0] if f["description"] else ""
+            lines.append(f"  {f['name']}({args}){budget}  {first}")
+    if description["resources"]:
+        lines.append("")
+        lines.append(f"Lockable resources: {description['resources']}")
+    return "\n".join(lines)

@@ -1,0 +1,635 @@
+"""The device server's socket loop: one ROUTER socket, two threads, the core's actions executed.
+
+Every decision is the pure `ServerCore`'s (see `labmesh.server.core`); this module owns what
+has I/O: the ROUTER socket and its connection monitor, the two threads and the hand-over between
+them, the clock, metrics and the log.
+
+The thread that owns the socket decodes every message (through the core), answers control
+requests and runs short device calls inline, so a query costs no thread hop. When a call runs
+long (a 20 s exposure) the watchdog hands the socket to the standby thread, which keeps answering
+ping and describe, enforces budgets and queues further calls: a budget that runs out gets
+TimeoutError at once, while the device stays busy (no second call starts) until the call really
+ends. See `labmesh.device.executor`.
+
+Connections: libzmq's monitor reports each accepted and closed connection with its file
+descriptor, and every message carries the descriptor it came in on, so the loop gives each
+connection an id (`conn`) and tells the core when one closes. That is what binds a PLESTY
+client's lock to its live connection and drops the waits of peers that left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from labmesh import metrics
+from labmesh.device.base import describe_device
+from labmesh.device.executor import TAKEOVER_AFTER_S, Job, Watchdog
+from labmesh.locks import DEFAULT_IDLE_LIMIT_S, LeaseTable
+from labmesh.protocol import native
+from labmesh.server.core import (
+    Count,
+    LocksChanged,
+    Log,
+    Run,
+    Send,
+    ServerCore,
+    ServerLimits,
+)
+from labmesh.transport import bound_address, router_socket
+from labmesh.version import __version__
+
+if TYPE_CHECKING:
+    from labmesh.laplace import LaplaceAdapter
+
+log = logging.getLogger("labmesh.server")
+
+# plain ints: pyzmq's enum arithmetic costs about a microsecond a call on the hot path
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE_NOBLOCK = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_SRCFD = int(zmq.SRCFD)
+_ACCEPTED = int(zmq.EVENT_ACCEPTED)
+_DISCONNECTED = int(zmq.EVENT_DISCONNECTED)
+#: How long an idle server waits in one receive before looking at its other duties (ms).
+_IDLE_RECV_MS = 100
+#: Longest the I/O loop sleeps when nothing is due.
+_MAX_POLL_MS = 500
+#: Messages read in one go before the loop looks at its other duties.
+_BATCH = 256
+
+
+class DeviceServer:
+    """Serves one device on one ZeroMQ ROUTER endpoint.
+
+    Parameters:
+        device: the driver object (a `labmesh.Device`, or any object with query/write and
+            `@operation` methods).
+        fixed_threading: run every device call on one dedicated thread (True) or serialized
+            on a shared pool (False).
+        address: where to listen, e.g. `tcp://*:5555` or `tcp://127.0.0.1:0` (port chosen).
+        name: the device's name in the lab (default: `device.name` or the class name).
+        max_message_bytes: largest accepted request; larger ones get a ProtocolError
+            (shorthand for `limits.max_message_bytes`).
+        idle_limit_s: how long a lock without a lease (PLESTY client) survives silence.
+        connect_timeout_s: how long `start()` waits for the device's connect.
+        laplace: a `labmesh.laplace.LaplaceAdapter` answering LAPLACE-LHC messages (`cmd` and
+            `version`, no `type`) on this same socket (PROTOCOL.md section 4).
+        limits: the bounds on what a peer can make the server hold (`ServerLimits`); single
+            fields can also be given as keywords, e.g. `max_waiters=100`.
+    """
+
+    def __init__(
+        self,
+        device: Any,
+        *,
+        fixed_threading: bool = False,
+        address: str = "tcp://*:5555",
+        name: str | None = None,
+        max_message_bytes: int | None = None,
+        idle_limit_s: float = DEFAULT_IDLE_LIMIT_S,
+        connect_timeout_s: float = 60.0,
+        context: zmq.Context | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        laplace: LaplaceAdapter | None = None,
+        limits: ServerLimits | None = None,
+        **limit_fields: Any,
+    ) -> None:
+        limits = limits or ServerLimits()
+        if max_message_bytes is not None:
+            limit_fields["max_message_bytes"] = max_message_bytes
+        if limit_fields:
+            fields = {f.name for f in dataclasses.fields(ServerLimits)}
+            unknown = sorted(set(limit_fields) - fields)
+            if unknown:
+                raise TypeError(
+                    f"DeviceServer got unknown option(s) {unknown}; limits are {sorted(fields)}"
+                )
+            limits = dataclasses.replace(limits, **limit_fields)
+        self.device = device
+        self.name = name or describe_device(device)["name"]
+        self.limits = limits
+        self.max_message_bytes = limits.max_message_bytes
+        self.connect_timeout_s = connect_timeout_s
+        self.clock = clock
+        self.core = ServerCore(
+            device, self.name, limits=limits, idle_limit_s=idle_limit_s, laplace=laplace
+        )
+        self._new_metrics()
+        self._laplace = laplace
+        if laplace is not None:
+            laplace.attach(self)
+        self.fixed_threading = fixed_threading
+        # An own context by default: terminating it on stop guarantees the port is released
+        # when stop() returns (a socket close alone finishes asynchronously).
+        self._own_ctx = context is None
+        self._ctx = context or zmq.Context(io_threads=1)
+        try:
+            self._sock = router_socket(
+                self._ctx, address, limits.max_message_bytes, limits.max_replies_queued_per_peer
+            )
+        except OSError:
+            if self._own_ctx:
+                self._ctx.term()
+            raise
+        self.address = bound_address(self._sock)
+        self._monitor = self._sock.get_monitor_socket(_ACCEPTED | _DISCONNECTED)
+        self._conn_of_fd: dict[int, int] = {}
+        self._conn_ids = 0
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sock.setsockopt(zmq.RCVTIMEO, _IDLE_RECV_MS)
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._wake_r, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
+        # shared between the two server threads (guarded by _cond)
+        self._state = threading.Lock()  # the hot path takes the bare lock
+        self._cond = threading.Condition(self._state)
+        self._owner: threading.Thread | None = None
+        self._running: Job | None = None
+        self._results: list[Job] = []
+        self._stop_requested = False
+        self._finished = 0
+        self._dead: set[threading.Thread] = set()
+        self._threads: list[threading.Thread] = []
+        self._device_thread: threading.Thread | None = None
+        self._connect_done = threading.Event()
+        self._connect_error: BaseException | None = None
+        self._stopped = threading.Event()
+        self._lock_rows: list[dict[str, Any]] = []
+        self.connected = False
+
+    # ---- what the LAPLACE adapter and tools read -------------------------------------------
+    @property
+    def description(self) -> dict[str, Any]:
+        return self.core.description
+
+    @property
+    def locks(self) -> LeaseTable:
+        return self.core.locks
+
+    @property
+    def epoch(self) -> str:
+        return self.core.epoch
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def start(self) -> DeviceServer:
+        """Connect the device (on its own thread) and serve in the background.
+
+        Raises whatever the device's connect raised, after closing the socket.
+        """
+        if self._threads:
+            return self
+        self.core.started_at = self.clock()
+        self._threads = [
+            threading.Thread(target=self._thread_main, name=f"device:{self.name}", daemon=True),
+            threading.Thread(target=self._thread_main, name=f"standby:{self.name}", daemon=True),
+        ]
+        self._device_thread = self._threads[0]
+        for thread in self._threads:
+            thread.start()
+        if not self._connect_done.wait(self.connect_timeout_s):
+            self.stop()
+            raise TimeoutError(
+                f"{self.name}: device connect did not finish within {self.connect_timeout_s} s"
+            )
+        if self._connect_error is not None:
+            self.stop()
+            raise self._connect_error
+        log.info("%s: serving on %s", self.name, self.address)
+        return self
+
+    def stop(self, timeout: float = 1.5) -> None:
+        """Stop serving, disconnect the device and close the socket (bounded by `timeout`)."""
+        with self._cond:
+            self._stop_requested = True
+            job = self._running
+            if job is not None and self._owner is job.thread and self._threads:
+                # the owner is inside a device call: let the other thread close the socket
+                self._owner = self._other(job.thread)
+            self._cond.notify_all()
+        self._wake()
+        deadline = time.monotonic() + timeout
+        me = threading.current_thread()
+        for thread in self._threads:
+            if thread is not me:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        if not self._threads:
+            self._close_socket()
+            self._wake_r.close()
+            self._wake_w.close()
+        if any(t.is_alive() for t in self._threads):
+            job = self._running
+            log.warning(
+                "%s: device still busy with %s at shutdown; it is disconnected when that ends",
+                self.name,
+                job.label if job else "?",
+            )
+
+    async def run(self) -> None:
+        """Serve until stop(), Ctrl+C or SIGTERM (then return normally), or cancellation.
+
+        In the main thread SIGINT and SIGTERM stop the server cleanly (device disconnected,
+        socket closed) and `asyncio.run(main())` ends with exit status 0, as PLESTY's does.
+        """
+        loop = asyncio.get_running_loop()
+        signals = _install_stop_signals(loop, lambda: loop.run_in_executor(None, self.stop))
+        try:
+            await loop.run_in_executor(None, self.start)
+            await loop.run_in_executor(None, self._stopped.wait)
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            self.stop()
+
+    @property
+    def running(self) -> bool:
+        return bool(self._threads) and not self._stopped.is_set()
+
+    @property
+    def healthy(self) -> bool:
+        """Both server threads alive (a dead device thread means calls cannot run)."""
+        return bool(self._threads) and all(
+            t.is_alive() and t not in self._dead for t in self._threads
+        )
+
+    @property
+    def busy_with(self) -> Job | None:
+        """The device call running now, if any."""
+        return self._running
+
+    def __enter__(self) -> DeviceServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- threads and socket ownership -----------------------------------------------------
+    # Exactly one thread owns the socket (and calls the core) at a time (`_owner`, changed
+    # under `_cond`). The owner runs device calls inline when it may (fixed_threading: only
+    # the device thread). When a call runs long the watchdog moves ownership to the other
+    # thread, which keeps answering while the call runs; the caller posts its finished job to
+    # `_results` and waits.
+    def _thread_main(self) -> None:
+        me = threading.current_thread()
+        if me is self._device_thread:
+            self._connect_device(me)
+        try:
+            while True:
+                with self._cond:
+                    while self._owner is not me and not self._stop_requested:
+                        self._cond.wait()
+                    owner = self._owner is me
+                if owner:
+                    self._serve_as_owner(me)
+                if self._stop_requested:
+                    break
+        except BaseException:
+            # Only a bug of ours (or an exception injected from outside) gets here: keep the
+            # socket served by the other thread; ping and describe now report unhealthy.
+            log.critical("%s: server thread %s died", self.name, me.name, exc_info=True)
+            with self._cond:
+                self._dead.add(me)
+                self.core.healthy = False
+                self.core.executor_alive = not (self.fixed_threading and me is self._device_thread)
+                if self._owner is me:
+                    self._owner = self._other(me)
+                    self._cond.notify_all()
+            self._thread_finished()
+            raise
+        if me is self._device_thread:
+            self._disconnect_device()
+        self._thread_finished()
+
+    def _other(self, me: threading.Thread) -> threading.Thread:
+        return self._threads[1] if me is self._threads[0] else self._threads[0]
+
+    def _thread_finished(self) -> None:
+        with self._cond:
+            self._finished += 1
+            last = self._finished == len(self._threads)
+        if last:
+            self._wake_r.close()
+            self._wake_w.close()
+            self._stopped.set()
+            log.info("%s: stopped", self.name)
+
+    def _new_metrics(self) -> None:
+        self.metrics = metrics.DeviceMetrics(self.name, frozenset(self.core.budgets))
+
+    def _connect_device(self, me: threading.Thread) -> None:
+        job = Job(_enter_device, (self.device,), label="connect")
+        job.run()
+        if job.ok:
+            self.core.describe()
+            self._new_metrics()
+            self.connected = self.core.connected = True
+            Watchdog.shared().add(self)
+            metrics.SERVERS.add(self)
+            metrics.SERVER_INFO.labels(
+                self.name, self.description["kind"], __version__, native.PROTOCOL_NAME
+            ).set(1)
+            with self._cond:
+                self._owner = me
+                self._cond.notify_all()
+        else:
+            self._connect_error = job.error
+            with self._cond:
+                self._stop_requested = True
+                self._owner = me
+                self._cond.notify_all()
+        self._connect_done.set()
+
+    def _disconnect_device(self) -> None:
+        Watchdog.shared().remove(self)
+        metrics.SERVERS.remove(self)
+        with contextlib.suppress(KeyError):
+            metrics.SERVER_INFO.remove(
+                self.name, self.description["kind"], __version__, native.PROTOCOL_NAME
+            )
+        if self.connected:
+            job = Job(_exit_device, (self.device,), label="disconnect")
+            job.run()
+            self.connected = self.core.connected = False
+            if not job.ok:
+                log.error("%s: disconnect failed: %r", self.name, job.error)
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """Scrape-time state for metrics (read from another thread: plain attribute reads)."""
+        return {
+            "device": self.name,
+            "up": self.connected and self.healthy,
+            "busy": self._running is not None,
+            "queue_depth": self.core.queue_depth,
+            "in_flight": self.core.in_flight,
+            "waiters": self.core.locks.waiting,
+            "locks": self._lock_rows,
+        }
+
+    def check_long_call(self, now: float) -> bool:
+        """Called by the watchdog: hand the socket to the other thread if a call runs long."""
+        job = self._running
+        if job is None:
+            return False
+        thread = job.thread
+        if thread is None or now - job.started_at < TAKEOVER_AFTER_S:
+            return True
+        with self._cond:
+            other = self._other(thread)
+            if (
+                self._running is job
+                and self._owner is thread
+                and not self._stop_requested
+                and other.is_alive()
+                and other not in self._dead
+            ):
+                self._owner = other
+                self._cond.notify_all()
+        return True
+
+    def _may_run_calls(self, me: threading.Thread) -> bool:
+        return not self.fixed_threading or me is self._device_thread
+
+    def _device_thread_alive(self) -> bool:
+        thread = self._device_thread
+        return thread is not None and thread.is_alive() and thread not in self._dead
+
+    def _hand_over(self, to: threading.Thread) -> None:
+        with self._cond:
+            self._owner = to
+            self._cond.notify_all()
+
+    def _wake(self) -> None:
+        # a full buffer means a wake-up is already pending; OSError: we are shutting down
+        with contextlib.suppress(BlockingIOError, OSError):
+            self._wake_w.send(b"\0")
+
+    # ---- the owner's loop -------------------------------------------------------------------
+    def _serve_as_owner(self, me: threading.Thread) -> None:
+        """Serve the socket until ownership moves elsewhere or the server stops."""
+        core = self.core
+        poller = self._poller
+        sock = self._sock
+        monitor = self._monitor
+        may_run = self._may_run_calls(me)
+        wake_fd = self._wake_r.fileno()
+        while True:
+            if self._stop_requested:
+                self._shutdown_as_owner()
+                return
+            if self._results:
+                with self._cond:
+                    done, self._results = self._results, []
+                for job in done:
+                    self._execute(core.job_done(job, self.clock()))
+            if core.running is None and core.has_work:
+                if not may_run and self._device_thread_alive():
+                    self._hand_over(self._device_thread)  # queued calls run there
+                    return
+                if may_run and not self._run_next(me):
+                    return
+            now = self.clock()
+            if now >= core.next_wakeup():
+                self._execute(core.tick(now))
+            if core.running is None and not core.has_work and not self._results:
+                # idle: only the socket needs watching (stop is seen within _IDLE_RECV_MS),
+                # so wait in a plain receive, which is cheaper than a poll
+                if not self._receive(me, may_run, block=True):
+                    return
+                continue
+            if core.has_work or self._results:
+                timeout = 0
+            else:
+                timeout = min(_MAX_POLL_MS, max(0, int((core.next_wakeup() - now) * 1000) + 1))
+            try:
+                events = dict(poller.poll(timeout))
+            except zmq.ZMQError as exc:
+                log.error("%s: poll failed: %s", self.name, exc)
+                continue
+            if monitor in events:
+                self._drain_monitor()
+            if sock in events and not self._receive(me, may_run, block=False):
+                return
+            if wake_fd in events:
+                with contextlib.suppress(BlockingIOError, OSError):
+                    self._wake_r.recv(65536)
+
+    def _receive(self, me: threading.Thread, may_run: bool, block: bool) -> bool:
+        """Read what the socket has (waiting up to _IDLE_RECV_MS if `block`); a call that can
+        start now runs right away. False if the socket was handed over meanwhile."""
+        sock = self._sock
+        core = self.core
+        monitor = self._monitor
+        flags = 0 if block else _NOBLOCK
+        for _ in range(_BATCH):
+            try:
+                head = sock.recv(flags, copy=False)
+            except zmq.Again:
+                if block and monitor.get(_EVENTS) & _POLLIN:
+                    self._drain_monitor()
+                return True
+            flags = _NOBLOCK
+            frames = sock.recv_multipart(_NOBLOCK) if head.more else []
+            # a connection's ACCEPTED event is queued before its first message can be read:
+            # drained here, the descriptor's connection id is the current one
+            if monitor.get(_EVENTS) & _POLLIN:
+                self._drain_monitor()
+            try:
+                conn = self._conn_of_fd.get(head.get(_SRCFD))
+            except zmq.ZMQError:
+                conn = None  # inproc: no descriptor
+            self._execute(core.receive(head.bytes, frames, self.clock(), conn))
+            if core.has_work and may_run and not self._run_next(me):
+                return False
+            if not sock.get(_EVENTS) & _POLLIN:
+                return True
+        return True
+
+    def _drain_monitor(self) -> None:
+        core = self.core
+        while True:
+            try:
+                event = parse_monitor_message(self._monitor.recv_multipart(_NOBLOCK))
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                return  # closing
+            fd = int(event["value"])
+            if event["event"] == _ACCEPTED:
+                old = self._conn_of_fd.get(fd)
+                if old is not None:  # its close was not reported: it is gone all the same
+                    self._execute(core.peer_gone(old, self.clock()))
+                self._conn_ids += 1
+                self._conn_of_fd[fd] = self._conn_ids
+            elif event["event"] == _DISCONNECTED:
+                conn = self._conn_of_fd.pop(fd, None)
+                if conn is not None:
+                    self._execute(core.peer_gone(conn, self.clock()))
+
+    def _run_next(self, me: threading.Thread) -> bool:
+        """Run the next queued call on this thread; False if the socket was handed over."""
+        job = self._execute(self.core.start_next(self.clock()))
+        if job is None:
+            return True
+        job.thread = me
+        with self._state:
+            self._running = job
+        job.run()
+        with self._state:
+            self._running = None
+            still_owner = self._owner is me
+            if not still_owner:
+                self._results.append(job)
+        if still_owner:
+            self._execute(self.core.job_done(job, self.clock()))
+            return True
+        self._wake()
+        return False
+
+    def _execute(self, actions: list) -> Job | None:
+        """Carry out the core's actions; returns the job a Run asks for (the caller runs it)."""
+        run = None
+        for action in actions:
+            kind = type(action)
+            if kind is Send:
+                self._send(action)
+            elif kind is Run:
+                run = action.job
+            elif kind is Count:
+                getattr(self.metrics, action.event)(*action.args)
+            elif kind is Log:
+                log.log(action.level, "%s", action.message)
+            elif kind is LocksChanged:
+                # a fresh list, so a scrape never sees one half-built; wall-clock `since`
+                offset = time.time() - self.clock()
+                self._lock_rows = [{**row, "since": row["since"] + offset} for row in action.rows]
+        return run
+
+    def _send(self, send: Send) -> None:
+        sock = self._sock
+        try:
+            for frame in send.route:
+                sock.send(frame, _SNDMORE_NOBLOCK)
+            sock.send(send.body, _NOBLOCK, copy=False)
+        except zmq.Again:
+            self._execute(self.core.undeliverable(send, "peer_not_reading", self.clock()))
+        except zmq.ZMQError:  # EHOSTUNREACH (ROUTER_MANDATORY): that peer disconnected
+            self._execute(self.core.undeliverable(send, "peer_gone", self.clock()))
+        observe = send.observe
+        if observe is not None:
+            self.metrics.observe(
+                observe.rtype, observe.operation, observe.status, self.clock() - observe.received
+            )
+            if observe.error_type is not None:
+                self.metrics.error(observe.rtype, observe.error_type)
+
+    def _shutdown_as_owner(self) -> None:
+        self._execute(self.core.shutdown(self.clock()))
+        self._close_socket()
+        with self._cond:
+            self._owner = None
+            self._cond.notify_all()
+
+    def _close_socket(self) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            self._sock.disable_monitor()
+        self._monitor.close(linger=0)
+        self._sock.close(linger=0)
+        if self._own_ctx:
+            self._ctx.term()
+
+
+def _install_stop_signals(loop: asyncio.AbstractEventLoop, stop: Callable[[], Any]) -> list:
+    """Route SIGINT/SIGTERM to `stop` while serving (main thread, POSIX loops only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return []
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop)
+        except (NotImplementedError, RuntimeError, ValueError):
+            continue  # e.g. Windows' proactor loop: Ctrl+C then cancels run() instead
+        installed.append(sig)
+    return installed
+
+
+def _enter_device(device: Any) -> None:
+    enter = getattr(device, "__enter__", None)
+    if enter is not None:
+        enter()
+    elif hasattr(device, "connect"):
+        device.connect()
+
+
+def _exit_device(device: Any) -> None:
+    exit_ = getattr(device, "__exit__", None)
+    if exit_ is not None:
+        exit_(None, None, None)
+    elif hasattr(device, "disconnect"):
+        device.disconnect()
+
+
+def build_server(
+    device: Any,
+    fixed_threading: bool = False,
+    address: str = "tcp://*:5555",
+    **options: Any,
+) -> DeviceServer:
+    """Serve `device` at `address` (PLESTY's signature). Then `await server.run()`, or
+    `server.start()` ... `server.stop()` from synchronous code. `options` go to DeviceServer.
+    """
+    return DeviceServer(device, fixed_threading=fixed_threading, address=address, **options)

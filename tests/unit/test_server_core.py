@@ -1,0 +1,428 @@
+"""The device server's pure core, driven with plain data (h11-style): no sockets, no threads.
+
+Each test feeds `ServerCore` events (receive, start_next, job_done, tick, peer_gone,
+undeliverable) with an explicit clock and checks the actions it returns.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+
+from labmesh.server.core import Count, Log, Run, Send, ServerCore, ServerLimits
+
+from support import MemoryMeter
+
+pytestmark = pytest.mark.unit
+
+LINE0 = "Dev1/port0/line0"
+
+
+def body(obj) -> list[bytes]:
+    return [json.dumps(obj).encode()]
+
+
+def sends(actions) -> list[Send]:
+    return [a for a in actions if isinstance(a, Send)]
+
+
+def replies(actions) -> list[dict]:
+    return [json.loads(a.body) for a in sends(actions)]
+
+
+def one_reply(actions) -> dict:
+    found = replies(actions)
+    assert len(found) == 1, found
+    return found[0]
+
+
+class Harness:
+    """A core plus the device calls the loop would run, run synchronously on demand."""
+
+    def __init__(self, **limits) -> None:
+        self.device = MemoryMeter()
+        self.core = ServerCore(self.device, "meter", limits=ServerLimits(**limits))
+        self.core.connected = True
+        self.now = 1000.0
+
+    def send(self, identity: bytes, obj, conn=1) -> list:
+        return self.core.receive(identity, body(obj), self.now, conn)
+
+    def run_all(self) -> list:
+        """Run every queued call to completion, one at a time; return every action."""
+        out = []
+        while True:
+            actions = self.core.start_next(self.now)
+            out.extend(a for a in actions if not isinstance(a, Run))
+            runs = [a for a in actions if isinstance(a, Run)]
+            if not runs:
+                return out
+            assert len(runs) == 1
+            runs[0].job.run()
+            out.extend(self.core.job_done(runs[0].job, self.now))
+
+    def ask(self, identity: bytes, obj, conn=1) -> dict:
+        """One request answered (running the device call if it needs one)."""
+        actions = self.send(identity, obj, conn) + self.run_all()
+        return one_reply(actions)
+
+
+def test_query_is_queued_then_run_and_answered_with_its_id():
+    h = Harness()
+    assert h.send(b"a", {"type": "query", "param": "WAVELENGTH", "id": 7}) == []
+    assert h.core.has_work
+    actions = h.core.start_next(h.now)
+    assert [type(a) for a in actions] == [Run]
+    assert h.core.running is actions[0].job
+    assert not h.core.has_work
+    actions[0].job.run()
+    reply = one_reply(h.core.job_done(actions[0].job, h.now))
+    assert reply == {"status": "ok", "result": 532.0, "id": 7}
+    assert h.core.running is None
+
+
+def test_reply_route_keeps_req_framing():
+    h = Harness()
+    actions = h.core.receive(b"req", [b"", b'{"type": "ping"}'], h.now, 1)
+    assert sends(actions)[0].route == [b"req", b""]
+
+
+def test_a_second_call_waits_for_the_first():
+    h = Harness()
+    h.send(b"a", {"type": "call", "func": "sleep", "args": [0], "id": 1})
+    first = h.core.start_next(h.now)
+    h.send(b"b", {"type": "query", "param": "POWER", "id": 2})
+    assert h.core.start_next(h.now) == []  # busy: nothing starts
+    ping = one_reply(h.send(b"c", {"type": "ping"}))
+    assert ping["result"]["busy"] and ping["result"]["queue_depth"] == 1
+    first[0].job.run()
+    assert one_reply(h.core.job_done(first[0].job, h.now))["id"] == 1
+    assert one_reply(h.run_all())["id"] == 2
+
+
+# ---- bounds -----------------------------------------------------------------------------------
+def test_device_queue_bound_refuses_at_once_with_busy_error():
+    h = Harness(max_queue_per_device=10, max_queue_per_session=100)
+    for i in range(10):
+        assert h.send(bytes([i]), {"type": "query", "param": "POWER", "id": i}) == []
+    actions = h.send(b"late", {"type": "query", "param": "POWER", "id": 99})
+    reply = one_reply(actions)
+    assert reply["type"] == "BusyError" and reply["id"] == 99
+    assert "10 calls are already queued" in reply["error"]
+    assert reply["bound"] == "max_queue_per_device" and reply["limit"] == 10
+    assert Count("refused", ("max_queue_per_device",)) in actions
+    assert h.core.queue_depth == 10
+
+
+def test_session_queue_bound_is_per_peer():
+    h = Harness(max_queue_per_session=3)
+    for i in range(3):
+        assert h.send(b"greedy", {"type": "query", "param": "POWER", "id": i}) == []
+    reply = one_reply(h.send(b"greedy", {"type": "query", "param": "POWER", "id": 3}))
+    assert reply["type"] == "BusyError" and reply["bound"] == "max_queue_per_session"
+    # another peer is not affected, and the greedy one may queue again once served
+    assert h.send(b"other", {"type": "query", "param": "POWER", "id": 4}) == []
+    assert len(replies(h.run_all())) == 4
+    assert h.send(b"greedy", {"type": "query", "param": "POWER", "id": 5}) == []
+
+
+def test_waiters_are_capped_and_wait_is_capped():
+    h = Harness(max_waiters=2, max_wait_s=5.0)
+    holder = h.ask(b"h", {"type": "connect", "resources": LINE0, "lease": 10})
+    assert holder["status"] == "ok"
+    for i in range(2):
+        assert h.send(b"w%d" % i, {"type": "connect", "resources": LINE0, "wait": 3600}) == []
+    reply = one_reply(h.send(b"w9", {"type": "connect", "resources": LINE0, "wait": 1}))
+    assert reply["type"] == "BusyError" and reply["bound"] == "max_waiters"
+    # wait=3600 was capped at 5 s: the first waiter gives up after 5 s, naming the holder
+    h.now += 5.01
+    refused = replies(h.core.tick(h.now))
+    assert len(refused) == 2
+    assert all(r["type"] == "ResourceAllocationError" for r in refused)
+    assert "waited 5 s" in refused[0]["error"] and "held by h" in refused[0]["error"]
+
+
+def test_waiter_enqueue_is_fast_at_the_cap():
+    h = Harness(max_waiters=1000)
+    h.ask(b"h", {"type": "connect", "resources": LINE0, "lease": 10})
+    start = time.perf_counter()
+    for i in range(1000):
+        h.send(b"w%d" % i, {"type": "connect", "resources": LINE0, "wait": 60})
+    assert time.perf_counter() - start < 0.5
+    assert h.core.locks.waiting == 1000
+
+
+def test_connect_paths_are_bounded_and_refusals_are_short():
+    h = Harness(max_connect_paths=4096)
+    start = time.perf_counter()
+    reply = h.ask(b"a", {"type": "connect", "resources": ["Dev1"] * 400000})
+    assert time.perf_counter() - start < 0.5
+    assert reply["type"] == "ProtocolError" and "more than 4096" in reply["error"]
+    unknown = [f"nope{i}" for i in range(4000)]
+    reply = h.ask(b"a", {"type": "connect", "resources": unknown})
+    assert reply["type"] == "ResourceAllocationError"
+    assert "(+3995 more)" in reply["error"] and len(json.dumps(reply)) < 2000
+    # a repeated prefix is fine: 4096 copies name three leaves
+    ok = h.ask(b"a", {"type": "connect", "resources": ["Dev1/port0"] * 4096, "lease": 5})
+    assert ok["result"]["resources"] == ["Dev1/port0/line0", "Dev1/port0/line1"]
+
+
+def test_connect_metadata_is_bounded():
+    h = Harness(max_metadata_bytes=100)
+    reply = h.ask(b"a", {"type": "connect", "name": "x" * 200})
+    assert reply["type"] == "ProtocolError" and "limit is 100" in reply["error"]
+    assert h.ask(b"a", {"type": "connect", "name": "pump-probe"})["status"] == "ok"
+
+
+def test_oversize_request_gets_protocol_error():
+    h = Harness(max_message_bytes=1000)
+    reply = h.ask(b"a", {"type": "ping", "pad": "x" * 2000})
+    assert reply["type"] == "ProtocolError" and "limit of 1000 bytes" in reply["error"]
+
+
+def test_deeply_nested_json_is_a_protocol_error_not_an_internal_one():
+    h = Harness()
+    reply = one_reply(h.core.receive(b"a", [b"[" * 100000], h.now, 1))
+    assert reply["type"] == "ProtocolError"
+
+
+def test_log_lines_per_cause_are_bounded_with_a_summary():
+    h = Harness(log_burst=5, log_interval_s=60)
+    logs = []
+    for i in range(5000):
+        actions = h.core.receive(b"x%d" % i, [b"\xff\xfe not json"], h.now, i)
+        assert one_reply(actions)["type"] == "ProtocolError"
+        logs += [a for a in actions if isinstance(a, Log)]
+    assert len(logs) == 5
+    h.now += 61
+    summary = [a for a in h.core.tick(h.now) if isinstance(a, Log)]
+    assert len(summary) == 1 and "4995 more 'malformed request'" in summary[0].message
+
+
+# ---- grants belong to the token or the live connection -----------------------------------
+def test_plesty_grant_is_bound_to_its_connection_not_its_client_id():
+    h = Harness()
+    granted = h.ask(b"plesty-1", {"type": "connect", "resources": LINE0}, conn=1)
+    assert granted["result"]["lease"] is None
+    # the same routing id on another connection (a stranger who read it from `locks`)
+    write = {"type": "call", "func": "sleep", "args": [0]}
+    refused = h.ask(b"plesty-1", write, conn=2)
+    assert refused["type"] == "ResourceLockedError"
+    h.ask(b"plesty-1", {"type": "disconnect"}, conn=2)
+    assert h.core.locks.holder(LINE0) is not None
+    # the holder itself, on its own connection, without the token
+    assert h.ask(b"plesty-1", write, conn=1)["status"] == "ok"
+    # its connection closes: the grant ends (PLESTY: held until disconnect)
+    h.core.peer_gone(1, h.now)
+    assert h.core.locks.holder(LINE0) is None
+
+
+def test_hex_client_id_collision_gains_nothing():
+    h = Harness()
+    raw = bytes([0, 0xFF, 0x10, 0x80])
+    h.ask(raw, {"type": "connect", "resources": LINE0}, conn=1)
+    shown = h.ask(b"x", {"type": "locks"})["result"]["holders"][0]["client_id"]
+    assert shown == raw.hex()
+    stranger = shown.encode()
+    reply = h.ask(stranger, {"type": "call", "func": "sleep", "args": [0]}, conn=1)
+    assert reply["type"] == "ResourceLockedError"
+
+
+def test_session_token_is_the_only_way_to_act_on_a_leased_grant():
+    h = Harness()
+    grant = h.ask(b"lab", {"type": "connect", "resources": LINE0, "lease": 10})
+    token = grant["result"]["session"]
+    write = {"type": "call", "func": "sleep", "args": [0]}
+    assert h.ask(b"lab", write)["type"] == "ResourceLockedError"  # same id, no token
+    assert h.ask(b"other", {**write, "session": token})["status"] == "ok"
+
+
+# ---- waiters that vanished never inherit ---------------------------------------------------
+def test_waiter_whose_connection_closed_never_inherits():
+    h = Harness()
+    holder = h.ask(b"h", {"type": "connect", "resources": LINE0, "lease": 10}, conn=1)
+    h.send(b"gone", {"type": "connect", "resources": LINE0, "wait": 3600}, conn=2)
+    h.core.peer_gone(2, h.now)
+    token = holder["result"]["session"]
+    actions = h.send(b"h", {"type": "disconnect", "session": token}, conn=1)
+    assert [r["result"]["client_id"] for r in replies(actions)] == ["h"]
+    assert h.core.locks.holder(LINE0) is None
+    assert h.ask(b"live", {"type": "connect", "resources": LINE0, "lease": 5})["status"] == "ok"
+
+
+def test_grant_that_cannot_be_delivered_passes_to_the_next_waiter():
+    h = Harness()
+    holder = h.ask(b"h", {"type": "connect", "resources": LINE0, "lease": 10})
+    h.send(b"ghost", {"type": "connect", "resources": LINE0, "wait": 60, "id": 1}, conn=None)
+    h.send(b"live", {"type": "connect", "resources": LINE0, "wait": 60, "id": 2}, conn=3)
+    actions = h.send(b"h", {"type": "disconnect", "session": holder["result"]["session"]})
+    grant_send = next(s for s in sends(actions) if s.grant is not None)
+    assert grant_send.route == [b"ghost"]
+    # the loop could not reach the ghost
+    passed = h.core.undeliverable(grant_send, "peer_gone", h.now)
+    assert Count("reply_dropped", ("peer_gone",)) in passed
+    assert [s.route for s in sends(passed)] == [[b"live"]]
+    assert h.core.locks.holder(LINE0).client_id == "live"
+
+
+# ---- budgets ---------------------------------------------------------------------------------
+def test_budget_expiry_of_a_queued_call_frees_its_queue_slot():
+    h = Harness(max_queue_per_session=1)
+    h.send(b"a", {"type": "call", "func": "sleep", "args": [0]})
+    running = h.core.start_next(h.now)[0].job
+    h.send(b"b", {"type": "query", "param": "POWER", "timeout": 0.5, "id": 1})
+    h.now += 0.6
+    reply = one_reply(h.core.tick(h.now))
+    assert reply["type"] == "TimeoutError" and reply["started"] is False
+    assert h.send(b"b", {"type": "query", "param": "POWER", "id": 2}) == []
+    running.run()
+    h.core.job_done(running, h.now)
+    assert one_reply(h.run_all())["id"] == 2
+
+
+def test_shutdown_answers_every_unanswered_call():
+    h = Harness()
+    h.send(b"a", {"type": "call", "func": "sleep", "args": [0], "id": 1})
+    h.core.start_next(h.now)
+    h.send(b"b", {"type": "query", "param": "POWER", "id": 2})
+    found = replies(h.core.shutdown(h.now))
+    assert sorted(r["id"] for r in found) == [1, 2]
+    assert {r["type"] for r in found} == {"ShutdownError"}
+
+
+# ---- random sequences: the invariants ---------------------------------------------------------
+REQUESTS = [
+    {"type": "query", "param": "POWER"},
+    {"type": "query", "param": "NOPE"},
+    {"type": "write", "param": "WAVELENGTH", "value": 600},
+    {"type": "write", "param": "WAVELENGTH", "value": "bad"},
+    {"type": "call", "func": "sleep", "args": [0]},
+    {"type": "call", "func": "add", "args": [1, 2], "timeout": 0.3},
+    {"type": "call", "func": "fail"},
+    {"type": "call", "func": "missing"},
+    {"type": "connect", "resources": LINE0},
+    {"type": "connect", "resources": LINE0, "lease": 1.0},
+    {"type": "connect", "resources": "Dev1/port0", "lease": 2.0, "wait": 1.5},
+    {"type": "connect", "resources": ["nope"] * 3},
+    {"type": "disconnect"},
+    {"type": "heartbeat", "session": "stale"},
+    {"type": "ping"},
+    {"type": "describe"},
+    {"type": "locks"},
+]
+
+
+def _check_invariants(core: ServerCore) -> None:
+    holders = core.locks._holder
+    for leaf, session in holders.items():
+        grant = core.locks.grant(session)
+        assert grant is not None and leaf in grant.leaves
+    held = [leaf for grant in core.locks.sessions() for leaf in grant.leaves]
+    assert len(held) == len(set(held)), "two sessions hold one resource"
+    for grant in core.locks.sessions():
+        assert all(holders[leaf] == grant.session for leaf in grant.leaves)
+
+
+def test_random_sequences_keep_every_invariant():
+    rng = random.Random(12)
+    start = time.perf_counter()
+    sequences = 2000
+    for _ in range(sequences):
+        h = Harness(max_queue_per_session=4, max_queue_per_device=8, max_waiters=3)
+        conns = {b"p%d" % i: i for i in range(4)}
+        peers = list(conns)
+        abandoned: set[int] = set()  # sent on a connection that closed: a reply is optional
+        log: list = []
+        tokens: dict[bytes, str] = {}
+        sent: dict[bytes, set[int]] = {p: set() for p in peers}
+        answered: dict[bytes, list[int]] = {p: [] for p in peers}
+        running = None
+        next_id = 0
+
+        def collect(actions, answered=answered, tokens=tokens):
+            for s in sends(actions):
+                reply = json.loads(s.body)
+                if "id" in reply:
+                    answered[s.route[0]].append(reply["id"])
+                token = (reply.get("result") or {}) if reply.get("status") == "ok" else {}
+                if isinstance(token, dict) and token.get("session"):
+                    tokens[s.route[0]] = token["session"]
+
+        for _step in range(rng.randint(5, 40)):
+            roll = rng.random()
+            if roll < 0.55:
+                peer = rng.choice(peers)
+                conn = conns[peer]
+                request = dict(rng.choice(REQUESTS), id=next_id)
+                if peer in tokens and rng.random() < 0.7:
+                    request["session"] = tokens[peer]
+                sent[peer].add(next_id)
+                log.append(("req", peer, conn, request, h.now))
+                next_id += 1
+                collect(h.core.receive(peer, body(request), h.now, conn))
+            elif roll < 0.75 and running is None:
+                actions = h.core.start_next(h.now)
+                collect(actions)
+                runs = [a for a in actions if isinstance(a, Run)]
+                assert len(runs) <= 1
+                if runs:
+                    running = runs[0].job
+                    running.run()
+            elif roll < 0.85 and running is not None:
+                assert h.core.running is running  # at most one call on the device
+                collect(h.core.job_done(running, h.now))
+                log.append(("done", running.label))
+                running = None
+            elif roll < 0.95:
+                h.now += rng.choice([0.1, 0.5, 2.0])
+                collect(h.core.tick(h.now))
+                log.append(("tick", h.now))
+            else:
+                peer = rng.choice(peers)
+                collect(h.core.peer_gone(conns[peer], h.now))
+                abandoned.update(sent[peer] - set(answered[peer]))
+                conns[peer] += 100  # it reconnects: a new connection
+                log.append(("gone", peer))
+            _check_invariants(h.core)
+        # drain: every request gets exactly one reply, to the peer that sent it
+        if running is not None:
+            collect(h.core.job_done(running, h.now))
+        for _ in range(50):
+            collect(h.run_all())
+            h.now += 1.0
+            collect(h.core.tick(h.now))
+        for peer in peers:
+            got = answered[peer]
+            assert len(got) == len(set(got)), f"a request answered twice: {got}"
+            assert set(got) <= sent[peer], "a reply reached a peer that did not ask"
+            assert sent[peer] - set(got) <= abandoned, "\n".join(map(repr, log))
+        _check_invariants(h.core)
+    assert time.perf_counter() - start < 20  # thousands of sequences, plain data
+
+
+def test_core_imports_no_io_library():
+    code = (
+        "import sys, labmesh.server.core, labmesh.locks, labmesh.logbudget;"
+        "bad = [m for m in ('zmq', 'prometheus_client', 'asyncio') if m in sys.modules];"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_refusal_bound_is_a_limits_field_and_counted():
+    import dataclasses
+    import inspect
+
+    from labmesh import metrics
+    from labmesh.server import core
+
+    fields = {f.name for f in dataclasses.fields(ServerLimits)}
+    assert set(metrics.REFUSAL_BOUNDS) <= fields
+    source = inspect.getsource(core)
+    for bound in metrics.REFUSAL_BOUNDS:
+        assert f'"{bound}"' in source, f"{bound} is never refused by the core"
