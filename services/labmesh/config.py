@@ -5,6 +5,7 @@ bind: "*"                         # interface the device servers listen on
 discovery: tcp://lab-core:5550    # optional: endpoint(s) or auto; default $LABMESH_DISCOVERY
 metrics_port: 9105                # Prometheus /metrics of this process (default; null: off)
 lock_idle_limit_s: 600            # optional: reclaim locks of silent PLESTY clients
+limits: {max_queue_per_session: 50}   # optional: server bounds (labmesh.server.ServerLimits)
 devices:
   - name: pm100-a
     driver: powermeter            # powermeter | scpi | nidaq | motor | package.module:Class
@@ -17,6 +18,7 @@ devices:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import inspect
@@ -27,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from labmesh.server.core import ServerLimits
 
 #: Where `labmesh serve` exposes /metrics unless the host file says otherwise (null: off).
 DEFAULT_METRICS_PORT = 9105
@@ -45,6 +49,7 @@ _HOST_KEYS = {
     "discovery": "discovery endpoint(s): tcp://HOST:PORT, a list of them, or auto",
     "metrics_port": "TCP port of this process's Prometheus /metrics (default 9105; null: off)",
     "lock_idle_limit_s": "seconds after which a silent PLESTY client's locks are reclaimed",
+    "limits": "bounds on what one peer can make a device server hold (ServerLimits fields)",
     "devices": "the list of instruments this host serves",
 }
 _DEVICE_KEYS = {
@@ -125,7 +130,30 @@ class HostConfig:
     discovery: list[str] = field(default_factory=list)
     metrics_port: int | None = None
     lock_idle_limit_s: float = 600.0
+    limits: ServerLimits = field(default_factory=ServerLimits)
     path: str = ""
+
+
+def _limits(doc: _Located, raw: Any) -> ServerLimits:
+    """The host file's `limits:` mapping as ServerLimits (every field a positive number)."""
+    if raw is None:
+        return ServerLimits()
+    if not isinstance(raw, dict):
+        raise _fail(doc, ("limits",), f"expected a mapping of limit: value, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(ServerLimits)}
+    _unknown_keys(doc, ("limits",), raw, {name: "a server bound" for name in fields})
+    values = {}
+    for name, value in raw.items():
+        integer = fields[name].type in ("int", int)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int if integer else (int, float))
+            or value <= 0
+        ):
+            expected = "a positive whole number" if integer else "a positive number"
+            raise _fail(doc, ("limits", name), f"expected {expected}, got {value!r}")
+        values[name] = value
+    return ServerLimits(**values)
 
 
 def _accepts(cls: type, keyword: str) -> bool:
@@ -242,6 +270,7 @@ def parse_host_config(text: str, path: str = "<string>") -> HostConfig:
     idle = data.get("lock_idle_limit_s", 600.0)
     if isinstance(idle, bool) or not isinstance(idle, (int, float)) or idle <= 0:
         raise _fail(doc, ("lock_idle_limit_s",), f"expected a positive number, got {idle!r}")
+    limits = _limits(doc, data.get("limits"))
     devices_raw = data.get("devices")
     if not isinstance(devices_raw, list) or not devices_raw:
         raise _fail(doc, ("devices",), "expected a non-empty list of devices")
@@ -267,7 +296,9 @@ def parse_host_config(text: str, path: str = "<string>") -> HostConfig:
         names[spec.name] = spec.where
         ports[spec.port] = f"device {spec.name}"
         devices.append(spec)
-    return HostConfig(host, devices, bind, advertise, discovery, metrics_port, float(idle), path)
+    return HostConfig(
+        host, devices, bind, advertise, discovery, metrics_port, float(idle), limits, path
+    )
 
 
 def _device(doc: _Located, key: tuple, raw: Any) -> DeviceSpec:

@@ -140,6 +140,7 @@ class HostServer:
                     name=spec.name,
                     idle_limit_s=self.config.lock_idle_limit_s,
                     laplace=laplace,
+                    limits=self.config.limits,
                 )
                 server.start()
             except Exception as exc:

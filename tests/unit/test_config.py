@@ -68,6 +68,18 @@ def test_a_good_file():
             "lock_idle_limit_s: -1\ndevices: [{name: a, driver: motor, port: 5}]\n",
             r"lock_idle_limit_s: expected a positive number, got -1",
         ),
+        (
+            "limits: {max_waiter: 5}\ndevices: [{name: a, driver: motor, port: 5}]\n",
+            r"host.yaml:1: limits.max_waiter: unknown key 'max_waiter'; did you mean 'max_waiters'",
+        ),
+        (
+            "limits:\n  max_waiters: 2.5\ndevices: [{name: a, driver: motor, port: 5}]\n",
+            r"host.yaml:2: limits.max_waiters: expected a positive whole number, got 2.5",
+        ),
+        (
+            "limits: {max_wait_s: 0}\ndevices: [{name: a, driver: motor, port: 5}]\n",
+            r"limits.max_wait_s: expected a positive number, got 0",
+        ),
         ("devices:\n  - just-a-name\n", r"host.yaml:2: devices\[0\]: expected a mapping"),
         (
             "devices:\n  - name: a\n    driver: motor\n",
@@ -136,3 +148,14 @@ def test_missing_and_unreadable_files(tmp_path):
     bad.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ConfigError, match="not a UTF-8 text file"):
         load_host_config(bad)
+
+
+def test_limits_reach_the_config(tmp_path):
+    path = tmp_path / "host.yaml"
+    path.write_text(
+        "limits: {max_queue_per_session: 7, max_wait_s: 30}\n"
+        "devices: [{name: a, driver: motor, port: 5}]\n"
+    )
+    limits = load_host_config(path).limits
+    assert (limits.max_queue_per_session, limits.max_wait_s) == (7, 30)
+    assert limits.max_waiters == 1000  # the rest keep their defaults
