@@ -84,6 +84,7 @@ class _ClientCore:
         self.default_timeout = int(timeout)
         self.resources = resources if resources is not None else []
         self.client_id = client_id or f"client-{uuid.uuid4().hex}"
+        self._sockets_made = 0
         self.connect_kwargs = dict(connect_kwargs or {})
         self.retries = retries
         self.lease_s = lease_s
@@ -113,6 +114,18 @@ class _ClientCore:
         rtype = payload["type"]
         safe = rtype in RETRYABLE or (rtype == "call" and payload["func"] in self._idempotent)
         return 1 + self.retries if safe else 1
+
+    def _routing_id(self) -> bytes:
+        """The routing id of the next socket: `client_id`, then `client_id~1`, `~2`, ...
+
+        A server lets no connection take over the route of another live one (a stranger who
+        read an id from `locks` could otherwise receive its replies), so a fresh socket after a
+        timeout must not reuse the id the server may still see connected. Locks are unaffected:
+        they belong to the session token.
+        """
+        n = self._sockets_made
+        self._sockets_made += 1
+        return (self.client_id if n == 0 else f"{self.client_id}~{n}").encode()
 
     def _stamp(self, payload: dict[str, Any]) -> str:
         rid = self._new_id()
@@ -317,9 +330,7 @@ class DeviceClient(_ClientCore):
         self._closing = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self.lease_lost: str | None = None
-        self._socket: zmq.Socket | None = dealer_socket(
-            self._ctx, self.address, self.client_id.encode()
-        )
+        self._socket: zmq.Socket | None = dealer_socket(self._ctx, self.address, self._routing_id())
         try:
             self.connect()
         except BaseException:
@@ -369,7 +380,7 @@ class DeviceClient(_ClientCore):
         """Replace the socket after a timeout so nothing stale can arrive on it."""
         self._close_socket()
         self._re_resolve()
-        self._socket = dealer_socket(self._ctx, self.address, self.client_id.encode())
+        self._socket = dealer_socket(self._ctx, self.address, self._routing_id())
         self._rcvtimeo = -1
 
     def _close_socket(self) -> None:
@@ -554,7 +565,7 @@ class AsyncDeviceClient(_ClientCore):
         self._ctx = context or zmq.asyncio.Context.instance()
         self._lock = asyncio.Lock()
         self._socket: zmq.asyncio.Socket | None = dealer_socket(
-            self._ctx, self.address, self.client_id.encode()
+            self._ctx, self.address, self._routing_id()
         )
 
     async def connect(self) -> AsyncDeviceClient:
@@ -614,7 +625,7 @@ class AsyncDeviceClient(_ClientCore):
                 return reply
             self._close_socket()
             self._re_resolve()
-            self._socket = dealer_socket(self._ctx, self.address, self.client_id.encode())
+            self._socket = dealer_socket(self._ctx, self.address, self._routing_id())
         raise self._timeout_error(payload, wait_ms, attempts)
 
     async def _exchange(self, body: bytes, rid: str, wait_ms: int) -> dict[str, Any] | None:

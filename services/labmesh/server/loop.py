@@ -27,6 +27,7 @@ import signal
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +48,7 @@ from labmesh.server.core import (
     ServerCore,
     ServerLimits,
 )
-from labmesh.transport import bound_address, router_socket
+from labmesh.transport import bound_address, connection_monitor, router_socket
 from labmesh.version import __version__
 
 if TYPE_CHECKING:
@@ -145,7 +146,7 @@ class DeviceServer:
                 self._ctx.term()
             raise
         self.address = bound_address(self._sock)
-        self._monitor = self._sock.get_monitor_socket(_ACCEPTED | _DISCONNECTED)
+        self._monitor = connection_monitor(self._sock)
         self._conn_of_fd: dict[int, int] = {}
         self._conn_ids = 0
         self._wake_r, self._wake_w = socket.socketpair()
@@ -541,12 +542,19 @@ class DeviceServer:
         return False
 
     def _execute(self, actions: list) -> Job | None:
-        """Carry out the core's actions; returns the job a Run asks for (the caller runs it)."""
+        """Carry out the core's actions; returns the job a Run asks for (the caller runs it).
+
+        A reply that cannot be delivered yields more actions (a lock passed to the next waiter,
+        whose peer may be gone too): they join the same work list, never a deeper call."""
         run = None
-        for action in actions:
+        todo = deque(actions)
+        while todo:
+            action = todo.popleft()
             kind = type(action)
             if kind is Send:
-                self._send(action)
+                failed = self._send(action)
+                if failed is not None:
+                    todo.extend(self.core.undeliverable(action, failed, self.clock()))
             elif kind is Run:
                 run = action.job
             elif kind is Count:
@@ -559,16 +567,18 @@ class DeviceServer:
                 self._lock_rows = [{**row, "since": row["since"] + offset} for row in action.rows]
         return run
 
-    def _send(self, send: Send) -> None:
+    def _send(self, send: Send) -> str | None:
+        """Send a reply and record its latency; the reason it could not be queued, if so."""
         sock = self._sock
+        failed = None
         try:
             for frame in send.route:
                 sock.send(frame, _SNDMORE_NOBLOCK)
             sock.send(send.body, _NOBLOCK, copy=False)
         except zmq.Again:
-            self._execute(self.core.undeliverable(send, "peer_not_reading", self.clock()))
+            failed = "peer_not_reading"
         except zmq.ZMQError:  # EHOSTUNREACH (ROUTER_MANDATORY): that peer disconnected
-            self._execute(self.core.undeliverable(send, "peer_gone", self.clock()))
+            failed = "peer_gone"
         observe = send.observe
         if observe is not None:
             self.metrics.observe(
@@ -576,6 +586,7 @@ class DeviceServer:
             )
             if observe.error_type is not None:
                 self.metrics.error(observe.rtype, observe.error_type)
+        return failed
 
     def _shutdown_as_owner(self) -> None:
         self._execute(self.core.shutdown(self.clock()))
