@@ -7,6 +7,9 @@ bound to a file, and runs until SIGTERM (or SIGINT).
 Usage:
     python tests/attack_server.py LOG_FILE ADDRESS_FILE [OPTIONS_JSON]
 
+ADDRESS_FILE gets two lines: the device server's address and the URL of its Prometheus /metrics
+(served on 127.0.0.1, a free port).
+
 OPTIONS_JSON is a JSON object of extra DeviceServer keyword options, e.g. '{"max_waiters": 20}';
 without it the server's own defaults apply. `address` defaults to tcp://127.0.0.1:0 (a free port).
 """
@@ -23,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from labmesh import metrics
 from labmesh.server import DeviceServer
 
 from support import MemoryMeter
@@ -47,14 +51,16 @@ def main(argv: list[str]) -> int:
         signal.signal(sig, lambda *_: stop.set())
     options.setdefault("address", "tcp://127.0.0.1:0")
     server = DeviceServer(MemoryMeter(), fixed_threading=True, **options).start()
+    http = metrics.start_http(0, "127.0.0.1")
     try:
         tmp = f"{address_file}.tmp"
         with open(tmp, "w") as fh:
-            fh.write(f"{server.address}\n")
+            fh.write(f"{server.address}\nhttp://127.0.0.1:{http.server_port}/metrics\n")
         os.replace(tmp, address_file)  # the reader never sees half an address
         while not stop.wait(0.2):
             pass
     finally:
+        http.shutdown()
         server.stop()
     return 0
 

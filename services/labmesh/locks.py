@@ -398,5 +398,17 @@ class LeaseTable:
             rows.append({"resource": leaf, **self.holder_info(grant, now)})
         return rows
 
+    @property
+    def session_count(self) -> int:
+        return len(self._grants)
+
+    def oldest_idle_session(self) -> Grant | None:
+        """The earliest-made grant that holds nothing (evicting it loses no lock), if any.
+        Sessions holding something are at most one per leaf, so the scan is short."""
+        for grant in self._grants.values():
+            if not grant.leaves:
+                return grant
+        return None
+
     def sessions(self) -> list[Grant]:
         return list(self._grants.values())

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,7 +116,19 @@ class ServerProcess:
                 f"attack server with options {options} did not start (exit status "
                 f"{self.proc.returncode}):\n{self.out_path.read_text(errors='replace')[-3000:]}"
             )
-        self.address = address_file.read_text().strip()
+        self.address, self.metrics_url = address_file.read_text().split()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample of the server's /metrics (0 when absent)."""
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
+            text = response.read().decode()
+        for line in text.splitlines():
+            if not line.startswith(name + "{"):
+                continue
+            found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}", 1)[0]))
+            if all(found.get(k) == v for k, v in labels.items()):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
 
     def rss_mb(self) -> float:
         """VmRSS of the server process, in MB (nan once it is gone)."""
@@ -699,6 +712,11 @@ def test_20000_pipelined_calls_while_the_device_is_busy(server, ctx, tmp_path):
             f"BusyError messages do not name the depth {PEER_QUEUE_LIMIT}: {list(messages)[:3]}",
         )
         felt.expect(len(replies) == sent, f"{sent - len(replies)} calls never got a reply")
+        counted = server.metric("labmesh_bound_refusals_total", bound="max_queue_per_session")
+        felt.expect(
+            counted == types["BusyError"],
+            f"labmesh_bound_refusals_total counts {counted}, {types['BusyError']} were refused",
+        )
         for s in (sock, busy, control):
             s.close()
 

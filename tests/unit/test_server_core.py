@@ -426,3 +426,35 @@ def test_every_refusal_bound_is_a_limits_field_and_counted():
     source = inspect.getsource(core)
     for bound in metrics.REFUSAL_BOUNDS:
         assert f'"{bound}"' in source, f"{bound} is never refused by the core"
+
+
+def test_sessions_are_bounded_by_evicting_the_oldest_that_holds_nothing():
+    h = Harness(max_sessions=3)
+    holder = h.ask(b"h", {"type": "connect", "resources": LINE0, "lease": 10})
+    idle = [h.ask(b"i%d" % i, {"type": "connect", "lease": 10}) for i in range(2)]
+    # a fourth connect ends the oldest lock-free session, never the holder's
+    assert h.ask(b"new", {"type": "connect", "lease": 10})["status"] == "ok"
+    assert h.core.locks.session_count == 3
+    stale = h.ask(
+        b"i0", {"type": "query", "param": "POWER", "session": idle[0]["result"]["session"]}
+    )
+    assert stale["type"] == "LeaseExpiredError"
+    assert h.core.locks.holder(LINE0).session == holder["result"]["session"]
+
+
+def test_sessions_all_holding_locks_refuse_a_new_connect():
+    h = Harness(max_sessions=2)
+    h.ask(b"a", {"type": "connect", "resources": LINE0, "lease": 10})
+    h.ask(b"b", {"type": "connect", "resources": "Dev1/port1", "lease": 10})
+    reply = h.ask(b"c", {"type": "connect", "lease": 10})
+    assert reply["type"] == "BusyError" and reply["bound"] == "max_sessions"
+
+
+def test_a_plesty_identity_on_a_new_connection_ends_the_old_connections_grant():
+    h = Harness()
+    h.ask(b"plesty", {"type": "connect", "resources": LINE0}, conn=1)
+    # connection 1 closed without the monitor telling (events lost); the client is back on 2
+    again = h.ask(b"plesty", {"type": "connect", "resources": "Dev1/port1"}, conn=2)
+    assert again["status"] == "ok"
+    assert h.core.locks.holder(LINE0) is None
+    assert h.core.locks.session_count == 1

@@ -68,6 +68,7 @@ UNDECLARED = "(undeclared)"
 #: How often leases and waiters are looked at when nothing else is due (s).
 LOCK_CHECK_S = 0.25
 
+_UNRESOLVED = object()
 _INFO = logging.INFO
 _WARNING = logging.WARNING
 _ERROR = logging.ERROR
@@ -90,6 +91,9 @@ class ServerLimits:
         max_queue_per_device: device calls waiting for the device; more get BusyError.
         max_queue_per_session: calls one session (or one connection without a session) may
             have waiting; more get BusyError.
+        max_sessions: sessions (connects) kept at once. A new connect beyond it ends the oldest
+            session that holds no lock (its client, if still there, reconnects silently);
+            when every session holds a lock it gets BusyError.
         max_waiters: connects waiting (`wait`) for busy resources; more get BusyError.
         max_wait_s: longest `wait` honoured; longer requests wait this long.
         max_connect_paths: resource paths one connect may name (use a prefix for more).
@@ -102,6 +106,7 @@ class ServerLimits:
     max_replies_queued_per_peer: int = 1000
     max_queue_per_device: int = 1000
     max_queue_per_session: int = 100
+    max_sessions: int = 4096
     max_waiters: int = 1000
     max_wait_s: float = 300.0
     max_connect_paths: int = 4096
@@ -176,6 +181,7 @@ class _Pending:
     touches: tuple[str, ...]
     operation: str
     queue_key: Any
+    observe: Observation
     answered: bool = False
     answer: LaplaceAnswer | None = None
 
@@ -229,10 +235,14 @@ class ServerCore:
         self._deadlines: list[tuple[float, int, Job]] = []
         self._seq = itertools.count()
         self._plesty: dict[bytes, _PlestySession] = {}
+        self._plesty_identity: dict[str, bytes] = {}
         self._plesty_by_conn: dict[Any, set[bytes]] = {}
         self._waiters_by_conn: dict[Any, set[str]] = {}
         self._takes_resources: dict[str, bool] = {}
+        self._conn_source: Any = None
+        self._conn_value: Any = _UNRESOLVED
         self._next_lock_check = 0.0
+        self._wakeup = 0.0
         self.describe()
 
     # ---- declarations ---------------------------------------------------------------------
@@ -270,20 +280,30 @@ class ServerCore:
 
     def next_wakeup(self) -> float:
         """When `tick` has something to do next (leases, waiters, budgets, log summaries)."""
+        return self._wakeup
+
+    def _plan_wakeup(self) -> None:
         due = self._next_lock_check
         if self._deadlines:
             due = min(due, self._deadlines[0][0])
         summary = self.logs.next_summary_at()
         if summary is not None:
             due = min(due, summary)
-        return due
+        self._wakeup = due
 
     # ---- events ---------------------------------------------------------------------------
     def receive(
         self, identity: bytes, frames: list[bytes], now: float, conn: Any = None
     ) -> list[Action]:
-        """One message from a peer: `frames` are the frames after its routing identity."""
+        """One message from a peer: `frames` are the frames after its routing identity.
+
+        `conn` identifies the connection it came on: a value, or a function returning it, which
+        is called only when a rule needs the connection (PLESTY sessions, connects, requests
+        without a session token), so the hot path of token-carrying requests never pays for it.
+        """
         out: list[Action] = []
+        self._conn_source = conn
+        self._conn_value = _UNRESOLVED
         if frames and frames[0] == b"" and len(frames) >= 2:
             route = [identity, b""]
             body = frames[1:]
@@ -302,7 +322,7 @@ class ServerCore:
             request = native.parse_request(obj)
             observe.rtype = request.type
             handler = self._handlers[request.type]
-            handler(self, route, conn, request, now, observe, out)
+            handler(self, route, request, now, observe, out)
         except ProtocolError as exc:
             client = native.client_id_of(identity)
             self._log(
@@ -377,6 +397,7 @@ class ServerCore:
             self._expire_budgets(now, out)
         for line in self.logs.summaries(now):
             out.append(Log(_WARNING, line))
+        self._plan_wakeup()
         return out
 
     def peer_gone(self, conn: Any, now: float) -> list[Action]:
@@ -390,7 +411,7 @@ class ServerCore:
             entry = self._plesty.get(identity)
             if entry is None or entry.conn != conn:
                 continue
-            del self._plesty[identity]
+            self._forget_plesty(entry.session)
             grant = self.locks.release(entry.session)
             if grant is not None and grant.leaves:
                 changed = True
@@ -476,20 +497,31 @@ class ServerCore:
     def _log(self, out: list[Action], cause: str, now: float, level: int, message: str) -> None:
         if self.logs.allow(cause, now):
             out.append(Log(level, f"{self.name}: {message}"))
+        elif self._wakeup > now + self.limits.log_interval_s:
+            self._plan_wakeup()  # a summary is now due
 
     # ---- control requests ------------------------------------------------------------------
-    def _session_of(self, identity: bytes, conn: Any, request: native.Request) -> str | None:
+    def _conn(self) -> Any:
+        """The connection of the message being handled (resolved once, on first need)."""
+        value = self._conn_value
+        if value is _UNRESOLVED:
+            source = self._conn_source
+            value = self._conn_value = source() if callable(source) else source
+        return value
+
+    def _session_of(self, identity: bytes, request: native.Request) -> str | None:
         """The session a request speaks for: its token, or the PLESTY grant of its own
         connection (never of another peer that claims the same client id)."""
         if request.session is not None:
             return request.session
         entry = self._plesty.get(identity)
-        if entry is not None and entry.conn == conn:
+        if entry is not None and entry.conn == self._conn():
             return entry.session
         return None
 
-    def _on_connect(self, route, conn, request, now, observe, out) -> None:
+    def _on_connect(self, route, request, now, observe, out) -> None:
         identity = route[0]
+        conn = self._conn()
         client_id = native.client_id_of(identity)
         metadata = {
             k: v for k, v in request.fields.items() if k not in native.CONNECT_PROTOCOL_KEYS
@@ -507,9 +539,11 @@ class ServerCore:
         if lease is not None:
             # no lease outlives the idle limit: a client cannot hold a lock "forever"
             lease = min(float(lease), self.locks.idle_limit_s)
-        known = self._session_of(identity, conn, request)
+        known = self._session_of(identity, request)
         if known is not None and self.locks.grant(known) is None:
             known = None  # a stale token (lease ran out, server restarted): start afresh
+        if known is None:
+            self._make_room_for_a_session()
         session = known or secrets.token_urlsafe(16)
         leaves: tuple[str, ...] = ()
         try:
@@ -544,6 +578,22 @@ class ServerCore:
             self._refuse_connect(out, route, request, client_id, metadata, exc, observe, now)
             return
         self._granted(out, route, conn, request, grant, observe, now)
+
+    def _make_room_for_a_session(self) -> None:
+        """Keep at most max_sessions: end the oldest session that holds nothing, or refuse."""
+        if self.locks.session_count < self.limits.max_sessions:
+            return
+        idle = self.locks.oldest_idle_session()
+        if idle is None:
+            raise BusyError(
+                f"{self.name}: {self.locks.session_count} sessions hold locks here "
+                f"(max_sessions={self.limits.max_sessions}); try again when one is released",
+                bound="max_sessions",
+                limit=self.limits.max_sessions,
+                depth=self.locks.session_count,
+            )
+        self.locks.release(idle.session)
+        self._forget_plesty(idle.session)
 
     def _enqueue_waiter(
         self, route, conn, request, session, client_id, leaves, metadata, lease, wait, now
@@ -606,19 +656,24 @@ class ServerCore:
     def _bind_plesty(self, identity: bytes, conn: Any, session: str) -> None:
         old = self._plesty.get(identity)
         if old is not None and old.session != session:
+            # the identity speaks from a new connection, so the old one is gone (libzmq never
+            # reads a second live connection with the same id): its grant ends with it
             self._forget_plesty(old.session)
+            self.locks.release(old.session)
         self._plesty[identity] = _PlestySession(session, conn)
+        self._plesty_identity[session] = identity
         self._plesty_by_conn.setdefault(conn, set()).add(identity)
 
     def _forget_plesty(self, session: str) -> None:
-        for identity, entry in list(self._plesty.items()):
-            if entry.session == session:
-                del self._plesty[identity]
-                ids = self._plesty_by_conn.get(entry.conn)
-                if ids is not None:
-                    ids.discard(identity)
-                    if not ids:
-                        del self._plesty_by_conn[entry.conn]
+        identity = self._plesty_identity.pop(session, None)
+        if identity is None:
+            return
+        entry = self._plesty.pop(identity)
+        ids = self._plesty_by_conn.get(entry.conn)
+        if ids is not None:
+            ids.discard(identity)
+            if not ids:
+                del self._plesty_by_conn[entry.conn]
 
     def _refuse_connect(self, out, route, request, client_id, metadata, exc, observe, now):
         self._log(
@@ -676,9 +731,9 @@ class ServerCore:
             if not sessions:
                 del self._waiters_by_conn[conn]
 
-    def _on_disconnect(self, route, conn, request, now, observe, out) -> None:
+    def _on_disconnect(self, route, request, now, observe, out) -> None:
         identity = route[0]
-        session = self._session_of(identity, conn, request)
+        session = self._session_of(identity, request)
         if session is not None:
             grant = self.locks.release(session)
             if grant is not None and grant.leaves:
@@ -699,7 +754,7 @@ class ServerCore:
         )
         self._serve_waiters(now, out)
 
-    def _on_describe(self, route, conn, request, now, observe, out) -> None:
+    def _on_describe(self, route, request, now, observe, out) -> None:
         result = {
             **self.description,
             "protocol": native.PROTOCOL_NAME,
@@ -709,10 +764,10 @@ class ServerCore:
         }
         self._reply(out, route, native.ok_reply(result, request), observe)
 
-    def _on_help(self, route, conn, request, now, observe, out) -> None:
+    def _on_help(self, route, request, now, observe, out) -> None:
         self._reply(out, route, native.ok_reply({"help": self.help_text}, request), observe)
 
-    def _on_ping(self, route, conn, request, now, observe, out) -> None:
+    def _on_ping(self, route, request, now, observe, out) -> None:
         current = self.running
         result = {
             "pong": True,
@@ -729,12 +784,12 @@ class ServerCore:
         }
         self._reply(out, route, native.ok_reply(result, request), observe)
 
-    def _on_heartbeat(self, route, conn, request, now, observe, out) -> None:
+    def _on_heartbeat(self, route, request, now, observe, out) -> None:
         grant = self.locks.renew(request.session or "", now)
         result = {"lease_remaining": self.locks.remaining(grant, now), "epoch": self.epoch}
         self._reply(out, route, native.ok_reply(result, request), observe)
 
-    def _on_locks(self, route, conn, request, now, observe, out) -> None:
+    def _on_locks(self, route, request, now, observe, out) -> None:
         result = {"resources": sorted(self.locks.leaves), "holders": self.locks.holders(now)}
         self._reply(out, route, native.ok_reply(result, request), observe)
 
@@ -779,14 +834,14 @@ class ServerCore:
         out.append(LocksChanged(rows))
 
     # ---- device requests ------------------------------------------------------------------
-    def _on_device_request(self, route, conn, request, now, observe, out) -> None:
+    def _on_device_request(self, route, request, now, observe, out) -> None:
         if not self.executor_alive:
             raise ExecutorDeadError(
                 f"{self.name}: the thread that runs this device's calls is not running; "
                 "restart the server"
             )
         identity = route[0]
-        session = self._session_of(identity, conn, request)
+        session = self._session_of(identity, request)
         resources: list[str] = []
         if session is not None:
             grant = self.locks.grant(session)
@@ -797,7 +852,7 @@ class ServerCore:
                 )
             grant.last_seen = now
             resources = list(grant.leaves)
-        queue_key = session if session is not None else (identity, conn)
+        queue_key = session if session is not None else (identity, self._conn())
         self._check_queue_bounds(queue_key)
         fn, args, kwargs, label = self._device_call(request)
         touches: tuple[str, ...] = ()
@@ -813,10 +868,12 @@ class ServerCore:
         operation = self.operation_label(request.fields.get("param") or request.fields.get("func"))
         observe.operation = operation
         self._pending[job] = _Pending(
-            route, request, now, deadline, session, touches, operation, queue_key
+            route, request, now, deadline, session, touches, operation, queue_key, observe
         )
         if deadline is not None:
             heapq.heappush(self._deadlines, (deadline, next(self._seq), job))
+            if deadline < self._wakeup:
+                self._wakeup = deadline
         self._enqueue(job, queue_key)
 
     def _check_queue_bounds(self, queue_key: Any) -> None:
@@ -920,7 +977,7 @@ class ServerCore:
             grant = self.locks.grant(pending.session)
             if grant is not None:
                 grant.last_seen = now
-        observe = Observation(request.type, pending.operation, "ok", None, pending.received)
+        observe = pending.observe
         if pending.answer is not None:
             reply = pending.answer.reply(job)
             if reply is not None:
@@ -964,9 +1021,7 @@ class ServerCore:
             if pending is None or pending.answered:
                 continue
             pending.answered = True
-            observe = Observation(
-                pending.request.type, pending.operation, "ok", None, pending.received
-            )
+            observe = pending.observe
             if job is not self.running and job.state != RUNNING:
                 self._queue.remove(job)
                 self._dequeued(pending)
@@ -1031,6 +1086,7 @@ class ServerCore:
                 answer.touches,
                 answer.command,
                 key,
+                Observation("laplace", answer.command, "ok", None, now),
                 answer=answer,
             )
             self._enqueue(job, key)

@@ -27,7 +27,6 @@ import signal
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +67,8 @@ _DISCONNECTED = int(zmq.EVENT_DISCONNECTED)
 _IDLE_RECV_MS = 100
 #: Longest the I/O loop sleeps when nothing is due.
 _MAX_POLL_MS = 500
+#: Longest the connection monitor goes unread while messages keep coming (s).
+_MONITOR_CHECK_S = 0.01
 #: Messages read in one go before the loop looks at its other duties.
 _BATCH = 256
 
@@ -149,6 +150,9 @@ class DeviceServer:
         self._monitor = connection_monitor(self._sock)
         self._conn_of_fd: dict[int, int] = {}
         self._conn_ids = 0
+        self._gone: list[int] = []
+        self._next_monitor_check = 0.0
+        self._head: zmq.Frame | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -462,7 +466,7 @@ class DeviceServer:
                 log.error("%s: poll failed: %s", self.name, exc)
                 continue
             if monitor in events:
-                self._drain_monitor()
+                self._check_monitor()
             if sock in events and not self._receive(me, may_run, block=False):
                 return
             if wake_fd in events:
@@ -474,52 +478,71 @@ class DeviceServer:
         start now runs right away. False if the socket was handed over meanwhile."""
         sock = self._sock
         core = self.core
-        monitor = self._monitor
         flags = 0 if block else _NOBLOCK
+        now = self.clock()
+        if now >= self._next_monitor_check:  # under steady load there is never an idle moment
+            self._next_monitor_check = now + _MONITOR_CHECK_S
+            self._check_monitor()
         for _ in range(_BATCH):
             try:
                 head = sock.recv(flags, copy=False)
             except zmq.Again:
-                if block and monitor.get(_EVENTS) & _POLLIN:
-                    self._drain_monitor()
+                if block:
+                    self._check_monitor()
                 return True
             flags = _NOBLOCK
             frames = sock.recv_multipart(_NOBLOCK) if head.more else []
-            # a connection's ACCEPTED event is queued before its first message can be read:
-            # drained here, the descriptor's connection id is the current one
-            if monitor.get(_EVENTS) & _POLLIN:
-                self._drain_monitor()
-            try:
-                conn = self._conn_of_fd.get(head.get(_SRCFD))
-            except zmq.ZMQError:
-                conn = None  # inproc: no descriptor
-            self._execute(core.receive(head.bytes, frames, self.clock(), conn))
+            self._head = head
+            self._execute(core.receive(head.bytes, frames, self.clock(), self._conn_of_message))
+            if self._gone:
+                self._flush_gone()
             if core.has_work and may_run and not self._run_next(me):
                 return False
             if not sock.get(_EVENTS) & _POLLIN:
                 return True
         return True
 
+    def _conn_of_message(self) -> int | None:
+        """The connection the message being handled came on (the core asks only when a rule
+        needs it). A connection's ACCEPTED event is queued before its first message can be
+        read, so with the monitor drained first, the descriptor's connection id is current.
+        Connections that closed meanwhile are reported to the core after this message."""
+        self._drain_monitor()
+        try:
+            return self._conn_of_fd.get(self._head.get(_SRCFD))
+        except zmq.ZMQError:
+            return None  # inproc: no descriptor
+
+    def _check_monitor(self) -> None:
+        if self._monitor.get(_EVENTS) & _POLLIN:
+            self._drain_monitor()
+        if self._gone:
+            self._flush_gone()
+
     def _drain_monitor(self) -> None:
-        core = self.core
+        """Read the connection events: keep the descriptor -> connection map current, and
+        remember the connections that closed (`_flush_gone` tells the core)."""
         while True:
             try:
                 event = parse_monitor_message(self._monitor.recv_multipart(_NOBLOCK))
-            except zmq.Again:
+            except zmq.ZMQError:  # Again: nothing more; otherwise closing
                 return
-            except zmq.ZMQError:
-                return  # closing
             fd = int(event["value"])
             if event["event"] == _ACCEPTED:
                 old = self._conn_of_fd.get(fd)
                 if old is not None:  # its close was not reported: it is gone all the same
-                    self._execute(core.peer_gone(old, self.clock()))
+                    self._gone.append(old)
                 self._conn_ids += 1
                 self._conn_of_fd[fd] = self._conn_ids
             elif event["event"] == _DISCONNECTED:
                 conn = self._conn_of_fd.pop(fd, None)
                 if conn is not None:
-                    self._execute(core.peer_gone(conn, self.clock()))
+                    self._gone.append(conn)
+
+    def _flush_gone(self) -> None:
+        gone, self._gone = self._gone, []
+        for conn in gone:
+            self._execute(self.core.peer_gone(conn, self.clock()))
 
     def _run_next(self, me: threading.Thread) -> bool:
         """Run the next queued call on this thread; False if the socket was handed over."""
@@ -547,14 +570,12 @@ class DeviceServer:
         A reply that cannot be delivered yields more actions (a lock passed to the next waiter,
         whose peer may be gone too): they join the same work list, never a deeper call."""
         run = None
-        todo = deque(actions)
-        while todo:
-            action = todo.popleft()
+        for action in actions:  # a list iterator also visits what is appended meanwhile
             kind = type(action)
             if kind is Send:
                 failed = self._send(action)
                 if failed is not None:
-                    todo.extend(self.core.undeliverable(action, failed, self.clock()))
+                    actions.extend(self.core.undeliverable(action, failed, self.clock()))
             elif kind is Run:
                 run = action.job
             elif kind is Count:
