@@ -853,7 +853,12 @@ class ServerCore:
             grant.last_seen = now
             resources = list(grant.leaves)
         queue_key = session if session is not None else (identity, self._conn())
-        self._check_queue_bounds(queue_key)
+        limits = self.limits
+        if (
+            len(self._queue) >= limits.max_queue_per_device
+            or self._queued_by.get(queue_key, 0) >= limits.max_queue_per_session
+        ):
+            self._check_queue_bounds(queue_key)
         fn, args, kwargs, label = self._device_call(request)
         touches: tuple[str, ...] = ()
         if request.type != "query" and self.locks.leaves:
@@ -877,6 +882,7 @@ class ServerCore:
         self._enqueue(job, queue_key)
 
     def _check_queue_bounds(self, queue_key: Any) -> None:
+        """Raise BusyError if one more call from `queue_key` would pass a queue bound."""
         depth = len(self._queue)
         if depth >= self.limits.max_queue_per_device:
             raise BusyError(

@@ -491,9 +491,18 @@ class DeviceServer:
                     self._check_monitor()
                 return True
             flags = _NOBLOCK
-            frames = sock.recv_multipart(_NOBLOCK) if head.more else []
+            if head.more:  # the usual [identity, body]: two plain receives, no RCVMORE query
+                part = sock.recv(_NOBLOCK, copy=False)
+                frames = [part.bytes]
+                while part.more:
+                    part = sock.recv(_NOBLOCK, copy=False)
+                    frames.append(part.bytes)
+            else:
+                frames = []
             self._head = head
-            self._execute(core.receive(head.bytes, frames, self.clock(), self._conn_of_message))
+            actions = core.receive(head.bytes, frames, self.clock(), self._conn_of_message)
+            if actions:
+                self._execute(actions)
             if self._gone:
                 self._flush_gone()
             if core.has_work and may_run and not self._run_next(me):
@@ -546,9 +555,13 @@ class DeviceServer:
 
     def _run_next(self, me: threading.Thread) -> bool:
         """Run the next queued call on this thread; False if the socket was handed over."""
-        job = self._execute(self.core.start_next(self.clock()))
-        if job is None:
-            return True
+        actions = self.core.start_next(self.clock())
+        if len(actions) == 1 and type(actions[0]) is Run:  # the usual case, without the loop
+            job = actions[0].job
+        else:
+            job = self._execute(actions)
+            if job is None:
+                return True
         job.thread = me
         with self._state:
             self._running = job
@@ -559,7 +572,13 @@ class DeviceServer:
             if not still_owner:
                 self._results.append(job)
         if still_owner:
-            self._execute(self.core.job_done(job, self.clock()))
+            actions = self.core.job_done(job, self.clock())
+            if len(actions) == 1 and type(actions[0]) is Send:
+                failed = self._send(actions[0])
+                if failed is not None:
+                    self._execute(self.core.undeliverable(actions[0], failed, self.clock()))
+            else:
+                self._execute(actions)
             return True
         self._wake()
         return False
