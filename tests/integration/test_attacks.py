@@ -539,12 +539,15 @@ def test_16_peers_send_10000_describes_each_and_never_read(server, ctx, tmp_path
                     pass
         sent_s = time.monotonic() - (deadline - 3.0)
         time.sleep(2.0)  # the server works off what it took while nobody reads
+        dropped = server.metric("labmesh_replies_dropped_total", reason="peer_not_reading")
         felt.note(
             send_s=sent_s,
             accepted=sum(accepted),
             accepted_min=min(accepted),
             rss_still_open_mb=server.rss_mb(),
+            replies_dropped=dropped,
         )
+        felt.expect(dropped > 0, "no reply to a peer that never reads was counted as dropped")
         for sock in peers:
             sock.close()
 

@@ -103,7 +103,7 @@ class ServerLimits:
     """
 
     max_message_bytes: int = native.DEFAULT_MAX_MESSAGE_BYTES
-    max_replies_queued_per_peer: int = 1000
+    max_replies_queued_per_peer: int = 256
     max_queue_per_device: int = 1000
     max_queue_per_session: int = 100
     max_sessions: int = 4096
