@@ -116,16 +116,21 @@ class _ClientCore:
         return 1 + self.retries if safe else 1
 
     def _routing_id(self) -> bytes:
-        """The routing id of the next socket: `client_id`, then `client_id~1`, `~2`, ...
+        """The routing id of the next socket: `client_id`, then (against a labmesh server)
+        `client_id~1`, `~2`, ...
 
-        A server lets no connection take over the route of another live one (a stranger who
-        read an id from `locks` could otherwise receive its replies), so a fresh socket after a
-        timeout must not reuse the id the server may still see connected. Locks are unaffected:
-        they belong to the session token.
+        A labmesh server lets no connection take over the route of another live one (a
+        stranger who read an id from `locks` could otherwise receive its replies), so a fresh
+        socket after a timeout must not reuse the id the server may still see connected; the
+        locks are unaffected, they belong to the session token. A server that gave no token
+        (PLESTY's) knows a client only by its id, so there the id stays the same.
         """
         n = self._sockets_made
         self._sockets_made += 1
-        return (self.client_id if n == 0 else f"{self.client_id}~{n}").encode()
+        if n == 0 or self.session is None:
+            return self.client_id.encode()
+        suffix = f"~{n}".encode()
+        return self.client_id.encode()[: 255 - len(suffix)] + suffix  # ZeroMQ's limit: 255
 
     def _stamp(self, payload: dict[str, Any]) -> str:
         rid = self._new_id()

@@ -22,6 +22,7 @@ import dataclasses
 import difflib
 import importlib
 import inspect
+import math
 import re
 import socket
 from dataclasses import dataclass, field
@@ -148,6 +149,7 @@ def _limits(doc: _Located, raw: Any) -> ServerLimits:
         if (
             isinstance(value, bool)
             or not isinstance(value, int if integer else (int, float))
+            or not math.isfinite(value)
             or value <= 0
         ):
             expected = "a positive whole number" if integer else "a positive number"

@@ -403,12 +403,15 @@ class LeaseTable:
         return len(self._grants)
 
     def oldest_idle_session(self) -> Grant | None:
-        """The earliest-made grant that holds nothing (evicting it loses no lock), if any.
-        Sessions holding something are at most one per leaf, so the scan is short."""
+        """The earliest-made grant that holds nothing and waits for nothing (ending it loses no
+        lock and no wait), if any."""
         for grant in self._grants.values():
-            if not grant.leaves:
+            if not grant.leaves and grant.session not in self._waiters:
                 return grant
         return None
+
+    def is_waiting(self, session: str) -> bool:
+        return session in self._waiters
 
     def sessions(self) -> list[Grant]:
         return list(self._grants.values())

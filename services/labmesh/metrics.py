@@ -135,6 +135,7 @@ LEASE_EXPIRIES = Counter(
 REFUSAL_BOUNDS = (
     "max_queue_per_device",
     "max_queue_per_session",
+    "max_queue_bytes",
     "max_sessions",
     "max_waiters",
     "max_connect_paths",

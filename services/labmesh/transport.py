@@ -20,7 +20,7 @@ ROUTER_RCVHWM = 1000
 
 
 def router_socket(
-    ctx: zmq.Context, address: str, max_message_bytes: int, max_replies_queued_per_peer: int = 256
+    ctx: zmq.Context, address: str, max_message_bytes: int, max_replies_queued_per_peer: int = 512
 ) -> zmq.Socket:
     """The device server's ROUTER, bound to `address` (e.g. `tcp://127.0.0.1:5555`).
 

@@ -80,6 +80,10 @@ def test_a_good_file():
             "limits: {max_wait_s: 0}\ndevices: [{name: a, driver: motor, port: 5}]\n",
             r"limits.max_wait_s: expected a positive number, got 0",
         ),
+        (
+            "limits: {max_wait_s: .nan}\ndevices: [{name: a, driver: motor, port: 5}]\n",
+            r"limits.max_wait_s: expected a positive number, got nan",
+        ),
         ("devices:\n  - just-a-name\n", r"host.yaml:2: devices\[0\]: expected a mapping"),
         (
             "devices:\n  - name: a\n    driver: motor\n",

@@ -458,3 +458,117 @@ def test_a_plesty_identity_on_a_new_connection_ends_the_old_connections_grant():
     assert again["status"] == "ok"
     assert h.core.locks.holder(LINE0) is None
     assert h.core.locks.session_count == 1
+
+
+# ---- found in review ---------------------------------------------------------------------------
+def test_a_token_carrying_session_without_lease_is_not_bound_to_its_connection():
+    h = Harness()
+    first = h.ask(b"lab", {"type": "connect", "resources": LINE0}, conn=1)
+    token = first["result"]["session"]
+    # the labmesh client (lease_s=None) resets its socket: same session, new connection
+    again = h.ask(b"lab~1", {"type": "connect", "resources": LINE0, "session": token}, conn=2)
+    assert again["result"]["session"] == token
+    h.core.peer_gone(2, h.now)  # the newer connection closes, the token lives on
+    write = {"type": "call", "func": "sleep", "args": [0], "session": token}
+    assert h.ask(b"lab~2", write, conn=3)["status"] == "ok"
+    assert h.core.locks.holder(LINE0).session == token
+
+
+def test_plesty_indexes_do_not_grow_over_connect_close_cycles():
+    h = Harness()
+    for conn in range(2000):
+        h.ask(b"plesty", {"type": "connect", "resources": LINE0}, conn=conn)
+        h.core.peer_gone(conn, h.now)
+    assert h.core.locks.session_count == 0
+    assert (len(h.core._plesty), len(h.core._plesty_identity), len(h.core._plesty_by_conn)) == (
+        0,
+        0,
+        0,
+    )
+
+
+def test_ending_a_waiting_session_answers_its_wait():
+    h = Harness(max_sessions=2)
+    h.ask(b"h", {"type": "connect", "resources": LINE0, "lease": 10})
+    waiting = h.send(b"w", {"type": "connect", "lease": 10, "id": "w0"})
+    token = one_reply(waiting)["result"]["session"]
+    assert (
+        h.send(
+            b"w", {"type": "connect", "resources": LINE0, "wait": 60, "session": token, "id": "w1"}
+        )
+        == []
+    )
+    # a new connect must not evict the waiting session (it holds no lock, but it waits)
+    assert one_reply(h.send(b"n", {"type": "connect", "lease": 10}))["type"] == "BusyError"
+    # its own disconnect ends the wait with an answer
+    found = replies(h.send(b"w", {"type": "disconnect", "session": token, "id": "bye"}))
+    assert {r["id"]: r["status"] for r in found} == {"w1": "error", "bye": "ok"}
+    assert h.core._waiters_by_conn == {}
+
+
+def test_waiters_cap_cannot_be_bypassed_by_sessions_with_a_grant():
+    h = Harness(max_waiters=2)
+    h.ask(b"h", {"type": "connect", "resources": LINE0, "lease": 10})
+    refused = 0
+    for i in range(20):
+        token = h.ask(b"s%d" % i, {"type": "connect", "lease": 10})["result"]["session"]
+        actions = h.send(
+            b"s%d" % i, {"type": "connect", "resources": LINE0, "wait": 60, "session": token}
+        )
+        refused += bool(actions) and one_reply(actions)["type"] == "BusyError"
+    assert h.core.locks.waiting == 2 and refused == 18
+
+
+def test_finished_calls_with_huge_timeouts_are_not_kept():
+    h = Harness()
+    for i in range(5000):
+        h.ask(b"a", {"type": "query", "param": "POWER", "timeout": 1e9, "id": i})
+    assert len(h.core._deadlines) < 200
+
+
+def test_long_ids_are_refused_without_being_echoed():
+    h = Harness()
+    reply = h.ask(b"a", {"type": "ping", "id": "x" * 100_000})
+    assert reply["type"] == "ProtocolError" and "id" not in reply
+    assert len(json.dumps(reply)) < 300
+
+
+def test_queued_request_bytes_are_bounded():
+    h = Harness(max_queue_bytes=10_000)
+    h.send(b"a", {"type": "call", "func": "sleep", "args": [0]})
+    h.core.start_next(h.now)  # the device is busy; what follows waits
+    big = {"type": "write", "param": "MODE", "value": "CW", "pad": "x" * 4000}
+    assert h.send(b"b", big) == [] and h.send(b"c", big) == []
+    reply = one_reply(h.send(b"d", big))
+    assert reply["type"] == "BusyError" and reply["bound"] == "max_queue_bytes"
+
+
+def test_a_call_outlasting_its_lease_does_not_make_the_loop_spin():
+    h = Harness()
+    token = h.ask(b"a", {"type": "connect", "resources": LINE0, "lease": 0.5})["result"]["session"]
+    h.send(b"a", {"type": "call", "func": "sleep", "args": [0], "session": token})
+    h.core.start_next(h.now)  # runs for a long time: the session is kept alive
+    for _ in range(5):
+        h.now += 1.0
+        h.core.tick(h.now)
+        assert h.core.next_wakeup() > h.now
+    assert h.core.locks.holder(LINE0) is not None
+
+
+def test_shutdown_answers_waiting_connects():
+    h = Harness()
+    h.ask(b"h", {"type": "connect", "resources": LINE0, "lease": 10})
+    h.send(b"w", {"type": "connect", "resources": LINE0, "wait": 60, "id": 5})
+    found = replies(h.core.shutdown(h.now))
+    assert [(r["id"], r["type"]) for r in found] == [(5, "ShutdownError")]
+
+
+def test_a_client_that_uses_its_token_keeps_its_grant_when_its_first_connection_closes():
+    h = Harness()
+    # a labmesh client with lease_s=None: its first connect looks like PLESTY's
+    token = h.ask(b"lab", {"type": "connect", "resources": LINE0}, conn=1)["result"]["session"]
+    write = {"type": "call", "func": "sleep", "args": [0], "session": token}
+    assert h.ask(b"lab", write, conn=1)["status"] == "ok"
+    h.core.peer_gone(1, h.now)  # its socket was reset; the token goes on
+    assert h.ask(b"lab~1", write, conn=2)["status"] == "ok"
+    assert h.core.locks.holder(LINE0).session == token

@@ -34,6 +34,8 @@ CONNECT_PROTOCOL_KEYS = frozenset(
 )
 
 _SCALARS = (str, int, float, bool, type(None))
+#: Longest request id accepted (every reply echoes it).
+MAX_ID_CHARS = 256
 # one encoder for all messages: json.dumps with options would build a new one per call
 _encode_json = json.JSONEncoder(separators=(",", ":")).encode
 
@@ -147,6 +149,12 @@ def parse_request(obj: dict[str, Any]) -> Request:
     req_id = obj.get("id")
     if has_id and not isinstance(req_id, _SCALARS):
         raise ProtocolError("id must be a JSON scalar (string, number, boolean or null)")
+    if isinstance(req_id, str) and len(req_id) > MAX_ID_CHARS:
+        # not echoed: a reply never carries a peer's megabytes back
+        raise ProtocolError(
+            f"id is {len(req_id)} characters long; at most {MAX_ID_CHARS} are accepted "
+            "(a counter or a short token is enough)"
+        )
     try:
         return _parse_fields(obj, req_id, has_id)
     except ProtocolError as exc:

@@ -91,6 +91,8 @@ class ServerLimits:
         max_queue_per_device: device calls waiting for the device; more get BusyError.
         max_queue_per_session: calls one session (or one connection without a session) may
             have waiting; more get BusyError.
+        max_queue_bytes: request bytes of the calls waiting for the device, together (a
+            write of a large array waits with its value); more get BusyError.
         max_sessions: sessions (connects) kept at once. A new connect beyond it ends the oldest
             session that holds no lock (its client, if still there, reconnects silently);
             when every session holds a lock it gets BusyError.
@@ -103,9 +105,10 @@ class ServerLimits:
     """
 
     max_message_bytes: int = native.DEFAULT_MAX_MESSAGE_BYTES
-    max_replies_queued_per_peer: int = 256
+    max_replies_queued_per_peer: int = 512
     max_queue_per_device: int = 1000
     max_queue_per_session: int = 100
+    max_queue_bytes: int = 64 * 1024 * 1024
     max_sessions: int = 4096
     max_waiters: int = 1000
     max_wait_s: float = 300.0
@@ -182,6 +185,7 @@ class _Pending:
     operation: str
     queue_key: Any
     observe: Observation
+    size: int = 0
     answered: bool = False
     answer: LaplaceAnswer | None = None
 
@@ -231,6 +235,8 @@ class ServerCore:
         self.running: Job | None = None
         self._queue: deque[Job] = deque()
         self._queued_by: dict[Any, int] = {}
+        self._queued_bytes = 0
+        self._body_size = 0
         self._pending: dict[Job, _Pending] = {}
         self._deadlines: list[tuple[float, int, Job]] = []
         self._seq = itertools.count()
@@ -314,6 +320,7 @@ class ServerCore:
         obj = None
         observe = Observation("invalid", "", "ok", None, now)
         try:
+            self._body_size = len(body[0]) if body else 0
             obj = native.decode_body(native.Frames(route, body), self.limits.max_message_bytes)
             if self.laplace is not None and laplace_envelope.is_envelope(obj):
                 observe.rtype = "laplace"
@@ -404,27 +411,12 @@ class ServerCore:
         """A connection closed: its PLESTY grants end (held until disconnect) and its waits
         are dropped, so a vanished peer never inherits a lock."""
         out: list[Action] = []
-        changed = False
         for session in self._waiters_by_conn.pop(conn, ()):
-            self.locks.drop_waiter(session)
+            self.locks.drop_waiter(session)  # nobody is there to answer
         for identity in self._plesty_by_conn.pop(conn, ()):
             entry = self._plesty.get(identity)
-            if entry is None or entry.conn != conn:
-                continue
-            self._forget_plesty(entry.session)
-            grant = self.locks.release(entry.session)
-            if grant is not None and grant.leaves:
-                changed = True
-                self._log(
-                    out,
-                    "lock released",
-                    now,
-                    _INFO,
-                    f"{_short(grant.describe_holder())} disconnected; freed {_quote(grant.leaves)}",
-                )
-        if changed:
-            self._serve_waiters(now, out)
-            self._locks_changed(now, out)
+            if entry is not None and entry.conn == conn:
+                self._end_session(entry.session, now, out, "disconnected")
         return out
 
     def undeliverable(self, send: Send, reason: str, now: float) -> list[Action]:
@@ -440,19 +432,7 @@ class ServerCore:
             f"reply to {_short(native.client_id_of(send.route[0]))} dropped: {what}",
         )
         if send.grant is not None:
-            grant = self.locks.release(send.grant)
-            self._forget_plesty(send.grant)
-            if grant is not None and grant.leaves:
-                self._log(
-                    out,
-                    "lock released",
-                    now,
-                    _INFO,
-                    f"{_short(grant.describe_holder())} is gone before its grant of "
-                    f"{_quote(grant.leaves)} reached it; passed on",
-                )
-                self._serve_waiters(now, out)
-                self._locks_changed(now, out)
+            self._end_session(send.grant, now, out, "is gone before its grant reached it")
         return out
 
     def shutdown(self, now: float) -> list[Action]:
@@ -471,8 +451,15 @@ class ServerCore:
                 reply = pending.answer.failed(message)
             if reply is not None:
                 out.append(Send(pending.route, native.encode_reply(reply)))
+        for waiter in self.locks.waiters:
+            route, request, _, _, _ = waiter.token
+            self.locks.drop_waiter(waiter.session)
+            reply = _error(request, "server is shutting down; the wait ended", "ShutdownError")
+            out.append(Send(route, native.encode_reply(reply)))
+        self._waiters_by_conn.clear()
         self._queue.clear()
         self._queued_by.clear()
+        self._queued_bytes = 0
         return out
 
     # ---- replies and logs -------------------------------------------------------------------
@@ -513,6 +500,10 @@ class ServerCore:
         """The session a request speaks for: its token, or the PLESTY grant of its own
         connection (never of another peer that claims the same client id)."""
         if request.session is not None:
+            if self._plesty_identity and request.session in self._plesty_identity:
+                # a client that sends the token is not a PLESTY client after all (a labmesh
+                # client without a lease): the token holds its grant, not its first connection
+                self._forget_plesty(request.session)
             return request.session
         entry = self._plesty.get(identity)
         if entry is not None and entry.conn == self._conn():
@@ -592,14 +583,13 @@ class ServerCore:
                 limit=self.limits.max_sessions,
                 depth=self.locks.session_count,
             )
-        self.locks.release(idle.session)
-        self._forget_plesty(idle.session)
+        self._end_session(idle.session, 0.0, [], "ended to make room")
 
     def _enqueue_waiter(
         self, route, conn, request, session, client_id, leaves, metadata, lease, wait, now
     ) -> Waiter | None:
         waiting = self.locks.waiting
-        if waiting >= self.limits.max_waiters and self.locks.grant(session) is None:
+        if waiting >= self.limits.max_waiters and not self.locks.is_waiting(session):
             raise BusyError(
                 f"{self.name}: {waiting} connects are already waiting for resources "
                 f"(max_waiters={self.limits.max_waiters}); try again later, or connect without "
@@ -617,7 +607,7 @@ class ServerCore:
                 now + wait,
                 metadata,
                 lease,
-                (route, request, now, conn, wait),
+                (route, _reply_key(request), now, conn, wait),
             )
         )
         if replaced is not None:
@@ -626,8 +616,9 @@ class ServerCore:
         return replaced
 
     def _granted(self, out, route, conn, request, grant: Grant, observe, now) -> None:
-        if grant.lease_s is None:
-            self._bind_plesty(route[0], conn, grant.session)
+        if grant.lease_s is None and request.session is None:
+            # a PLESTY client: it never sends the token, its grant lives with its connection
+            self._bind_plesty(route[0], conn, grant.session, now, out)
         if grant.leaves:
             self._log(
                 out,
@@ -653,16 +644,45 @@ class ServerCore:
             grant.session if grant.leaves else None,
         )
 
-    def _bind_plesty(self, identity: bytes, conn: Any, session: str) -> None:
+    def _bind_plesty(self, identity: bytes, conn: Any, session: str, now: float, out) -> None:
         old = self._plesty.get(identity)
         if old is not None and old.session != session:
             # the identity speaks from a new connection, so the old one is gone (libzmq never
             # reads a second live connection with the same id): its grant ends with it
-            self._forget_plesty(old.session)
-            self.locks.release(old.session)
+            self._end_session(old.session, now, out, "connected again")
+        self._forget_plesty(session)
         self._plesty[identity] = _PlestySession(session, conn)
         self._plesty_identity[session] = identity
         self._plesty_by_conn.setdefault(conn, set()).add(identity)
+
+    def _end_session(self, session: str, now: float, out: list[Action], why: str) -> None:
+        """End a session: its wait is refused, its grant released (the next waiter served)."""
+        waiter = self.locks.drop_waiter(session)
+        if waiter is not None:
+            route, request, since, conn, _ = waiter.token
+            self._unindex_waiter(conn, session)
+            self._refuse_connect(
+                out,
+                route,
+                request,
+                waiter.client_id,
+                waiter.metadata,
+                ResourceAllocationError(f"the wait ended: its session {why}"),
+                Observation("connect", "", "ok", None, since),
+                now,
+            )
+        self._forget_plesty(session)
+        grant = self.locks.release(session)
+        if grant is not None and grant.leaves:
+            self._log(
+                out,
+                "lock released",
+                now,
+                _INFO,
+                f"{_short(grant.describe_holder())} {why}; freed {_quote(grant.leaves)}",
+            )
+            self._serve_waiters(now, out)
+            self._locks_changed(now, out)
 
     def _forget_plesty(self, session: str) -> None:
         identity = self._plesty_identity.pop(session, None)
@@ -735,16 +755,7 @@ class ServerCore:
         identity = route[0]
         session = self._session_of(identity, request)
         if session is not None:
-            grant = self.locks.release(session)
-            if grant is not None and grant.leaves:
-                self._log(
-                    out,
-                    "lock released",
-                    now,
-                    _INFO,
-                    f"{_short(grant.describe_holder())} released {_quote(grant.leaves)}",
-                )
-            self._forget_plesty(session)
+            self._end_session(session, now, out, "released")
             self._locks_changed(now, out)
         self._reply(
             out,
@@ -785,7 +796,7 @@ class ServerCore:
         self._reply(out, route, native.ok_reply(result, request), observe)
 
     def _on_heartbeat(self, route, request, now, observe, out) -> None:
-        grant = self.locks.renew(request.session or "", now)
+        grant = self.locks.renew(self._session_of(route[0], request) or "", now)
         result = {"lease_remaining": self.locks.remaining(grant, now), "epoch": self.epoch}
         self._reply(out, route, native.ok_reply(result, request), observe)
 
@@ -815,8 +826,11 @@ class ServerCore:
         if expired:
             self._locks_changed(now, out)
         following = self.locks.next_event()
+        # a past event is a lease kept alive by a call in flight: look again in LOCK_CHECK_S
         self._next_lock_check = (
-            now + LOCK_CHECK_S if following is None else min(now + LOCK_CHECK_S, following)
+            now + LOCK_CHECK_S
+            if following is None or following <= now
+            else min(now + LOCK_CHECK_S, following)
         )
 
     def _locks_changed(self, now: float, out: list[Action]) -> None:
@@ -854,11 +868,13 @@ class ServerCore:
             resources = list(grant.leaves)
         queue_key = session if session is not None else (identity, self._conn())
         limits = self.limits
+        size = self._body_size
         if (
             len(self._queue) >= limits.max_queue_per_device
             or self._queued_by.get(queue_key, 0) >= limits.max_queue_per_session
+            or self._queued_bytes + size > limits.max_queue_bytes
         ):
-            self._check_queue_bounds(queue_key)
+            self._check_queue_bounds(queue_key, size)
         fn, args, kwargs, label = self._device_call(request)
         touches: tuple[str, ...] = ()
         if request.type != "query" and self.locks.leaves:
@@ -873,16 +889,32 @@ class ServerCore:
         operation = self.operation_label(request.fields.get("param") or request.fields.get("func"))
         observe.operation = operation
         self._pending[job] = _Pending(
-            route, request, now, deadline, session, touches, operation, queue_key, observe
+            route, request, now, deadline, session, touches, operation, queue_key, observe, size
         )
         if deadline is not None:
-            heapq.heappush(self._deadlines, (deadline, next(self._seq), job))
+            deadlines = self._deadlines
+            if len(deadlines) > 2 * len(self._pending) + 64:
+                # entries of calls answered long before their deadline: drop them, so a peer's
+                # huge timeouts cannot keep every finished call
+                deadlines[:] = [d for d in deadlines if d[2] in self._pending]
+                heapq.heapify(deadlines)
+            heapq.heappush(deadlines, (deadline, next(self._seq), job))
             if deadline < self._wakeup:
                 self._wakeup = deadline
-        self._enqueue(job, queue_key)
+        self._enqueue(job, queue_key, size)
 
-    def _check_queue_bounds(self, queue_key: Any) -> None:
+    def _check_queue_bounds(self, queue_key: Any, size: int) -> None:
         """Raise BusyError if one more call from `queue_key` would pass a queue bound."""
+        queued = self._queued_bytes
+        if queued + size > self.limits.max_queue_bytes:
+            raise BusyError(
+                f"{self.name}: the calls queued for this device already hold {queued} bytes of "
+                f"requests (max_queue_bytes={self.limits.max_queue_bytes}); nothing was "
+                "queued: retry later",
+                bound="max_queue_bytes",
+                limit=self.limits.max_queue_bytes,
+                depth=queued,
+            )
         depth = len(self._queue)
         if depth >= self.limits.max_queue_per_device:
             raise BusyError(
@@ -904,11 +936,13 @@ class ServerCore:
                 depth=mine,
             )
 
-    def _enqueue(self, job: Job, queue_key: Any) -> None:
+    def _enqueue(self, job: Job, queue_key: Any, size: int) -> None:
         self._queue.append(job)
         self._queued_by[queue_key] = self._queued_by.get(queue_key, 0) + 1
+        self._queued_bytes += size
 
     def _dequeued(self, pending: _Pending) -> None:
+        self._queued_bytes -= pending.size
         key = pending.queue_key
         left = self._queued_by.get(key, 0) - 1
         if left > 0:
@@ -1074,15 +1108,26 @@ class ServerCore:
 
     # ---- LAPLACE -----------------------------------------------------------------------------
     def _on_laplace(self, route, obj, now, observe, out) -> None:
-        """A LAPLACE message: answered now, and/or queued on the device like a native call."""
+        """A LAPLACE message: answered now, and/or queued on the device like a native call.
+
+        The queue bounds are checked first (no LAPLACE callback runs for a refused message) and
+        a refusal is answered in LAPLACE's own error shape."""
         assert self.laplace is not None
+        key = (route[0], "laplace")
+        size = self._body_size
+        try:
+            self._check_queue_bounds(key, size)
+        except BusyError as exc:
+            out.append(Count("refused", (exc.details["bound"],)))
+            observe.operation = "UNKNOWN"
+            reply = laplace_envelope.error_reply(self.name, obj, str(exc), self.laplace.versions[0])
+            self._reply(out, route, reply, observe)
+            return
         answer = self.laplace.handle(obj, self.running is not None or bool(self._queue))
         observe.operation = answer.command
         job = answer.job
         if job is not None:
-            key = (route[0], "laplace")
-            self._check_queue_bounds(key)
-            request = native.Request("laplace", obj)
+            request = native.Request("laplace", {})
             self._pending[job] = _Pending(
                 route,
                 request,
@@ -1093,9 +1138,10 @@ class ServerCore:
                 answer.command,
                 key,
                 Observation("laplace", answer.command, "ok", None, now),
+                size,
                 answer=answer,
             )
-            self._enqueue(job, key)
+            self._enqueue(job, key, size)
         if answer.now is not None:
             self._reply(out, route, answer.now, observe)
 
@@ -1119,6 +1165,11 @@ def _error(
     if request is None:
         return native.error_reply(message, error_type, **extra)
     return native.error_reply(message, error_type, request.id, request.has_id, **extra)
+
+
+def _reply_key(request: native.Request) -> native.Request:
+    """What a later reply to `request` needs (its type and id), without the request's body."""
+    return native.Request(request.type, {}, request.id, request.has_id, None, request.session)
 
 
 def _details(exc: BaseException) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from labmesh import metrics
 from labmesh.device.base import describe_device
-from labmesh.device.executor import TAKEOVER_AFTER_S, Job, Watchdog
+from labmesh.device.executor import RUNNING, TAKEOVER_AFTER_S, Job, Watchdog
 from labmesh.locks import DEFAULT_IDLE_LIMIT_S, LeaseTable
 from labmesh.protocol import native
 from labmesh.server.core import (
@@ -391,7 +391,7 @@ class DeviceServer:
         if job is None:
             return False
         thread = job.thread
-        if thread is None or now - job.started_at < TAKEOVER_AFTER_S:
+        if thread is None or job.state != RUNNING or now - job.started_at < TAKEOVER_AFTER_S:
             return True
         with self._cond:
             other = self._other(thread)
@@ -515,12 +515,22 @@ class DeviceServer:
         """The connection the message being handled came on (the core asks only when a rule
         needs it). A connection's ACCEPTED event is queued before its first message can be
         read, so with the monitor drained first, the descriptor's connection id is current.
-        Connections that closed meanwhile are reported to the core after this message."""
-        self._drain_monitor()
+
+        A message whose descriptor has no live connection comes from a peer that is gone: it
+        gets a connection of its own that is reported gone right after it, so nothing the core
+        binds to it outlives the message. Connections that closed meanwhile are reported to the
+        core after this message."""
         try:
-            return self._conn_of_fd.get(self._head.get(_SRCFD))
+            fd = self._head.get(_SRCFD)
         except zmq.ZMQError:
             return None  # inproc: no descriptor
+        self._drain_monitor()
+        conn = self._conn_of_fd.get(fd)
+        if conn is None:
+            self._conn_ids += 1
+            conn = self._conn_ids
+            self._gone.append(conn)
+        return conn
 
     def _check_monitor(self) -> None:
         if self._monitor.get(_EVENTS) & _POLLIN:
