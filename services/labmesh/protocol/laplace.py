@@ -4,7 +4,7 @@ A LAPLACE message is one JSON object `{"version", "cmd", "from", "to", "payload"
 "msg"}`. A device server tells it from a native request by `cmd`/`version` and no `type`. Replies
 are built here with the exact command strings and `msg` texts deployed LAPLACE clients see;
 every error has one shape (`payload: {}`, `msg: "Error encountered."`, `error_msg: <text>`).
-See PROTOCOL.md section 4.
+See docs/protocol.md section 5.
 """
 
 from __future__ import annotations

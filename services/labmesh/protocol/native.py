@@ -2,7 +2,7 @@
 
 A request body is one UTF-8 JSON object with a `type`. A reply is
 `{"status": "ok", "result": ...}` or `{"status": "error", "error": msg, "type": T}`, plus the
-request's `id` when it had one. See PROTOCOL.md section 2.
+request's `id` when it had one. See docs/protocol.md sections 2 and 3.
 """
 
 from __future__ import annotations

@@ -88,7 +88,7 @@ class DeviceServer:
         idle_limit_s: how long a lock without a lease (PLESTY client) survives silence.
         connect_timeout_s: how long `start()` waits for the device's connect.
         laplace: a `labmesh.laplace.LaplaceAdapter` answering LAPLACE-LHC messages (`cmd` and
-            `version`, no `type`) on this same socket (PROTOCOL.md section 4).
+            `version`, no `type`) on this same socket (docs/protocol.md section 5).
         limits: the bounds on what a peer can make the server hold (`ServerLimits`); single
             fields can also be given as keywords, e.g. `max_waiters=100`.
     """
