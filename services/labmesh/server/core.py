@@ -1062,10 +1062,19 @@ class ServerCore:
                 continue
             pending.answered = True
             observe = pending.observe
-            if job is not self.running and job.state != RUNNING:
+            started = job is self.running or job.state == RUNNING
+            if started:
+                still_running = job.state == RUNNING
+                detail = (
+                    f"{job.label} ran past its budget of "
+                    f"{(pending.deadline or now) - pending.received:.3f} s; the device stays "
+                    "busy until it ends"
+                )
+            else:
                 self._queue.remove(job)
                 self._dequeued(pending)
                 del self._pending[job]
+                still_running = False
                 current = self.running
                 detail = (
                     f"not started: the device was busy with {current.label} for "
@@ -1073,38 +1082,16 @@ class ServerCore:
                     if current
                     else "not started"
                 )
-                self._reply(
-                    out,
-                    pending.route,
-                    _error(
-                        pending.request,
-                        "Operation timed out",
-                        "TimeoutError",
-                        still_running=False,
-                        started=False,
-                        detail=detail,
-                    ),
-                    observe,
-                )
-                out.append(Count("budget_expired", (pending.operation, False)))
-                continue
-            running = job.state == RUNNING
-            self._reply(
-                out,
-                pending.route,
-                _error(
-                    pending.request,
-                    "Operation timed out",
-                    "TimeoutError",
-                    still_running=running,
-                    started=True,
-                    detail=f"{job.label} ran past its budget of "
-                    f"{(pending.deadline or now) - pending.received:.3f} s; the device stays "
-                    "busy until it ends",
-                ),
-                observe,
+            reply = _error(
+                pending.request,
+                "Operation timed out",
+                "TimeoutError",
+                still_running=still_running,
+                started=started,
+                detail=detail,
             )
-            out.append(Count("budget_expired", (pending.operation, running)))
+            self._reply(out, pending.route, reply, observe)
+            out.append(Count("budget_expired", (pending.operation, still_running)))
 
     # ---- LAPLACE -----------------------------------------------------------------------------
     def _on_laplace(self, route, obj, now, observe, out) -> None:
