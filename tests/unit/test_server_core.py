@@ -392,8 +392,10 @@ def test_random_sequences_keep_every_invariant():
         # drain: every request gets exactly one reply, to the peer that sent it
         if running is not None:
             collect(h.core.job_done(running, h.now))
-        for _ in range(50):
+        for _ in range(50):  # waits end within max wait (1.5 s) and budgets within 0.3 s
             collect(h.run_all())
+            if not h.core.in_flight and not h.core.locks.waiting:
+                break
             h.now += 1.0
             collect(h.core.tick(h.now))
         for peer in peers:

@@ -8,9 +8,11 @@ object works locally (`with MyDevice() as dev: dev.query("POWER")`) and remotely
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
-from collections.abc import Callable, Iterable
+import types
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
@@ -96,14 +98,20 @@ def _operation_spec(attr: Any) -> OperationSpec | None:
     return None
 
 
-def find_operations(obj: Any) -> dict[str, OperationSpec]:
-    """Public methods of `obj`'s class (and bases) marked as operations, by name.
+def find_operations(obj: Any) -> Mapping[str, OperationSpec]:
+    """Public methods of `obj`'s class (and bases) marked as operations, by name (read-only).
 
     An override keeps the operation (and its spec) of the method it overrides, so a driver
     that redefines `identity` needs no decorator; a new `@operation(...)` replaces the spec.
+    Worked out once per class: the server asks on every call that may touch a lock.
     """
+    return _class_operations(type(obj))
+
+
+@functools.lru_cache(maxsize=256)
+def _class_operations(kind: type) -> Mapping[str, OperationSpec]:
     found: dict[str, OperationSpec] = {}
-    for cls in type(obj).__mro__:
+    for cls in kind.__mro__:
         if cls is object:
             continue
         for name, attr in vars(cls).items():
@@ -112,7 +120,7 @@ def find_operations(obj: Any) -> dict[str, OperationSpec]:
             spec = _operation_spec(attr)
             if spec is not None:
                 found[name] = spec
-    return found
+    return types.MappingProxyType(found)
 
 
 def touched_resources(
