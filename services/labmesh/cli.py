@@ -9,15 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from labmesh import __version__
 from labmesh.protocol.errors import RemoteError
+from labmesh.signals import wait_for_signal
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 #: Commands that run until stopped log what they do; one-shot commands only warn.
@@ -32,23 +31,6 @@ class CliError(Exception):
     def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
         super().__init__(message)
         self.code = code
-
-
-def _wait_for_signal() -> None:
-    """Block until SIGINT or SIGTERM."""
-    stop = threading.Event()
-
-    def handle(signum: int, _frame: object) -> None:
-        log.info("received %s; shutting down", signal.Signals(signum).name)
-        stop.set()
-
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while not stop.wait(0.5):
-            pass
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -71,7 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        _wait_for_signal()
+        wait_for_signal()
     finally:
         host.stop()
     print("labmesh serve: stopped", flush=True)
@@ -234,7 +216,7 @@ def cmd_discovery(args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        _wait_for_signal()
+        wait_for_signal()
     finally:
         service.stop()
     print("labmesh discovery: stopped", flush=True)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from labmesh.config import ConfigError
+from labmesh.signals import wait_for_signal
 
 #: Ports of the demo relative to --base-port (default 5550).
 DISCOVERY_API, DISCOVERY_PUB, DISCOVERY_HTTP = 0, 1, 2
@@ -262,9 +263,7 @@ def run(
         if wait is not None:
             wait.wait()
         else:
-            from labmesh.cli import _wait_for_signal
-
-            _wait_for_signal()
+            wait_for_signal()
     finally:
         stop(demo)
     print("labmesh demo: stopped", flush=True)

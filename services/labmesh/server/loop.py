@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import signal
 import socket
 import threading
 import time
@@ -47,6 +46,7 @@ from labmesh.server.core import (
     ServerCore,
     ServerLimits,
 )
+from labmesh.signals import install_stop_signals
 from labmesh.transport import bound_address, connection_monitor, router_socket
 from labmesh.version import __version__
 
@@ -252,7 +252,7 @@ class DeviceServer:
         socket closed) and `asyncio.run(main())` ends with exit status 0, as PLESTY's does.
         """
         loop = asyncio.get_running_loop()
-        signals = _install_stop_signals(loop, lambda: loop.run_in_executor(None, self.stop))
+        signals = install_stop_signals(loop, lambda: loop.run_in_executor(None, self.stop))
         try:
             await loop.run_in_executor(None, self.start)
             await loop.run_in_executor(None, self._stopped.wait)
@@ -652,20 +652,6 @@ class DeviceServer:
         self._sock.close(linger=0)
         if self._own_ctx:
             self._ctx.term()
-
-
-def _install_stop_signals(loop: asyncio.AbstractEventLoop, stop: Callable[[], Any]) -> list:
-    """Route SIGINT/SIGTERM to `stop` while serving (main thread, POSIX loops only)."""
-    if threading.current_thread() is not threading.main_thread():
-        return []
-    installed = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop)
-        except (NotImplementedError, RuntimeError, ValueError):
-            continue  # e.g. Windows' proactor loop: Ctrl+C then cancels run() instead
-        installed.append(sig)
-    return installed
 
 
 def _enter_device(device: Any) -> None:
