@@ -552,18 +552,11 @@ class ServerCore:
                     route, conn, request, session, client_id, leaves, metadata, lease, wait, now
                 )
                 if replaced is not None:
-                    old_route, old_request, since, _, _ = replaced.token
-                    self._refuse_connect(
-                        out,
-                        old_route,
-                        old_request,
-                        replaced.client_id,
-                        replaced.metadata,
-                        ResourceAllocationError(
-                            "this wait was replaced by a newer connect of the same session"
-                        ),
-                        Observation("connect", "", "ok", None, since),
+                    self._refuse_waiter(
+                        replaced,
+                        "this wait was replaced by a newer connect of the same session",
                         now,
+                        out,
                     )
                 return
             self._refuse_connect(out, route, request, client_id, metadata, exc, observe, now)
@@ -659,18 +652,8 @@ class ServerCore:
         """End a session: its wait is refused, its grant released (the next waiter served)."""
         waiter = self.locks.drop_waiter(session)
         if waiter is not None:
-            route, request, since, conn, _ = waiter.token
-            self._unindex_waiter(conn, session)
-            self._refuse_connect(
-                out,
-                route,
-                request,
-                waiter.client_id,
-                waiter.metadata,
-                ResourceAllocationError(f"the wait ended: its session {why}"),
-                Observation("connect", "", "ok", None, since),
-                now,
-            )
+            self._unindex_waiter(waiter.token[3], session)
+            self._refuse_waiter(waiter, f"the wait ended: its session {why}", now, out)
         self._forget_plesty(session)
         grant = self.locks.release(session)
         if grant is not None and grant.leaves:
@@ -726,23 +709,30 @@ class ServerCore:
                 out, route, conn, request, grant, Observation("connect", "", "ok", None, since), now
             )
         for waiter in expired:
-            route, request, since, conn, wait = waiter.token
+            _, _, since, conn, wait = waiter.token
             self._unindex_waiter(conn, waiter.session)
             out.append(Count("lock_waited", ("timeout", now - since)))
             busy = self.locks.busy_message(waiter.leaves, now)
-            exc = ResourceAllocationError(
-                f"waited {wait:g} s; requested resources are still not available: " + busy
-            )
-            self._refuse_connect(
-                out,
-                route,
-                request,
-                waiter.client_id,
-                waiter.metadata,
-                exc,
-                Observation("connect", "", "ok", None, since),
+            self._refuse_waiter(
+                waiter,
+                f"waited {wait:g} s; requested resources are still not available: " + busy,
                 now,
+                out,
             )
+
+    def _refuse_waiter(self, waiter: Waiter, message: str, now: float, out: list[Action]) -> None:
+        """Answer a wait that ends without a grant (ResourceAllocationError, as PLESTY's)."""
+        route, request, since, _, _ = waiter.token
+        self._refuse_connect(
+            out,
+            route,
+            request,
+            waiter.client_id,
+            waiter.metadata,
+            ResourceAllocationError(message),
+            Observation("connect", "", "ok", None, since),
+            now,
+        )
 
     def _unindex_waiter(self, conn: Any, session: str) -> None:
         sessions = self._waiters_by_conn.get(conn)
