@@ -8,7 +8,7 @@ in the receivers' threads (queued across threads), so slots may touch widgets.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 try:
     from PyQt6.QtCore import QObject, pyqtSignal
@@ -18,7 +18,8 @@ except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environm
         "works without it"
     ) from exc
 
-from labmesh.laplace import LaplaceAdapter
+if TYPE_CHECKING:  # annotations only: labmesh.laplace imports this module for qt_signals()
+    from labmesh.laplace import LaplaceAdapter
 
 
 class LaplaceSignals(QObject):

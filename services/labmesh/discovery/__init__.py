@@ -7,40 +7,29 @@
 - `registrar`: `Registrar`, which keeps an instrument host's devices registered.
 """
 
-from labmesh.discovery.beacon import BeaconSettings, find_discovery
-from labmesh.discovery.registrar import Registrar, advertised_address
-from labmesh.discovery.registry import (
-    DEFAULT_TTL_S,
-    DeviceRecord,
-    InvalidRecordError,
-    NameTakenError,
-    Registry,
-    UnknownDeviceError,
-)
-from labmesh.discovery.resolver import ENV_VAR, DiscoveryUnavailableError, Resolver
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_TTL_S",
-    "ENV_VAR",
-    "BeaconSettings",
-    "DeviceRecord",
-    "DiscoveryService",
-    "DiscoveryUnavailableError",
-    "InvalidRecordError",
-    "NameTakenError",
-    "Registrar",
-    "Registry",
-    "Resolver",
-    "UnknownDeviceError",
-    "advertised_address",
-    "find_discovery",
-]
+from labmesh.lazy import lazy_names
 
+# names load on first use: the registry stays pure, the service pulls in http.server and
+# prometheus_client, and clients only need the resolver
+_LAZY = {
+    "BeaconSettings": "labmesh.discovery.beacon",
+    "find_discovery": "labmesh.discovery.beacon",
+    "Registrar": "labmesh.discovery.registrar",
+    "advertised_address": "labmesh.discovery.registrar",
+    "DEFAULT_TTL_S": "labmesh.discovery.registry",
+    "DeviceRecord": "labmesh.discovery.registry",
+    "InvalidRecordError": "labmesh.discovery.registry",
+    "NameTakenError": "labmesh.discovery.registry",
+    "Registry": "labmesh.discovery.registry",
+    "UnknownDeviceError": "labmesh.discovery.registry",
+    "ENV_VAR": "labmesh.discovery.resolver",
+    "DiscoveryUnavailableError": "labmesh.discovery.resolver",
+    "Resolver": "labmesh.discovery.resolver",
+    "DiscoveryService": "labmesh.discovery.service",
+}
 
-def __getattr__(name: str) -> object:
-    # the service pulls in http.server and prometheus_client; clients only need the resolver
-    if name == "DiscoveryService":
-        from labmesh.discovery.service import DiscoveryService
+__all__ = sorted(_LAZY)
 
-        return DiscoveryService
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_names("labmesh.discovery", _LAZY, globals())
