@@ -115,9 +115,11 @@ class LaplaceAdapter:
     Callbacks (attributes or `set_on_*` setters, laplace-server's names): `on_get()`,
     `on_position_changed(positions)` (as sent), `on_saving_path_changed(path)`, `on_opt(data)`,
     `on_scan(message)` (the whole request, as laplace-server passes it),
-    `on_set_actuators(actuators)`, `on_set_diagnostics(diagnostics)`,
-    `on_update_actuator_positions(actuators)`. They run one at a time with the device's calls;
-    one that raises turns its reply into a LAPLACE error carrying the exception's message.
+    `on_set_actuators(actuators)` (for UPDATE ACT POS, as ServerLHC: the whole message),
+    `on_set_diagnostics(diagnostics)`, `on_update_actuator_positions(actuators)` (labmesh's
+    addition, after `on_set_actuators` for UPDATE ACT POS). They run one at a time with the
+    device's calls; one that raises turns its reply into a LAPLACE error carrying the
+    exception's message.
 
     Parameters:
         kind: LAPLACE device kind (default: from the labmesh kind; see `envelope.device_kind`).
@@ -178,9 +180,7 @@ class LaplaceAdapter:
             envelope.CMD_SCAN: lambda m, _: self._callback(m, "on_scan", m.fields),
             envelope.CMD_SET_ACT: lambda m, _: self._callback(m, "on_set_actuators", m.value),
             envelope.CMD_SET_DIAG: lambda m, _: self._callback(m, "on_set_diagnostics", m.value),
-            envelope.CMD_UPDATE_ACT_POS: lambda m, _: self._callback(
-                m, "on_update_actuator_positions", m.value
-            ),
+            envelope.CMD_UPDATE_ACT_POS: self._on_update_actuator_positions,
         }
 
     # ---- laplace-server's setters ---------------------------------------------------------
@@ -439,6 +439,31 @@ class LaplaceAdapter:
 
         threading.Thread(target=stop, name=f"laplace-stop:{self.name}", daemon=True).start()
         return LaplaceAnswer(message.cmd, now=envelope.ok_reply(self.name, message))
+
+    def _on_update_actuator_positions(self, message: envelope.Message, busy: bool) -> LaplaceAnswer:
+        """As ServerLHC: `on_set_actuators(whole message)`; then, labmesh's addition,
+        `on_update_actuator_positions(actuators)`, each when set, one after the other."""
+        calls = [
+            (func, argument)
+            for func, argument in (
+                (self.on_set_actuators, message.fields),
+                (self.on_update_actuator_positions, message.value),
+            )
+            if func is not None
+        ]
+        if not calls:
+            return LaplaceAnswer(message.cmd, now=envelope.ok_reply(self.name, message))
+
+        def run() -> None:
+            for func, argument in calls:
+                func(argument)
+
+        def done(job: Job) -> dict[str, Any]:
+            if job.ok:
+                return envelope.ok_reply(self.name, message)
+            return self._job_error(message, job)
+
+        return self._queued(message, Job(run, label="LAPLACE UPDATE ACT POS"), done)
 
     def _callback(self, message: envelope.Message, name: str, argument: Any) -> LaplaceAnswer:
         """Run callback `name(argument)` on the device's turn, then reply (at once if unset)."""

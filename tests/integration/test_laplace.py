@@ -209,6 +209,8 @@ def test_transcript_every_command(cam):
         ("on_scan", scan),
         ("on_set_actuators", {"m1": True}),
         ("on_set_diagnostics", {"cam": 1}),
+        # as ServerLHC: the whole message; then labmesh's own callback
+        ("on_set_actuators", req("UPDATE ACT POS", {"actuators": {"m1": 4.0}})),
         ("on_update_actuator_positions", {"m1": 4.0}),
     ]
     assert cam.save_path == "/data/run-7"
@@ -309,6 +311,11 @@ BAD_INPUTS = [
         "unknown command",
         req("JUMP"),
         error("cam1", "JUMP", f"Unknown command 'JUMP'; commands: {COMMAND_LIST}"),
+    ),
+    (
+        "empty command (echoed as sent, as ServerLHC does)",
+        req(""),
+        error("cam1", "", f"message has no 'cmd' string; commands: {COMMAND_LIST}"),
     ),
     (
         "lower-case command",

@@ -12,8 +12,9 @@ asserted instead. What the real server does, as observed here:
 - anyone may STOP it; `stop()` hangs for ever when the address it advertises (get_ip) is not the
   one it listens on, e.g. bound to 127.0.0.1 on a host with a LAN address;
 - SET takes a string or too many positions, PING/GET/INFO take a payload that is not an object,
-  UPDATE ACT POS needs no `actuators` (and calls `on_set_actuators` with the whole message):
-  labmesh refuses these with LAPLACE errors (deliberate differences).
+  UPDATE ACT POS needs no `actuators`: labmesh refuses these with LAPLACE errors (deliberate
+  differences). For a valid UPDATE ACT POS both call `on_set_actuators` with the whole message
+  (labmesh then also `on_update_actuator_positions(actuators)`).
 """
 
 from __future__ import annotations

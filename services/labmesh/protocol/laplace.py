@@ -338,7 +338,7 @@ def error_reply(sender: str, request_obj: Any, error_msg: str, version: str) -> 
     return {
         "from": sender,
         "to": target if isinstance(target, str) and target else UNKNOWN,
-        "cmd": cmd if isinstance(cmd, str) and cmd else UNKNOWN,
+        "cmd": cmd if isinstance(cmd, str) else UNKNOWN,  # "" is echoed, as ServerLHC does
         "payload": {},
         "version": version,
         "error_msg": error_msg,
