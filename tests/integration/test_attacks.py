@@ -26,6 +26,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -503,20 +504,31 @@ def short_lived_peer(context: zmq.Context, address: str) -> zmq.Socket:
     return dealer(context, address, linger=1000, immediate=1, sndtimeo=1000)
 
 
+def send_and_leave(
+    context: zmq.Context, address: str, count: int, request: Callable[[int], dict[str, Any]]
+) -> tuple[int, int, float]:
+    """`count` short-lived peers each send `request(i)` and close without reading (at most
+    12 s). Returns (sent, unsent, seconds)."""
+    begun = time.monotonic()
+    sent = unsent = 0
+    while sent < count and time.monotonic() - begun < 12:
+        sock = short_lived_peer(context, address)
+        try:
+            sock.send(encode(request(sent)))
+            sent += 1
+        except zmq.Again:
+            unsent += 1
+        sock.close()
+    return sent, unsent, time.monotonic() - begun
+
+
 # ---- 2. peers that leave before their reply ---------------------------------------------------
 def test_2000_peers_leave_before_reading_their_reply(server, ctx, tmp_path):
     with lab_watch(server, tmp_path, "leavers") as felt:
-        begun = time.monotonic()
-        peers = unsent = 0
-        while peers < 2000 and time.monotonic() - begun < 12:
-            sock = short_lived_peer(ctx, server.address)
-            try:
-                sock.send(encode({"type": "describe", "id": peers}))
-                peers += 1
-            except zmq.Again:
-                unsent += 1
-            sock.close()
-        felt.note(peers=peers, unsent=unsent, loop_s=time.monotonic() - begun)
+        peers, unsent, loop_s = send_and_leave(
+            ctx, server.address, 2000, lambda i: {"type": "describe", "id": i}
+        )
+        felt.note(peers=peers, unsent=unsent, loop_s=loop_s)
         felt.expect(peers == 2000, f"only {peers} peers sent their request within 12 s")
         time.sleep(1.0)  # the last requests reach the server, their replies find nobody
 
@@ -568,17 +580,10 @@ def test_5000_vanished_waiters_never_inherit_the_lock(server, ctx, tmp_path):
     granted = ask(holder, connect(lease=30, id=1, name="holder"))
     assert granted and granted["status"] == "ok", granted
     with lab_watch(server, tmp_path, "vanished-waiters") as felt:
-        begun = time.monotonic()
-        ghosts = unsent = 0
-        while ghosts < 5000 and time.monotonic() - begun < 12:
-            sock = short_lived_peer(ctx, server.address)
-            try:
-                sock.send(encode(connect(wait=3600, id=ghosts, name=f"ghost-{ghosts}")))
-                ghosts += 1
-            except zmq.Again:
-                unsent += 1
-            sock.close()
-        felt.note(ghosts=ghosts, unsent=unsent, loop_s=time.monotonic() - begun)
+        ghosts, unsent, loop_s = send_and_leave(
+            ctx, server.address, 5000, lambda i: connect(wait=3600, id=i, name=f"ghost-{i}")
+        )
+        felt.note(ghosts=ghosts, unsent=unsent, loop_s=loop_s)
         felt.expect(ghosts == 5000, f"only {ghosts} waiters within 12 s")
         time.sleep(1.0)  # the last connects arrive and their peers are gone
         released = ask(
