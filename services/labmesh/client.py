@@ -1,10 +1,9 @@
 """Clients of a device server: `DeviceClient` (sync, thread-safe) and `AsyncDeviceClient`.
 
 Both connect with a handshake, read `describe`, and bind the device's operations as methods,
-so `client.move_to(3.0)` calls the remote `move_to`. Every request carries an id and a reply
-with another id is dropped, so a late reply can never answer the next question. When no reply
-comes in time the socket is replaced (lazy pirate); queries, describe and ping are retried a
-bounded number of times, writes and calls never (unless the operation is declared idempotent).
+so `client.move_to(3.0)` calls the remote `move_to`. Both drive the same exchange
+(`labmesh.protocol.exchange`: ids, late replies, re-sends, timeouts, lease loss); they differ
+only in how they wait on the socket (docs/client.md).
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import asyncio
 import inspect
 import logging
 import math
-import secrets
 import threading
 import time
 import uuid
@@ -23,14 +21,23 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from labmesh.protocol import native
-from labmesh.protocol.errors import ProtocolError, RemoteError, remote_error
+from labmesh.discovery.resolver import Resolver, default_resolver
+from labmesh.protocol.errors import RemoteError
+from labmesh.protocol.exchange import (
+    Action,
+    Channel,
+    Done,
+    Exchange,
+    Reconnect,
+    Send,
+    Wait,
+    attempts_for,
+    result,
+)
 from labmesh.transport import dealer_socket
 
 log = logging.getLogger("labmesh.client")
 
-#: Request types that are safe to send again after a timeout.
-RETRYABLE = frozenset({"describe", "query", "ping", "help", "locks"})
 #: Extra wait beyond a server budget so the server's own TimeoutError reply can arrive (ms).
 GRACE_MS = 1000
 #: How long close() waits for the server to confirm the disconnect (ms).
@@ -41,28 +48,19 @@ HEARTBEAT_WAIT_MS = 500
 DEFAULT_LEASE_S = 10.0
 
 
-_default_resolver: Any = None
-_default_resolver_lock = threading.Lock()
-
-
-def _resolver_for(discovery: Any) -> Any:
-    """The Resolver for a client: the one given, one for the endpoints given, or the shared
+def resolver_for(discovery: Any) -> Resolver:
+    """The Resolver a client uses: the one given, one for the endpoints given, or the shared
     process-wide one configured by LABMESH_DISCOVERY."""
-    from labmesh.discovery.resolver import Resolver
-
-    global _default_resolver
     if isinstance(discovery, Resolver):
         return discovery
     if discovery is not None:
         return Resolver(discovery)
-    with _default_resolver_lock:
-        if _default_resolver is None:
-            _default_resolver = Resolver()
-        return _default_resolver
+    return default_resolver()
 
 
 class _ClientCore:
-    """Request building and reply handling shared by the sync and async clients (no I/O)."""
+    """What the sync and async clients share: payloads, the request channel, the lease rules
+    and the binding of remote operations (no I/O)."""
 
     def __init__(
         self,
@@ -79,8 +77,11 @@ class _ClientCore:
     ) -> None:
         #: the device name when `address` had no scheme (resolved through discovery), else None
         self.device_name = None if "://" in address else address
-        self._resolver = _resolver_for(discovery) if self.device_name else None
-        self.address = self._resolver.resolve(address) if self._resolver else address
+        self._resolver = resolver_for(discovery) if self.device_name else None
+        #: the server's address (for a device name: the last known one, None before connect)
+        self.address: str | None = address if self._resolver is None else None
+        if self._resolver is not None:
+            self.address = self._resolver.cached(address)
         self.default_timeout = int(timeout)
         self.resources = resources if resources is not None else []
         self.client_id = client_id or f"client-{uuid.uuid4().hex}"
@@ -92,28 +93,39 @@ class _ClientCore:
         self.reacquire = reacquire
         self.session: str | None = None
         self.connection_info: dict[str, Any] | None = None
+        #: why the locks were lost (a heartbeat was refused and they could not be re-acquired)
+        self.lease_lost: str | None = None
         self.description: dict[str, Any] = {}
         self._idempotent: frozenset[str] = frozenset()
         self._budgets: dict[str, float] = {}
-        self._id_prefix = secrets.token_hex(3)
-        self._counter = 0
+        self._channel = Channel(str(self.address or address), log)
         self._connected = False
 
-    # ---- payloads -------------------------------------------------------------------------
-    def _new_id(self) -> str:
-        self._counter += 1
-        return f"{self._id_prefix}:{self._counter}"
+    # ---- requests -------------------------------------------------------------------------
+    def _exchange(
+        self, payload: dict[str, Any], attempts: int | None, wait_ms: int | None
+    ) -> Exchange:
+        """The exchange for one request: its attempts (safe requests are re-sent after a
+        timeout, others never), its wait, and whether a LeaseExpiredError may reconnect (if no
+        locks were held, or `reacquire`)."""
+        if attempts is None:
+            attempts = attempts_for(payload, self.retries, self._idempotent)
+        if wait_ms is None:
+            wait_ms = self._recv_timeout_ms(payload.get("timeout"))
+        held = bool((self.connection_info or {}).get("resources"))
+        return self._channel.exchange(
+            payload,
+            wait_ms=wait_ms,
+            attempts=attempts,
+            session=self.session,
+            may_reconnect=self.reacquire or not held,
+        )
 
     def _recv_timeout_ms(self, budget_s: float | None) -> int:
         if budget_s is None:
             return self.default_timeout
         budget_ms = math.ceil(budget_s * 1000)
         return max(self.default_timeout, budget_ms + max(GRACE_MS, budget_ms // 5))
-
-    def _attempts(self, payload: dict[str, Any]) -> int:
-        rtype = payload["type"]
-        safe = rtype in RETRYABLE or (rtype == "call" and payload["func"] in self._idempotent)
-        return 1 + self.retries if safe else 1
 
     def _routing_id(self) -> bytes:
         """The routing id of the next socket: `client_id`, then (against a labmesh server)
@@ -132,13 +144,6 @@ class _ClientCore:
         suffix = f"~{n}".encode()
         return self.client_id.encode()[: 255 - len(suffix)] + suffix  # ZeroMQ's limit: 255
 
-    def _stamp(self, payload: dict[str, Any]) -> str:
-        rid = self._new_id()
-        payload["id"] = rid
-        if self.session is not None and "session" not in payload:
-            payload["session"] = self.session
-        return rid
-
     def _connect_payload(self) -> dict[str, Any]:
         payload = {"type": "connect", "resources": self.resources, **self.connect_kwargs}
         if self.lease_s is not None:
@@ -151,7 +156,8 @@ class _ClientCore:
         return self.default_timeout + int((self.wait_s or 0) * 1000)
 
     def _re_resolve(self) -> None:
-        """After a failed exchange: ask discovery again (the device may have moved)."""
+        """After a failed exchange: ask discovery again (the device may have moved). Blocking:
+        the asyncio client runs it in a worker thread."""
         if self._resolver is None or self.device_name is None:
             return
         self._resolver.invalidate(self.device_name)
@@ -163,21 +169,9 @@ class _ClientCore:
             )
             return
         if address != self.address:
-            log.warning("%s moved from %s to %s", self.device_name, self.address, address)
-            self.address = address
-
-    def _may_reconnect(self, payload: dict[str, Any], reply: dict[str, Any]) -> bool:
-        """After LeaseExpiredError: reconnect silently if no locks were held, or if asked to.
-
-        The server refused before running anything, so the request can be sent again.
-        """
-        if reply.get("type") != "LeaseExpiredError" or payload["type"] in (
-            "connect",
-            "heartbeat",
-        ):
-            return False
-        held = bool((self.connection_info or {}).get("resources"))
-        return self.reacquire or not held
+            if self.address is not None:
+                log.warning("%s moved from %s to %s", self.device_name, self.address, address)
+            self.address = self._channel.peer = address
 
     @property
     def heartbeat_interval_s(self) -> float | None:
@@ -186,6 +180,18 @@ class _ClientCore:
         if not self.session or not isinstance(lease, (int, float)):
             return None
         return max(0.05, lease / 3)
+
+    def _heartbeat_refused(self, exc: RemoteError) -> bool:
+        """A heartbeat got an error reply: True to connect again (the lease expired and no
+        locks were held, or `reacquire`); else the locks are lost, recorded in `lease_lost`."""
+        if exc.type == "LeaseExpiredError" and (
+            self.reacquire or not (self.connection_info or {}).get("resources")
+        ):
+            return True
+        if self.lease_lost is None:
+            self.lease_lost = str(exc)
+            log.error("%s: lease lost, locks gone: %s", self.address, exc)
+        return False
 
     def _call_payload(self, func: str, args: tuple, kwargs: dict, timeout: float | None) -> dict:
         if timeout is None:
@@ -198,33 +204,11 @@ class _ClientCore:
             "timeout": timeout,
         }
 
-    @staticmethod
-    def _matches(reply: dict[str, Any], rid: str) -> bool:
-        """A reply answers our request if it echoes our id (or the server echoes no ids)."""
-        return reply.get("id", rid) == rid
-
-    @staticmethod
-    def _result(reply: dict[str, Any]) -> Any:
-        if reply["status"] == "ok":
-            return reply.get("result")
-        raise remote_error(str(reply.get("type")), str(reply.get("error")), reply)
-
-    def _timeout_error(self, payload: dict[str, Any], wait_ms: int, attempts: int) -> TimeoutError:
-        what = payload["type"] + (
-            f" {payload.get('func') or payload.get('param')}"
-            if payload["type"] in ("call", "query", "write")
-            else ""
-        )
-        tries = f" (sent {attempts} times)" if attempts > 1 else ""
-        return TimeoutError(
-            f"no reply from {self.address} to {what} within {wait_ms} ms{tries}; is the server "
-            "running and reachable? For long operations pass timeout= (seconds)"
-        )
-
     # ---- after connect --------------------------------------------------------------------
     def _connected_with(self, info: dict[str, Any]) -> None:
         self.connection_info = info
         self.session = info.get("session") if isinstance(info, dict) else None
+        self.lease_lost = None
         self._connected = True
 
     def _described(self, description: dict[str, Any]) -> None:
@@ -334,9 +318,12 @@ class DeviceClient(_ClientCore):
         self._rcvtimeo = -1
         self._closing = threading.Event()
         self._heartbeat: threading.Thread | None = None
-        self.lease_lost: str | None = None
-        self._socket: zmq.Socket | None = dealer_socket(self._ctx, self.address, self._routing_id())
+        self._socket: zmq.Socket | None = None
         try:
+            if self.address is None:  # a device name not seen before: ask discovery
+                assert self._resolver is not None and self.device_name is not None
+                self.address = self._channel.peer = self._resolver.resolve(self.device_name)
+            self._socket = dealer_socket(self._ctx, self.address, self._routing_id())
             self.connect()
         except BaseException:
             self._close_socket()
@@ -352,7 +339,6 @@ class DeviceClient(_ClientCore):
             self.session = None
             info = self._request(self._connect_payload(), wait_ms=self._connect_wait_ms())
             self._connected_with(info)
-            self.lease_lost = None
         if self.heartbeat_interval_s is not None and self._heartbeat is None:
             self._heartbeat = threading.Thread(
                 target=self._renew_lease, name=f"lease:{self.client_id}", daemon=True
@@ -369,17 +355,12 @@ class DeviceClient(_ClientCore):
             except ConnectionError:
                 return
             except RemoteError as exc:  # LeaseExpiredError, or anything a broken server says
-                if exc.type == "LeaseExpiredError" and (
-                    self.reacquire or not (self.connection_info or {}).get("resources")
-                ):
+                if self._heartbeat_refused(exc):
                     try:
                         self._handshake()
                         log.warning("%s: lease was lost (%s); re-acquired", self.address, exc)
                     except Exception as again:
                         log.warning("%s: re-acquiring the lease failed: %s", self.address, again)
-                elif self.lease_lost is None:
-                    self.lease_lost = str(exc)
-                    log.error("%s: lease lost, locks gone: %s", self.address, exc)
 
     def _reset_socket(self) -> None:
         """Replace the socket after a timeout so nothing stale can arrive on it."""
@@ -396,63 +377,39 @@ class DeviceClient(_ClientCore):
     def _request(
         self, payload: dict[str, Any], attempts: int | None = None, wait_ms: int | None = None
     ) -> Any:
-        attempts = attempts or self._attempts(payload)
-        wait_ms = wait_ms or self._recv_timeout_ms(payload.get("timeout"))
+        """Send one request and return its result (the exchange decides; this does the I/O)."""
         with self._lock:
             if self._socket is None:
                 raise ConnectionError(f"client of {self.address} is closed")
-            for attempt in range(attempts):
-                rid = self._stamp(payload)
-                reply = self._exchange(native.encode(payload), rid, wait_ms)
-                if reply is not None:
-                    if not self._may_reconnect(payload, reply):
-                        return self._result(reply)
-                    log.warning("%s: %s; connecting again", self.address, reply.get("error"))
-                    payload.pop("session", None)
+            exchange = self._exchange(payload, attempts, wait_ms)
+            action: Action = exchange.start(time.monotonic())
+            while True:
+                if isinstance(action, Send):
+                    if action.fresh_socket:
+                        self._reset_socket()
+                    self._socket.send(action.body)
+                    action = Wait(action.wait_ms)
+                elif isinstance(action, Wait):
+                    body = self._receive(action.ms)
+                    action = exchange.after_wait(body, time.monotonic())
+                elif isinstance(action, Done):
+                    return result(action.reply)
+                elif isinstance(action, Reconnect):
                     self._handshake()
-                    rid = self._stamp(payload)
-                    reply = self._exchange(native.encode(payload), rid, wait_ms)
-                    if reply is not None:
-                        return self._result(reply)
-                log.info(
-                    "%s: no reply to %s (attempt %d/%d); resetting socket",
-                    self.address,
-                    payload["type"],
-                    attempt + 1,
-                    attempts,
-                )
-                self._reset_socket()
-            raise self._timeout_error(payload, wait_ms, attempts)
+                    action = exchange.reconnected(self.session, time.monotonic())
+                else:
+                    self._reset_socket()
+                    raise action.error
 
-    def _exchange(self, body: bytes, rid: str, wait_ms: int) -> dict[str, Any] | None:
+    def _receive(self, wait_ms: int) -> bytes | None:
         sock = self._socket
-        assert sock is not None
-        deadline = time.monotonic() + wait_ms / 1000
-        sock.send(body)
-        left = wait_ms
-        while True:
-            if self._rcvtimeo != left:  # a socket option write costs; most waits are the same
-                sock.setsockopt(zmq.RCVTIMEO, left)
-                self._rcvtimeo = left
-            try:
-                reply = native.decode_reply(sock.recv())
-            except zmq.Again:
-                return None
-            except ProtocolError as exc:
-                log.warning("%s: %s; ignored", self.address, exc)
-                reply = None
-            if reply is not None:
-                if self._matches(reply, rid):
-                    return reply
-                log.info(
-                    "%s: dropped a late reply (id %r, waiting for %r)",
-                    self.address,
-                    reply.get("id"),
-                    rid,
-                )
-            left = int((deadline - time.monotonic()) * 1000)
-            if left <= 0:
-                return None
+        if self._rcvtimeo != wait_ms:  # a socket option write costs; most waits are the same
+            sock.setsockopt(zmq.RCVTIMEO, wait_ms)
+            self._rcvtimeo = wait_ms
+        try:
+            return sock.recv()
+        except zmq.Again:
+            return None
 
     # ---- public API -----------------------------------------------------------------------
     def query(self, param: str, timeout: float | None = None) -> Any:
@@ -569,23 +526,36 @@ class AsyncDeviceClient(_ClientCore):
         self._heartbeat: asyncio.Task | None = None
         self._ctx = context or zmq.asyncio.Context.instance()
         self._lock = asyncio.Lock()
-        self._socket: zmq.asyncio.Socket | None = dealer_socket(
-            self._ctx, self.address, self._routing_id()
-        )
+        self._socket: zmq.asyncio.Socket | None = None
 
     async def connect(self) -> AsyncDeviceClient:
+        """Resolve the name (in a worker thread: the event loop never waits on discovery),
+        handshake, read describe and bind the device's operations."""
         try:
-            info = await self._request(self._connect_payload(), wait_ms=self._connect_wait_ms())
-            self._connected_with(info)
+            if self.address is None:  # a device name not seen before: ask discovery
+                assert self._resolver is not None and self.device_name is not None
+                self.address = self._channel.peer = await asyncio.to_thread(
+                    self._resolver.resolve, self.device_name
+                )
+            self._socket = dealer_socket(self._ctx, self.address, self._routing_id())
+            await self._handshake()
             self._described(await self.describe())
         except BaseException:
             self._close_socket()
             raise
-        if self.heartbeat_interval_s is not None:
-            self._heartbeat = asyncio.create_task(self._renew_lease())
         return self
 
+    async def _handshake(self) -> None:
+        self.session = None
+        info = await self._request_locked(
+            self._connect_payload(), attempts=None, wait_ms=self._connect_wait_ms()
+        )
+        self._connected_with(info)
+        if self.heartbeat_interval_s is not None and self._heartbeat is None:
+            self._heartbeat = asyncio.create_task(self._renew_lease())
+
     async def _renew_lease(self) -> None:
+        """Background task: heartbeat every third of the lease until close()."""
         while True:
             await asyncio.sleep(self.heartbeat_interval_s or 1.0)
             try:
@@ -595,8 +565,18 @@ class AsyncDeviceClient(_ClientCore):
             except ConnectionError:
                 return
             except RemoteError as exc:
-                log.error("%s: lease lost, locks gone: %s", self.address, exc)
-                return
+                if self._heartbeat_refused(exc):
+                    try:
+                        async with self._lock:
+                            await self._handshake()
+                        log.warning("%s: lease was lost (%s); re-acquired", self.address, exc)
+                    except Exception as again:
+                        log.warning("%s: re-acquiring the lease failed: %s", self.address, again)
+
+    async def _reset_socket(self) -> None:
+        self._close_socket()
+        await asyncio.to_thread(self._re_resolve)
+        self._socket = dealer_socket(self._ctx, self.address, self._routing_id())
 
     def _close_socket(self) -> None:
         if self._socket is not None:
@@ -606,49 +586,40 @@ class AsyncDeviceClient(_ClientCore):
     async def _request(
         self, payload: dict[str, Any], attempts: int | None = None, wait_ms: int | None = None
     ) -> Any:
-        attempts = attempts or self._attempts(payload)
-        wait_ms = wait_ms or self._recv_timeout_ms(payload.get("timeout"))
         async with self._lock:
-            reply = await self._send_locked(payload, attempts, wait_ms)
-            if self._may_reconnect(payload, reply):
-                log.warning("%s: %s; connecting again", self.address, reply.get("error"))
-                self.session = None
-                payload.pop("session", None)
-                connect = self._connect_payload()
-                info = await self._send_locked(connect, 1, self._connect_wait_ms())
-                self._connected_with(self._result(info))
-                reply = await self._send_locked(payload, 1, wait_ms)
-            return self._result(reply)
+            return await self._request_locked(payload, attempts, wait_ms)
 
-    async def _send_locked(self, payload: dict[str, Any], attempts: int, wait_ms: int) -> dict:
+    async def _request_locked(
+        self, payload: dict[str, Any], attempts: int | None, wait_ms: int | None
+    ) -> Any:
+        """As DeviceClient._request, awaiting instead of blocking."""
         if self._socket is None:
             raise ConnectionError(f"client of {self.address} is closed")
-        for _ in range(attempts):
-            rid = self._stamp(payload)
-            reply = await self._exchange(native.encode(payload), rid, wait_ms)
-            if reply is not None:
-                return reply
-            self._close_socket()
-            self._re_resolve()
-            self._socket = dealer_socket(self._ctx, self.address, self._routing_id())
-        raise self._timeout_error(payload, wait_ms, attempts)
-
-    async def _exchange(self, body: bytes, rid: str, wait_ms: int) -> dict[str, Any] | None:
-        sock = self._socket
-        assert sock is not None
-        await sock.send(body)
-        deadline = time.monotonic() + wait_ms / 1000
+        exchange = self._exchange(payload, attempts, wait_ms)
+        action: Action = exchange.start(time.monotonic())
         while True:
-            left = int((deadline - time.monotonic()) * 1000)
-            if left <= 0 or not await sock.poll(left):
-                return None
-            try:
-                reply = native.decode_reply(await sock.recv())
-            except ProtocolError as exc:
-                log.warning("%s: %s; ignored", self.address, exc)
-                continue
-            if self._matches(reply, rid):
-                return reply
+            if isinstance(action, Send):
+                if action.fresh_socket:
+                    await self._reset_socket()
+                await self._socket.send(action.body)
+                action = Wait(action.wait_ms)
+            elif isinstance(action, Wait):
+                body = await self._receive(action.ms)
+                action = exchange.after_wait(body, time.monotonic())
+            elif isinstance(action, Done):
+                return result(action.reply)
+            elif isinstance(action, Reconnect):
+                await self._handshake()
+                action = exchange.reconnected(self.session, time.monotonic())
+            else:
+                await self._reset_socket()
+                raise action.error
+
+    async def _receive(self, wait_ms: int) -> bytes | None:
+        sock = self._socket
+        if wait_ms <= 0 or not await sock.poll(wait_ms):
+            return None
+        return await sock.recv()
 
     async def query(self, param: str, timeout: float | None = None) -> Any:
         return await self._request({"type": "query", "param": param, "timeout": timeout})

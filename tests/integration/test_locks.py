@@ -199,22 +199,6 @@ def test_server_restart_is_reported_to_the_holder(daq_server):
         casual.close()
 
 
-def test_reacquire_gets_the_locks_back_after_a_restart(daq_server):
-    address = daq_server.address
-    holder = build_client(address, resources="Dev1/port0/line0", reacquire=True, timeout=2000)
-    try:
-        daq_server.stop()
-        srv = build_server(MemoryDaq(), address=address).start()
-        try:
-            assert holder.write_line("Dev1/port0/line0", True) is True
-            with build_client(address) as other:
-                assert other.locks()["holders"][0]["client_id"] == holder.client_id
-        finally:
-            srv.stop()
-    finally:
-        holder.close()
-
-
 def test_locks_listing_shows_age_and_time_left(daq_server):
     with build_client(
         daq_server.address, resources=["Dev1/ao0"], lease_s=5, connect_kwargs={"name": "scan"}
@@ -233,35 +217,6 @@ def test_locks_listing_shows_age_and_time_left(daq_server):
             }
         ]
         assert rows[0]["since_s"] >= 0.2 and 0 < rows[0]["remaining_s"] <= 5.0
-
-
-def test_async_client_restart_semantics(daq_server):
-    import asyncio
-
-    from labmesh import build_async_client
-
-    address = daq_server.address
-
-    async def main() -> None:
-        holder = await build_async_client(address, resources="Dev1/port0/line0", timeout=2000)
-        again = await build_async_client(
-            address, resources="Dev1/port1", reacquire=True, timeout=2000
-        )
-        daq_server.stop()
-        srv = build_server(MemoryDaq(), address=address).start()
-        try:
-            with pytest.raises(RemoteError) as info:
-                await holder.write_line("Dev1/port0/line0", True)
-            assert type(info.value).__name__ == "LeaseExpiredError"
-            assert await again.write_line("Dev1/port1/line0", True) is True
-            holders = (await again.locks())["holders"]
-            assert [h["client_id"] for h in holders] == [again.client_id]
-        finally:
-            await holder.close()
-            await again.close()
-            srv.stop()
-
-    asyncio.run(main())
 
 
 def test_inspection_operations_touch_nothing_and_bad_arguments_fail_on_their_own(daq_server):

@@ -23,8 +23,8 @@ import zmq
 
 from labmesh.discovery.beacon import BeaconSettings, find_discovery
 from labmesh.discovery.registry import InvalidRecordError, NameTakenError, UnknownDeviceError
-from labmesh.protocol import native
-from labmesh.protocol.errors import LabmeshError, ProtocolError, remote_error
+from labmesh.protocol.errors import LabmeshError
+from labmesh.protocol.exchange import Action, Channel, Done, Send, Wait, result
 from labmesh.transport import dealer_socket
 
 log = logging.getLogger("labmesh.discovery")
@@ -94,8 +94,10 @@ def beacon_endpoints(beacon: BeaconSettings | None, timeout_s: float) -> list[st
 class DiscoveryConnection:
     """Requests to one discovery endpoint over a DEALER socket. Not thread-safe.
 
-    A request that gets no reply in time replaces the socket (so nothing stale is delivered
-    later) and raises DiscoveryUnavailableError; replies to earlier requests are dropped by id.
+    It drives the same exchange as the device clients (labmesh.protocol.exchange), with one
+    attempt: a request that gets no reply in time closes the socket (a new one is made for
+    the next request, so nothing stale is delivered later) and raises
+    DiscoveryUnavailableError; the Resolver then asks the next endpoint.
 
     Parameters:
         endpoint: the discovery API endpoint (`tcp://lab-core:5550`).
@@ -108,47 +110,45 @@ class DiscoveryConnection:
         self._ctx = context
         self._role = role
         self._sock: zmq.Socket | None = None
-        self._prefix = secrets.token_hex(3)
-        self._counter = 0
+        self._channel = Channel(endpoint, log)
 
     def request(self, payload: dict[str, Any], timeout_s: float) -> Any:
         """Send one request and return its result; raise the error it was answered with."""
         if self._sock is None:
             identity = f"{self._role}-{secrets.token_hex(6)}".encode()
             self._sock = dealer_socket(self._ctx, self.endpoint, identity)
-        self._counter += 1
-        rid = f"{self._prefix}:{self._counter}"
-        try:
-            self._sock.send(native.encode({**payload, "id": rid}), zmq.NOBLOCK)
-        except zmq.Again:
-            self.close()
-            raise DiscoveryUnavailableError(
-                f"discovery at {self.endpoint} is not accepting requests"
-            ) from None
-        deadline = time.monotonic() + timeout_s
+        exchange = self._channel.exchange(payload, wait_ms=max(1, int(timeout_s * 1000)))
+        action: Action = exchange.start(time.monotonic())
         while True:
-            remaining_ms = int((deadline - time.monotonic()) * 1000)
-            try:
-                if remaining_ms <= 0:
-                    raise zmq.Again
-                # a receive timeout costs less than a poll (no Poller object per call)
-                self._sock.setsockopt(zmq.RCVTIMEO, remaining_ms)
-                body = self._sock.recv()
-            except zmq.Again:
+            if isinstance(action, Send):
+                try:
+                    self._sock.send(action.body, zmq.NOBLOCK)
+                except zmq.Again:
+                    self.close()
+                    raise DiscoveryUnavailableError(
+                        f"discovery at {self.endpoint} is not accepting requests"
+                    ) from None
+                action = Wait(action.wait_ms)
+            elif isinstance(action, Wait):
+                body = self._receive(action.ms)
+                action = exchange.after_wait(body, time.monotonic())
+            elif isinstance(action, Done):
+                return result(action.reply, _LOCAL_ERRORS)
+            else:  # GiveUp (one attempt; a discovery request never reconnects)
                 self.close()
                 raise DiscoveryUnavailableError(
                     f"discovery at {self.endpoint} did not answer within {timeout_s:g} s"
                 ) from None
-            try:
-                reply = native.decode_reply(body)
-            except ProtocolError as exc:
-                log.warning("discovery at %s sent a bad reply: %s", self.endpoint, exc)
-                continue
-            if reply.get("id") != rid:
-                continue  # a late reply to an earlier request
-            if reply["status"] == "ok":
-                return reply.get("result")
-            raise _error_from(reply)
+
+    def _receive(self, wait_ms: int) -> bytes | None:
+        if wait_ms <= 0:
+            return None
+        # a receive timeout costs less than a poll (no Poller object per call)
+        self._sock.setsockopt(zmq.RCVTIMEO, wait_ms)
+        try:
+            return self._sock.recv()
+        except zmq.Again:
+            return None
 
     def close(self) -> None:
         if self._sock is not None:
@@ -156,14 +156,17 @@ class DiscoveryConnection:
             self._sock = None
 
 
-def _error_from(reply: dict[str, Any]) -> Exception:
-    message = str(reply.get("error", "discovery refused the request"))
-    wire_type = str(reply.get("type", "RemoteError"))
-    cls = _LOCAL_ERRORS.get(wire_type)
-    if cls is None:
-        return remote_error(wire_type, message, reply)
-    details = {k: v for k, v in reply.items() if k not in ("status", "error", "type", "id")}
-    return cls(message, **details)
+_default: Resolver | None = None
+_default_lock = threading.Lock()
+
+
+def default_resolver() -> Resolver:
+    """The process-wide Resolver, configured by LABMESH_DISCOVERY (made on first use)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Resolver()
+        return _default
 
 
 class Resolver:
