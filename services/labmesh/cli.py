@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from labmesh import __version__
-from labmesh.protocol.errors import RemoteError
+from labmesh.protocol.errors import LabmeshError, RemoteError
 from labmesh.signals import wait_for_signal
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -25,7 +25,7 @@ _LONG_RUNNING = {"serve", "discovery", "demo"}
 log = logging.getLogger("labmesh.cli")
 
 
-class CliError(Exception):
+class CliError(LabmeshError):
     """An error reported as one line, with an exit code."""
 
     def __init__(self, message: str, code: int = EXIT_FAILED) -> None:

@@ -22,7 +22,7 @@ import zmq
 import zmq.asyncio
 
 from labmesh.discovery.resolver import Resolver, default_resolver
-from labmesh.protocol.errors import RemoteError
+from labmesh.protocol.errors import LeaseExpiredError, RemoteError
 from labmesh.protocol.exchange import (
     Action,
     Channel,
@@ -184,7 +184,7 @@ class _ClientCore:
     def _heartbeat_refused(self, exc: RemoteError) -> bool:
         """A heartbeat got an error reply: True to connect again (the lease expired and no
         locks were held, or `reacquire`); else the locks are lost, recorded in `lease_lost`."""
-        if exc.type == "LeaseExpiredError" and (
+        if exc.type == LeaseExpiredError.wire_type and (
             self.reacquire or not (self.connection_info or {}).get("resources")
         ):
             return True

@@ -31,7 +31,10 @@ from typing import Any
 
 import yaml
 
-from labmesh.server.core import ServerLimits
+from labmesh.discovery.registry import NAME_PATTERN
+from labmesh.locks import DEFAULT_IDLE_LIMIT_S
+from labmesh.protocol.errors import LabmeshError
+from labmesh.server.core import DEFAULT_FIXED_THREADING, ServerLimits
 
 #: Where `labmesh serve` exposes /metrics unless the host file says otherwise (null: off).
 DEFAULT_METRICS_PORT = 9105
@@ -64,10 +67,9 @@ _DEVICE_KEYS = {
     "resources": "override the driver's lockable resources (list or tree)",
     "laplace": "serve LAPLACE clients too (mapping of LAPLACE options)",
 }
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
-class ConfigError(ValueError):
+class ConfigError(LabmeshError, ValueError):
     """A lab YAML mistake: says which file, where, what is wrong and what is expected."""
 
 
@@ -80,7 +82,7 @@ class DeviceSpec:
     port: int
     resource: str | None = None
     sim: bool = False
-    fixed_threading: bool = True
+    fixed_threading: bool = DEFAULT_FIXED_THREADING
     options: dict[str, Any] = field(default_factory=dict)
     resources: Any = None
     laplace: dict[str, Any] | None = None
@@ -130,7 +132,7 @@ class HostConfig:
     advertise: str | None = None
     discovery: list[str] = field(default_factory=list)
     metrics_port: int | None = None
-    lock_idle_limit_s: float = 600.0
+    lock_idle_limit_s: float = DEFAULT_IDLE_LIMIT_S
     limits: ServerLimits = field(default_factory=ServerLimits)
     path: str = ""
 
@@ -269,7 +271,7 @@ def parse_host_config(text: str, path: str = "<string>") -> HostConfig:
     discovery = _endpoints(doc, ("discovery",), data.get("discovery") or [])
     metrics = data.get("metrics_port", DEFAULT_METRICS_PORT)
     metrics_port = _port(doc, ("metrics_port",), metrics, allow_zero=True) if metrics else None
-    idle = data.get("lock_idle_limit_s", 600.0)
+    idle = data.get("lock_idle_limit_s", DEFAULT_IDLE_LIMIT_S)
     if isinstance(idle, bool) or not isinstance(idle, (int, float)) or idle <= 0:
         raise _fail(doc, ("lock_idle_limit_s",), f"expected a positive number, got {idle!r}")
     limits = _limits(doc, data.get("limits"))
@@ -311,7 +313,7 @@ def _device(doc: _Located, key: tuple, raw: Any) -> DeviceSpec:
         if required not in raw:
             raise _fail(doc, key, f"missing {required!r} ({_DEVICE_KEYS[required]})")
     name = raw["name"]
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
         raise _fail(
             doc,
             (*key, "name"),
@@ -345,7 +347,9 @@ def _device(doc: _Located, key: tuple, raw: Any) -> DeviceSpec:
         port=port,
         resource=resource,
         sim=_bool(doc, (*key, "sim"), raw.get("sim", False)),
-        fixed_threading=_bool(doc, (*key, "fixed_threading"), raw.get("fixed_threading", True)),
+        fixed_threading=_bool(
+            doc, (*key, "fixed_threading"), raw.get("fixed_threading", DEFAULT_FIXED_THREADING)
+        ),
         options=options,
         resources=resources,
         laplace=laplace,

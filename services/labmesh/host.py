@@ -51,7 +51,7 @@ def _laplace_adapter(spec: DeviceSpec) -> Any:
     """The LAPLACE adapter a device's `laplace:` mapping asks for (None without one)."""
     if spec.laplace is None:
         return None
-    from labmesh.laplace import LaplaceAdapter
+    from labmesh.compat.laplace import LaplaceAdapter
 
     return LaplaceAdapter(**spec.laplace)
 

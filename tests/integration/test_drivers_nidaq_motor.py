@@ -304,7 +304,12 @@ def test_axes_are_locked_one_by_one(stage_server):
             r"soft limits of axis x \[0, 100\] mm",
         ):
             a.move_abs("x", 150)
-        with pytest.raises(ValueError, match=r"stage-1 has no axis 'w'; axes: \['x', 'y', 'z'\]"):
+        # an unknown axis names no resource: checked as the whole stage (x is held), and said so
+        with pytest.raises(
+            RemoteError,
+            match=r"resource locked: \['x'\] held by .* \(move_abs names \['w'\], not a "
+            r"resource of stage-1: \['x', 'y', 'z'\]; so it was checked as the whole device\)",
+        ):
             b.move_abs("w", 1)
         assert b.identity() == "labmesh,MotorStage,stage-1,SimulatedMotion"
         description = b.describe()

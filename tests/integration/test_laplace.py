@@ -869,6 +869,7 @@ def test_qt_signals_reach_slots_in_the_gui_thread(monkeypatch):
             getattr(signals, name).connect(slot(name))
         sock = client_socket(server.address)
         scan = req("SCAN", {"data": {"i": 1}})
+        update_position = req("UPDATE ACT POS", {"actuators": {"a": 3}})
         for message in (
             req("GET"),
             req("SET", {"positions": {"0": 1.5}}),
@@ -877,11 +878,11 @@ def test_qt_signals_reach_slots_in_the_gui_thread(monkeypatch):
             scan,
             req("SET ACT", {"actuators": {"a": 1}}),
             req("SET DIAG", {"diagnostics": {"d": 2}}),
-            req("UPDATE ACT POS", {"actuators": {"a": 3}}),
+            update_position,
         ):
             assert ask(sock, message)["error_msg"] is None
         deadline = time.monotonic() + 5
-        while len(received) < 8 and time.monotonic() < deadline:
+        while len(received) < 9 and time.monotonic() < deadline:
             app.processEvents()
             time.sleep(0.005)
         assert received == [
@@ -892,6 +893,8 @@ def test_qt_signals_reach_slots_in_the_gui_thread(monkeypatch):
             ("scan_received", scan, True),
             ("set_actuators_dict_received", {"a": 1}, True),
             ("set_diagnostics_dict_received", {"d": 2}, True),
+            # UPDATE ACT POS: ServerLHC's callback gets the whole message, then labmesh's own
+            ("set_actuators_dict_received", update_position, True),
             ("actuators_pos_update_received", {"a": 3}, True),
         ]
     finally:

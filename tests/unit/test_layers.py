@@ -37,6 +37,8 @@ LAYERS: dict[str, int] = {
     "labmesh.device.executor": 1,
     "labmesh.locks": 1,
     "labmesh.discovery.registry": 1,
+    "labmesh.compat": 1,
+    "labmesh.compat.plesty": 1,
     # the server's decisions: pure; sockets and metrics made in one place each
     "labmesh.server.core": 2,
     "labmesh.transport": 2,
@@ -58,6 +60,10 @@ LAYERS: dict[str, int] = {
     "labmesh.drivers.nidaq": 3,
     "labmesh.drivers.motor": 3,
     # compatibility with the peers
+    "labmesh.compat.laplace": 4,
+    "labmesh.compat.laplace.adapter": 4,
+    "labmesh.compat.laplace.server": 4,
+    "labmesh.compat.laplace.qt": 4,
     "labmesh.laplace": 4,
     "labmesh.laplace_qt": 4,
     # one process per instrument PC
@@ -173,3 +179,23 @@ def test_pure_layers_import_no_io_library(graph):
         + "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_compatibility_code_uses_no_private_attribute_of_another_object():
+    """compat/ talks to the server through its documented interface (docs/server.md), never
+    through another object's private attributes (`server._stopped`, `core._queue`, ...)."""
+    found = []
+    for name, path in modules().items():
+        if not (
+            name.startswith("labmesh.compat") or name in ("labmesh.laplace", "labmesh.laplace_qt")
+        ):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+            ):
+                found.append(f"{name}:{node.lineno} .{node.attr}")
+    assert found == []

@@ -8,9 +8,10 @@ import time
 
 import pytest
 
-from labmesh.device.base import touched_resources
+from labmesh.device.base import Device, touched_resources
 from labmesh.drivers.motor import MotorStage, SimulatedMotion
 from labmesh.protocol.errors import ParameterValueError
+from labmesh.server.core import ServerCore
 
 from support import wait_until
 
@@ -210,13 +211,19 @@ def test_a_move_touches_exactly_its_axis():
     assert touched("move_abs", "x", 5) == ("x",)
     assert touched("move_rel", axis="y", distance=1) == ("y",)
     assert touched("home", "z") == ("z",)
-    assert touched("home") == ("x", "y", "z")
-    assert touched("stop") == ("x", "y", "z")
-    assert touched("move_abs", "w", 5) == ()  # refused by the call itself, before anything moves
-    assert touched("move_abs", "x") == ()  # TypeError in the call, before anything moves
+    assert touched("home") is None  # every axis: the whole stage
+    assert touched("stop") is None
+    assert touched("move_abs", "x") is None  # TypeError in the call, before anything moves
     assert touched("position", "x") == ()
     assert touched("positions") == ()
     assert touched("identity") == ()
     assert touched("check_operatability") == ()
     assert touched_resources(stage, "write", "x/speed", ("x/speed", 1.0), {}) == ("x",)
     assert touched_resources(stage, "query", "x/position", ("x/position",), {}) == ()
+    # one mechanism: the @operation declarations, as the server applies them
+    core = ServerCore(stage, "stage")
+    assert core.touches("call", "home", (), {}) == ("x", "y", "z")
+    assert core.touches("call", "stop", (), {"axis": "y"}) == ("y",)
+    # an unknown axis is lock-checked as the whole stage, then refused by the call itself
+    assert core.touches("call", "move_abs", ("w", 5), {}) == ("x", "y", "z")
+    assert not hasattr(type(stage), "touches") or type(stage).touches is Device.touches

@@ -471,11 +471,7 @@ def test_plesty_indexes_do_not_grow_over_connect_close_cycles():
         h.ask(b"plesty", {"type": "connect", "resources": LINE0}, conn=conn)
         h.core.peer_gone(conn, h.now)
     assert h.core.locks.session_count == 0
-    assert (len(h.core._plesty), len(h.core._plesty_identity), len(h.core._plesty_by_conn)) == (
-        0,
-        0,
-        0,
-    )
+    assert h.core._plesty.index_sizes() == (0, 0, 0)
 
 
 def test_ending_a_waiting_session_answers_its_wait():

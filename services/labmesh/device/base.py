@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import string
 import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -123,6 +124,9 @@ def _class_operations(kind: type) -> Mapping[str, OperationSpec]:
     return types.MappingProxyType(found)
 
 
+_FORMATTER = string.Formatter()
+
+
 def touched_resources(
     device: Any, request_type: str, name: str, args: tuple, kwargs: dict
 ) -> tuple[str, ...] | None:
@@ -154,6 +158,9 @@ def touched_resources(
     except TypeError:
         return None  # the call itself will fail with the right TypeError; lock like the device
     bound.apply_defaults()
+    used = {field for r in spec.resources for _, field, _, _ in _FORMATTER.parse(r) if field}
+    if any(bound.arguments.get(field) is None for field in used):
+        return None  # e.g. `home(axis=None)`: every axis, i.e. the whole device
     try:
         return tuple(r.format(**bound.arguments) for r in spec.resources)
     except (KeyError, IndexError, ValueError):

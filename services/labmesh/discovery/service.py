@@ -62,7 +62,7 @@ from labmesh.discovery.registry import (
     UnknownDeviceError,
 )
 from labmesh.protocol import native
-from labmesh.protocol.errors import LabmeshError, ProtocolError
+from labmesh.protocol.errors import InternalError, LabmeshError, ProtocolError
 from labmesh.transport import bound_address, pub_socket, router_socket
 
 log = logging.getLogger("labmesh.discovery")
@@ -351,7 +351,9 @@ class DiscoveryService:
             if self._may_log(logging.ERROR, "internal error"):
                 log.exception("discovery: failed to handle a request")
             rid, has_id = _id_of(request, None)
-            reply = native.error_reply(f"internal error: {exc!r}", "InternalError", rid, has_id)
+            reply = native.error_reply(
+                f"internal error: {exc!r}", InternalError.wire_type, rid, has_id
+            )
         _REQUESTS[request.type if request else "invalid", status].inc()
         self._send(parts.route, reply)
 

@@ -26,7 +26,6 @@ a `timeout=`. Code in the same process as the device (another thread) can call
 
 from __future__ import annotations
 
-import inspect
 import math
 import threading
 import time
@@ -36,11 +35,6 @@ from typing import Any, Protocol
 from labmesh.device import Device, Parameter, operation
 from labmesh.protocol.errors import ParameterValueError
 
-#: Operations that act on one axis (`axis=None`: every axis).
-_AXIS_OPERATIONS = frozenset({"move_abs", "move_rel", "home", "stop"})
-#: Inherited operations that only read; the base class declares no resources for them, which
-#: would make them wait for every lock on the stage.
-_LOCK_FREE = frozenset({"check_errors", "check_operatability"})
 #: A move within this much of its duration has arrived (float steps never sum exactly).
 _ARRIVED_S = 1e-9
 
@@ -297,23 +291,6 @@ class MotorStage(Device):
                 "within them"
             )
         return self.backend.move_to(axis, float(target), self.speeds[axis])
-
-    def touches(self, request_type: str, name: str, args: tuple, kwargs: dict) -> Any:
-        """A move, home or stop of one axis touches exactly that axis (no axis: every axis)."""
-        if request_type != "call":
-            return NotImplemented
-        if name in _LOCK_FREE:
-            return ()
-        if name not in _AXIS_OPERATIONS:
-            return NotImplemented
-        try:
-            axis = inspect.signature(getattr(self, name)).bind(*args, **kwargs).arguments
-        except TypeError:
-            return ()  # the call fails with this TypeError before anything moves
-        chosen = axis.get("axis")
-        if chosen is None:
-            return self.axes
-        return (chosen,) if chosen in self.axes else ()  # an unknown axis is refused unmoved
 
     # ---- parameter hooks ------------------------------------------------------------------
     def _query_(self, name: str) -> float:

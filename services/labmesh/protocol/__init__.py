@@ -3,6 +3,7 @@
 from labmesh.protocol.errors import (
     BudgetExpiredError,
     ExecutorDeadError,
+    InternalError,
     LabmeshError,
     LeaseExpiredError,
     ParameterValueError,
@@ -11,6 +12,7 @@ from labmesh.protocol.errors import (
     ResourceAllocationError,
     ResourceLockedError,
     SerializationError,
+    ShutdownError,
     UnknownOperationError,
     UnknownParameterError,
     remote_error,
@@ -21,6 +23,7 @@ from labmesh.protocol.errors import (
 __all__ = [
     "BudgetExpiredError",
     "ExecutorDeadError",
+    "InternalError",
     "LabmeshError",
     "LeaseExpiredError",
     "ParameterValueError",
@@ -29,6 +32,7 @@ __all__ = [
     "ResourceAllocationError",
     "ResourceLockedError",
     "SerializationError",
+    "ShutdownError",
     "UnknownOperationError",
     "UnknownParameterError",
     "remote_error",

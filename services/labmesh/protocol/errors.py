@@ -67,9 +67,23 @@ class BusyError(LabmeshError):
 
 
 class BudgetExpiredError(LabmeshError):
-    """The server-side time budget of a device call ran out (wire type TimeoutError)."""
+    """The server-side time budget of a device call ran out (wire type TimeoutError, which
+    clients raise as a TimeoutError; the reply says `still_running` and when it `started`)."""
 
     wire_type = "TimeoutError"
+
+
+class ShutdownError(LabmeshError):
+    """The server stopped before a request was answered (a call interrupted or not started, a
+    lock wait ended)."""
+
+    wire_type = "ShutdownError"
+
+
+class InternalError(LabmeshError):
+    """A bug in the server answering one request; the server carries on."""
+
+    wire_type = "InternalError"
 
 
 class ExecutorDeadError(LabmeshError):

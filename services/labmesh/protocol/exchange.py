@@ -42,7 +42,7 @@ from typing import Any
 
 from labmesh.logbudget import LogBudget
 from labmesh.protocol import native
-from labmesh.protocol.errors import LabmeshError, ProtocolError, remote_error
+from labmesh.protocol.errors import LabmeshError, LeaseExpiredError, ProtocolError, remote_error
 
 #: Request types that are safe to send again after a timeout (nothing changes on the device).
 RETRYABLE = frozenset({"describe", "query", "ping", "help", "locks"})
@@ -202,7 +202,7 @@ class Exchange:
                 self.rid,
             )
             return self._wait(now)
-        if self._may_reconnect and reply.get("type") == "LeaseExpiredError":
+        if self._may_reconnect and reply.get("type") == LeaseExpiredError.wire_type:
             self._may_reconnect = False  # once: the reply after reconnecting is final
             return Reconnect(str(reply.get("error")))
         return Done(reply)

@@ -29,28 +29,28 @@ import secrets
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from labmesh.compat.plesty import PlestySessions
 from labmesh.device.base import describe_device, touched_resources
 from labmesh.device.executor import RUNNING, Job
 from labmesh.locks import DEFAULT_IDLE_LIMIT_S, Grant, LeaseTable, Waiter, quote_names
 from labmesh.logbudget import DEFAULT_BURST, DEFAULT_INTERVAL_S, LogBudget
-from labmesh.protocol import laplace as laplace_envelope
 from labmesh.protocol import native
 from labmesh.protocol.errors import (
+    BudgetExpiredError,
     BusyError,
     ExecutorDeadError,
+    InternalError,
     LabmeshError,
     LeaseExpiredError,
     ProtocolError,
     ResourceAllocationError,
     ResourceLockedError,
+    ShutdownError,
     UnknownOperationError,
     wire_type_of,
 )
-
-if TYPE_CHECKING:
-    from labmesh.laplace import LaplaceAdapter, LaplaceAnswer
 
 CAPABILITIES = [
     "budgets",
@@ -187,15 +187,78 @@ class _Pending:
     observe: Observation
     size: int = 0
     answered: bool = False
-    answer: LaplaceAnswer | None = None
+    answer: EnvelopeAnswer | None = None
 
 
-@dataclass(slots=True)
-class _PlestySession:
-    """A grant made to a connect without a lease: usable by that connection only."""
+#: Whether a device's calls all run on one dedicated thread, unless a server is told otherwise
+#: (DeviceServer(fixed_threading=...), `fixed_threading:` in the host file). True, as PLESTY's
+#: build_server since 2026-08: instrument drivers have thread affinity (an NI-DAQmx task, a
+#: VISA session or a .NET callback bound to the thread that made it), not only thread-unsafety,
+#: and moving them between threads fails in ways tests rarely show. It costs nothing on the hot
+#: path: short calls run inline on that thread (docs/server.md).
+DEFAULT_FIXED_THREADING = True
 
-    session: str
-    conn: Any
+
+class EnvelopeAnswer:
+    """How the server answers one message of a second protocol (LAPLACE-LHC's envelope).
+
+    `now` is sent at once (None: nothing yet). `job`, when set, is queued on the device like a
+    native call; when it ends, `reply(job)` gives the reply to send (None: nothing, because `now`
+    already answered). `touches` are the lock leaves the job touches, checked when it starts.
+    """
+
+    __slots__ = ("_done", "_fail", "command", "job", "now", "touches")
+
+    def __init__(
+        self,
+        command: str,
+        *,
+        now: dict[str, Any] | None = None,
+        job: Job | None = None,
+        done: Callable[[Job], dict[str, Any] | None] | None = None,
+        fail: Callable[[str], dict[str, Any]] | None = None,
+        touches: tuple[str, ...] = (),
+    ) -> None:
+        self.command = command
+        self.now = now
+        self.job = job
+        self.touches = touches
+        self._done = done
+        self._fail = fail
+
+    def reply(self, job: Job) -> dict[str, Any] | None:
+        """The reply once `job` ended (ok or not), or None when nothing more is sent."""
+        return self._done(job) if self._done is not None else None
+
+    def failed(self, text: str) -> dict[str, Any] | None:
+        """The reply when the job cannot run (server shutting down), or None if already answered."""
+        if self.now is not None or self._fail is None:
+            return None
+        return self._fail(text)
+
+
+class EnvelopeHandler(Protocol):
+    """A second wire protocol served on the device server's socket, next to the native one
+    (labmesh.compat.laplace.LaplaceAdapter). The core asks it these five things, nothing else."""
+
+    #: the request type metrics count its messages under (`laplace`)
+    metric_type: str
+
+    def claims(self, obj: Any) -> bool:
+        """Whether a decoded message is this protocol's (not a native request)."""
+
+    def handle(self, obj: Any, busy: bool) -> EnvelopeAnswer:
+        """Answer one message (never raises); `busy`: the device has calls running or queued."""
+
+    def refuse(self, obj: Any, text: str) -> dict[str, Any]:
+        """The reply refusing `obj` in this protocol's error shape (a bound was reached)."""
+
+    def undecodable(self, text: str) -> dict[str, Any]:
+        """Fields added to the native error reply to a body that is not JSON at all, so this
+        protocol's clients can read it too."""
+
+    def error_type(self, reply: dict[str, Any]) -> str | None:
+        """The error type metrics count a reply in this protocol's shape under (None: ok)."""
 
 
 class ServerCore:
@@ -206,8 +269,7 @@ class ServerCore:
         name: the device's name in the lab.
         limits: the bounds (ServerLimits).
         idle_limit_s: how long a grant without a lease survives silence.
-        laplace: a LaplaceAdapter answering LAPLACE-LHC envelopes on the same socket.
-        server: what the LAPLACE adapter is attached to (the DeviceServer facade).
+        envelope: a second protocol answered on the same socket (EnvelopeHandler).
     """
 
     def __init__(
@@ -217,14 +279,14 @@ class ServerCore:
         *,
         limits: ServerLimits | None = None,
         idle_limit_s: float = DEFAULT_IDLE_LIMIT_S,
-        laplace: LaplaceAdapter | None = None,
+        envelope: EnvelopeHandler | None = None,
     ) -> None:
         self.device = device
         self.name = name
         self.limits = limits or ServerLimits()
         self.epoch = secrets.token_hex(6)
         self.locks = LeaseTable(idle_limit_s=idle_limit_s)
-        self.laplace = laplace
+        self.envelope = envelope
         self.logs = LogBudget(self.limits.log_burst, self.limits.log_interval_s)
         #: set by the loop: the device is connected / every server thread is alive /
         #: the thread that runs this device's calls is alive
@@ -240,9 +302,7 @@ class ServerCore:
         self._pending: dict[Job, _Pending] = {}
         self._deadlines: list[tuple[float, int, Job]] = []
         self._seq = itertools.count()
-        self._plesty: dict[bytes, _PlestySession] = {}
-        self._plesty_identity: dict[str, bytes] = {}
-        self._plesty_by_conn: dict[Any, set[bytes]] = {}
+        self._plesty = PlestySessions()
         self._waiters_by_conn: dict[Any, set[str]] = {}
         self._takes_resources: dict[str, bool] = {}
         self._conn_source: Any = None
@@ -322,9 +382,9 @@ class ServerCore:
         try:
             self._body_size = len(body[0]) if body else 0
             obj = native.decode_body(native.Frames(route, body), self.limits.max_message_bytes)
-            if self.laplace is not None and laplace_envelope.is_envelope(obj):
-                observe.rtype = "laplace"
-                self._on_laplace(route, obj, now, observe, out)
+            if self.envelope is not None and self.envelope.claims(obj):
+                observe.rtype = self.envelope.metric_type
+                self._on_envelope(route, obj, now, observe, out)
                 return out
             request = native.parse_request(obj)
             observe.rtype = request.type
@@ -345,9 +405,9 @@ class ServerCore:
                 exc.details.get("request_id"),
                 exc.details.get("has_id", False),
             )
-            if obj is None and self.laplace is not None:
-                # no envelope to read: answer in both shapes, so a LAPLACE client can read it too
-                reply.update(self.laplace.undecodable(str(exc)))
+            if obj is None and self.envelope is not None:
+                # no envelope to read: answer in both shapes, so either client can read it
+                reply.update(self.envelope.undecodable(str(exc)))
             self._reply(out, route, reply, observe)
         except LabmeshError as exc:
             if isinstance(exc, BusyError):
@@ -360,7 +420,7 @@ class ServerCore:
             self._reply(
                 out,
                 route,
-                _error(request, f"internal server error: {exc!r}", "InternalError"),
+                _error(request, f"internal server error: {exc!r}", InternalError.wire_type),
                 observe,
             )
         return out
@@ -379,7 +439,7 @@ class ServerCore:
                     try:
                         self.locks.check(pending.session, pending.touches, now)
                     except ResourceLockedError as exc:
-                        job.error = exc
+                        job.error = self._explain_locked(pending.request, exc)
                         self._deliver(job, now, out)
                         continue
             self.running = job
@@ -413,10 +473,8 @@ class ServerCore:
         out: list[Action] = []
         for session in self._waiters_by_conn.pop(conn, ()):
             self.locks.drop_waiter(session)  # nobody is there to answer
-        for identity in self._plesty_by_conn.pop(conn, ()):
-            entry = self._plesty.get(identity)
-            if entry is not None and entry.conn == conn:
-                self._end_session(entry.session, now, out, "disconnected")
+        for session in self._plesty.connection_closed(conn):
+            self._end_session(session, now, out, "disconnected")
         return out
 
     def undeliverable(self, send: Send, reason: str, now: float) -> list[Action]:
@@ -436,7 +494,8 @@ class ServerCore:
         return out
 
     def shutdown(self, now: float) -> list[Action]:
-        """The server stops: every unanswered call gets a ShutdownError (or LAPLACE's shape)."""
+        """The server stops: every unanswered call gets a ShutdownError (in the envelope's shape
+        for an envelope message)."""
         out: list[Action] = []
         for job, pending in self._pending.items():
             if pending.answered:
@@ -446,7 +505,7 @@ class ServerCore:
                 "interrupted" if job.state == RUNNING else "not started"
             )
             if pending.answer is None:
-                reply = _error(pending.request, message, "ShutdownError")
+                reply = _error(pending.request, message, ShutdownError.wire_type)
             else:
                 reply = pending.answer.failed(message)
             if reply is not None:
@@ -454,7 +513,9 @@ class ServerCore:
         for waiter in self.locks.waiters:
             route, request, _, _, _ = waiter.token
             self.locks.drop_waiter(waiter.session)
-            reply = _error(request, "server is shutting down; the wait ended", "ShutdownError")
+            reply = _error(
+                request, "server is shutting down; the wait ended", ShutdownError.wire_type
+            )
             out.append(Send(route, native.encode_reply(reply)))
         self._waiters_by_conn.clear()
         self._queue.clear()
@@ -471,14 +532,16 @@ class ServerCore:
         observe: Observation | None,
         grant: str | None = None,
     ) -> None:
-        # a LAPLACE reply has no status: it failed when it carries an error_msg
-        if observe is not None and (
-            reply.get("status", "ok") != "ok" or reply.get("error_msg") is not None
-        ):
-            observe.status = "error"
-            observe.error_type = str(reply.get("type", "LaplaceError"))
-            if observe.error_type == "TimeoutError" and "started" in reply:
-                observe.status = "timeout"
+        if observe is not None:
+            if "status" in reply:
+                error = None if reply["status"] == "ok" else str(reply.get("type"))
+            else:  # an envelope reply, in its own shape
+                error = self.envelope.error_type(reply) if self.envelope is not None else None
+            if error is not None:
+                observe.status = "error"
+                observe.error_type = error
+                if error == BudgetExpiredError.wire_type and "started" in reply:
+                    observe.status = "timeout"
         out.append(Send(route, native.encode_reply(reply), observe, grant))
 
     def _log(self, out: list[Action], cause: str, now: float, level: int, message: str) -> None:
@@ -500,15 +563,9 @@ class ServerCore:
         """The session a request speaks for: its token, or the PLESTY grant of its own
         connection (never of another peer that claims the same client id)."""
         if request.session is not None:
-            if self._plesty_identity and request.session in self._plesty_identity:
-                # a client that sends the token is not a PLESTY client after all (a labmesh
-                # client without a lease): the token holds its grant, not its first connection
-                self._forget_plesty(request.session)
+            self._plesty.token_sent(request.session)
             return request.session
-        entry = self._plesty.get(identity)
-        if entry is not None and entry.conn == self._conn():
-            return entry.session
-        return None
+        return self._plesty.session_of(identity, self._conn)
 
     def _on_connect(self, route, request, now, observe, out) -> None:
         identity = route[0]
@@ -611,7 +668,9 @@ class ServerCore:
     def _granted(self, out, route, conn, request, grant: Grant, observe, now) -> None:
         if grant.lease_s is None and request.session is None:
             # a PLESTY client: it never sends the token, its grant lives with its connection
-            self._bind_plesty(route[0], conn, grant.session, now, out)
+            replaced = self._plesty.bind(route[0], conn, grant.session)
+            if replaced is not None:
+                self._end_session(replaced, now, out, "connected again")
         if grant.leaves:
             self._log(
                 out,
@@ -637,24 +696,13 @@ class ServerCore:
             grant.session if grant.leaves else None,
         )
 
-    def _bind_plesty(self, identity: bytes, conn: Any, session: str, now: float, out) -> None:
-        old = self._plesty.get(identity)
-        if old is not None and old.session != session:
-            # the identity speaks from a new connection, so the old one is gone (libzmq never
-            # reads a second live connection with the same id): its grant ends with it
-            self._end_session(old.session, now, out, "connected again")
-        self._forget_plesty(session)
-        self._plesty[identity] = _PlestySession(session, conn)
-        self._plesty_identity[session] = identity
-        self._plesty_by_conn.setdefault(conn, set()).add(identity)
-
     def _end_session(self, session: str, now: float, out: list[Action], why: str) -> None:
         """End a session: its wait is refused, its grant released (the next waiter served)."""
         waiter = self.locks.drop_waiter(session)
         if waiter is not None:
             self._unindex_waiter(waiter.token[3], session)
             self._refuse_waiter(waiter, f"the wait ended: its session {why}", now, out)
-        self._forget_plesty(session)
+        self._plesty.forget(session)
         grant = self.locks.release(session)
         if grant is not None and grant.leaves:
             self._log(
@@ -666,17 +714,6 @@ class ServerCore:
             )
             self._serve_waiters(now, out)
             self._locks_changed(now, out)
-
-    def _forget_plesty(self, session: str) -> None:
-        identity = self._plesty_identity.pop(session, None)
-        if identity is None:
-            return
-        entry = self._plesty.pop(identity)
-        ids = self._plesty_by_conn.get(entry.conn)
-        if ids is not None:
-            ids.discard(identity)
-            if not ids:
-                del self._plesty_by_conn[entry.conn]
 
     def _refuse_connect(self, out, route, request, client_id, metadata, exc, observe, now):
         self._log(
@@ -799,7 +836,7 @@ class ServerCore:
         expired = self.locks.expire(now, alive)
         for grant in expired:
             out.append(Count("lease_expired"))
-            self._forget_plesty(grant.session)
+            self._plesty.forget(grant.session)
         if expired:
             first = expired[0]
             more = f" (and {len(expired) - 1} more sessions)" if len(expired) > 1 else ""
@@ -868,7 +905,8 @@ class ServerCore:
         fn, args, kwargs, label = self._device_call(request)
         touches: tuple[str, ...] = ()
         if request.type != "query" and self.locks.leaves:
-            touches = self._touches(request, args, kwargs)
+            name = request.fields.get("param") or request.fields.get("func")
+            touches = self.touches(request.type, name, args, kwargs)
         if resources and self._accepts_resources(label, fn):
             kwargs["resources"] = resources
         budget = request.timeout
@@ -940,10 +978,36 @@ class ServerCore:
         else:
             self._queued_by.pop(key, None)
 
-    def _touches(self, request: native.Request, args: tuple, kwargs: dict) -> tuple[str, ...]:
+    def _explain_locked(
+        self, request: native.Request, exc: ResourceLockedError
+    ) -> ResourceLockedError:
+        """A call naming resources the device does not have (a typo such as `move_abs("w")`)
+        is lock-checked as the whole device; say so, or the refusal names a lock that has
+        nothing to do with what the caller meant."""
+        fields = request.fields
+        if request.type != "call" or not isinstance(fields.get("func"), str):
+            return exc
+        args = tuple(fields.get("args") or ())
+        kwargs = dict(fields.get("kwargs") or {})
+        declared = touched_resources(self.device, "call", fields["func"], args, kwargs) or ()
+        unknown = []
+        for name in declared:
+            try:
+                self.locks.expand((name,))
+            except ResourceAllocationError:
+                unknown.append(name)
+        if not unknown:
+            return exc
+        return ResourceLockedError(
+            f"{exc} ({fields['func']} names {quote_names(unknown)}, not a resource of "
+            f"{self.name}: {quote_names(sorted(self.locks.leaves))}; so it was checked as the "
+            "whole device)",
+            **exc.details,
+        )
+
+    def touches(self, request_type: str, name: str, args: tuple, kwargs: dict) -> tuple[str, ...]:
         """The registered leaves a write or call touches (all of them unless declared)."""
-        name = request.fields.get("param") or request.fields.get("func")
-        declared = touched_resources(self.device, request.type, name, args, kwargs)
+        declared = touched_resources(self.device, request_type, name, args, kwargs)
         if declared is None:
             return tuple(sorted(self.locks.leaves))
         try:
@@ -1075,7 +1139,7 @@ class ServerCore:
             reply = _error(
                 pending.request,
                 "Operation timed out",
-                "TimeoutError",
+                BudgetExpiredError.wire_type,
                 still_running=still_running,
                 started=started,
                 detail=detail,
@@ -1083,28 +1147,29 @@ class ServerCore:
             self._reply(out, pending.route, reply, observe)
             out.append(Count("budget_expired", (pending.operation, still_running)))
 
-    # ---- LAPLACE -----------------------------------------------------------------------------
-    def _on_laplace(self, route, obj, now, observe, out) -> None:
-        """A LAPLACE message: answered now, and/or queued on the device like a native call.
+    # ---- a second protocol (LAPLACE) ----------------------------------------------------------
+    def _on_envelope(self, route, obj, now, observe, out) -> None:
+        """An envelope message: answered now, and/or queued on the device like a native call.
 
-        The queue bounds are checked first (no LAPLACE callback runs for a refused message) and
-        a refusal is answered in LAPLACE's own error shape."""
-        assert self.laplace is not None
-        key = (route[0], "laplace")
+        The queue bounds are checked first (no callback runs for a refused message) and a
+        refusal is answered in the envelope's own error shape."""
+        envelope = self.envelope
+        assert envelope is not None
+        key = (route[0], envelope.metric_type)
         size = self._body_size
         try:
             self._check_queue_bounds(key, size)
         except BusyError as exc:
             out.append(Count("refused", (exc.details["bound"],)))
             observe.operation = "UNKNOWN"
-            reply = laplace_envelope.error_reply(self.name, obj, str(exc), self.laplace.versions[0])
+            reply = envelope.refuse(obj, str(exc))
             self._reply(out, route, reply, observe)
             return
-        answer = self.laplace.handle(obj, self.running is not None or bool(self._queue))
+        answer = envelope.handle(obj, self.running is not None or bool(self._queue))
         observe.operation = answer.command
         job = answer.job
         if job is not None:
-            request = native.Request("laplace", {})
+            request = native.Request(envelope.metric_type, {})
             self._pending[job] = _Pending(
                 route,
                 request,
@@ -1114,7 +1179,7 @@ class ServerCore:
                 answer.touches,
                 answer.command,
                 key,
-                Observation("laplace", answer.command, "ok", None, now),
+                Observation(envelope.metric_type, answer.command, "ok", None, now),
                 size,
                 answer=answer,
             )

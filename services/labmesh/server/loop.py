@@ -38,6 +38,7 @@ from labmesh.device.executor import RUNNING, TAKEOVER_AFTER_S, Job, Watchdog
 from labmesh.locks import DEFAULT_IDLE_LIMIT_S, LeaseTable
 from labmesh.protocol import native
 from labmesh.server.core import (
+    DEFAULT_FIXED_THREADING,
     Count,
     LocksChanged,
     Log,
@@ -51,7 +52,7 @@ from labmesh.transport import bound_address, connection_monitor, router_socket
 from labmesh.version import __version__
 
 if TYPE_CHECKING:
-    from labmesh.laplace import LaplaceAdapter
+    from labmesh.compat.laplace import LaplaceAdapter
 
 log = logging.getLogger("labmesh.server")
 
@@ -79,15 +80,15 @@ class DeviceServer:
     Parameters:
         device: the driver object (a `labmesh.Device`, or any object with query/write and
             `@operation` methods).
-        fixed_threading: run every device call on one dedicated thread (True) or serialized
-            on a shared pool (False).
+        fixed_threading: run every device call on one dedicated thread (True, the default:
+            see DEFAULT_FIXED_THREADING) or on whichever server thread is free (False).
         address: where to listen, e.g. `tcp://*:5555` or `tcp://127.0.0.1:0` (port chosen).
         name: the device's name in the lab (default: `device.name` or the class name).
         max_message_bytes: largest accepted request; larger ones get a ProtocolError
             (shorthand for `limits.max_message_bytes`).
         idle_limit_s: how long a lock without a lease (PLESTY client) survives silence.
         connect_timeout_s: how long `start()` waits for the device's connect.
-        laplace: a `labmesh.laplace.LaplaceAdapter` answering LAPLACE-LHC messages (`cmd` and
+        laplace: a `labmesh.compat.laplace.LaplaceAdapter` answering LAPLACE-LHC messages (`cmd` and
             `version`, no `type`) on this same socket (docs/protocol.md section 5).
         limits: the bounds on what a peer can make the server hold (`ServerLimits`); single
             fields can also be given as keywords, e.g. `max_waiters=100`.
@@ -97,7 +98,7 @@ class DeviceServer:
         self,
         device: Any,
         *,
-        fixed_threading: bool = False,
+        fixed_threading: bool = DEFAULT_FIXED_THREADING,
         address: str = "tcp://*:5555",
         name: str | None = None,
         max_message_bytes: int | None = None,
@@ -127,7 +128,7 @@ class DeviceServer:
         self.connect_timeout_s = connect_timeout_s
         self.clock = clock
         self.core = ServerCore(
-            device, self.name, limits=limits, idle_limit_s=idle_limit_s, laplace=laplace
+            device, self.name, limits=limits, idle_limit_s=idle_limit_s, envelope=laplace
         )
         self._new_metrics()
         self._laplace = laplace
@@ -178,13 +179,32 @@ class DeviceServer:
         self._lock_rows: list[dict[str, Any]] = []
         self.connected = False
 
-    # ---- what the LAPLACE adapter and tools read -------------------------------------------
+    # ---- what compatibility code may use (docs/server.md) ---------------------------------
+    # `name`, `device`, `address`, `running`, `stop()`, and these; nothing private.
     @property
     def description(self) -> dict[str, Any]:
+        """The device's description as `describe` serves it (re-read after connect)."""
         return self.core.description
+
+    def touches(
+        self, request_type: str, name: str, args: tuple = (), kwargs: dict | None = None
+    ) -> tuple[str, ...]:
+        """The lock leaves a write or call would touch (every leaf unless it is declared)."""
+        return self.core.touches(request_type, name, args, kwargs or {})
+
+    def check_unlocked(self, touches: tuple[str, ...]) -> None:
+        """Raise ResourceLockedError if any of `touches` is held by a session (for a message
+        that carries no session, such as LAPLACE's)."""
+        if touches:
+            self.core.locks.check(None, touches, self.clock())
+
+    def wait_stopped(self, timeout: float | None = None) -> bool:
+        """Wait until the server has stopped (or `timeout` seconds); True if it has."""
+        return self._stopped.wait(timeout)
 
     @property
     def locks(self) -> LeaseTable:
+        """The lease table (for tools and tests that inspect it; not for compat code)."""
         return self.core.locks
 
     @property
@@ -672,7 +692,7 @@ def _exit_device(device: Any) -> None:
 
 def build_server(
     device: Any,
-    fixed_threading: bool = False,
+    fixed_threading: bool = DEFAULT_FIXED_THREADING,
     address: str = "tcp://*:5555",
     **options: Any,
 ) -> DeviceServer:
