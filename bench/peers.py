@@ -1,8 +1,9 @@
-"""The servers `scripts/bench.py` measures, each run alone in its own process.
+"""The servers the bench measures, each run alone in its own process (run as a file, not as
+part of the bench package: the `plesty` mode runs under another Python).
 
-    python scripts/bench_peers.py echo               # raw pyzmq ROUTER echo (the floor)
-    python scripts/bench_peers.py labmesh --fixed    # labmesh server, in-memory device
-    INTEROP_PYTHON scripts/bench_peers.py plesty     # PLESTY's server (plesty_lib), same device
+    python bench/peers.py echo               # raw pyzmq ROUTER echo (the floor)
+    python bench/peers.py labmesh --fixed    # labmesh server, in-memory device
+    INTEROP_PYTHON bench/peers.py plesty     # PLESTY's server (plesty_lib), same device
 
 Each binds tcp://127.0.0.1 on a free port, prints `ADDRESS <endpoint>` on stdout once it
 serves, and stops when its stdin closes or after `--max-seconds`, whichever comes first.
