@@ -191,6 +191,7 @@ class _StubServer:
             "in_flight": 0,
             "waiters": 0,
             "locks": [{"resource": "r", "holder": "h", "holder_name": "n", "since": 0.0}],
+            "values": [("p", "u", 1.0)],
         }
 
 

@@ -19,6 +19,11 @@ from labmesh.protocol.errors import LabmeshError, RemoteError
 from labmesh.signals import wait_for_signal
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+#: The lease `monitor` keeps, so a restarted server is noticed and subscribed to again (s).
+MONITOR_LEASE_S = 6.0
+#: How often `call` redraws a task's progress, and how long Ctrl+C waits for the stop (s).
+PROGRESS_PERIOD_S = 0.2
+CANCEL_WAIT_S = 5.0
 #: Commands that run until stopped log what they do; one-shot commands only warn.
 _LONG_RUNNING = {"serve", "discovery", "demo"}
 
@@ -84,9 +89,8 @@ def _plain(value: Any) -> str:
 def _client(args: argparse.Namespace, name: str, **options: Any) -> Any:
     from labmesh.client import build_client
 
-    return build_client(
-        name, timeout=args.timeout, lease_s=None, discovery=_resolver(args), **options
-    )
+    options.setdefault("lease_s", None)
+    return build_client(name, timeout=args.timeout, discovery=_resolver(args), **options)
 
 
 def _resolver(args: argparse.Namespace) -> Any:
@@ -246,7 +250,121 @@ def cmd_call(args: argparse.Namespace) -> int:
         else:
             positional.append(parse_value(item))
     with _client(args, args.name) as client:
-        _emit(args, client.call(args.operation, *positional, **keywords))
+        if args.operation not in client.description.get("tasks", ()) and not args.detach:
+            _emit(args, client.call(args.operation, *positional, **keywords))
+            return EXIT_OK
+        task = client.start(args.operation, *positional, **keywords)
+        if args.detach:
+            _emit(args, {"task": task.id, "operation": task.operation, "state": task.state})
+            if not args.json:
+                print(
+                    f"labmesh: follow it with: labmesh task {args.name} {task.id}", file=sys.stderr
+                )
+            return EXIT_OK
+        _emit(args, _follow_task(args, task))
+    return EXIT_OK
+
+
+def _follow_task(args: argparse.Namespace, task: Any) -> Any:
+    """Wait for a task, drawing its progress on a terminal; Ctrl+C stops it on the server."""
+    bar = sys.stderr.isatty() and not args.json
+    try:
+        while not task.wait(PROGRESS_PERIOD_S):
+            if bar:
+                _draw_progress(task.status())
+    except KeyboardInterrupt:
+        if bar:
+            sys.stderr.write("\n")
+        status = task.cancel()
+        task.wait(CANCEL_WAIT_S)
+        outcome = task.status()
+        error = (outcome.get("error") or {}).get("error")
+        where = f": {error}" if error else f" (state {outcome.get('state', status['state'])})"
+        print(
+            f"labmesh: interrupted; stopped task {task.id} on {args.name}{where}", file=sys.stderr
+        )
+        raise
+    finally:
+        if bar:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+    return task.result()
+
+
+def _draw_progress(status: dict[str, Any]) -> None:
+    progress = status.get("progress")
+    shown = (
+        ", ".join(f"{k}={_short_value(v)}" for k, v in progress.items())
+        if isinstance(progress, dict)
+        else _short_value(progress)
+    )
+    line = f"{status.get('label', status.get('operation', ''))} {status.get('running_s', 0):.1f} s"
+    if shown:
+        line += f"  {shown}"
+    sys.stderr.write("\r\033[K" + line[:200])
+    sys.stderr.flush()
+
+
+def _short_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)[:60]
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    """camonitor-style: one line per update (time, device, name, value, unit) until Ctrl+C."""
+    # a lease: after a server restart the client connects again and subscribes again
+    with _client(args, args.name, lease_s=MONITOR_LEASE_S) as client:
+        units = {
+            p["name"]: p.get("unit") or ""
+            for p in (client.description.get("doc") or {}).get("parameters", {}).get("default", [])
+        }
+        device = client.description.get("name", args.name)
+        deadline = None if args.seconds is None else time.monotonic() + args.seconds
+        with client.subscribe(
+            args.params, every_s=args.every, deadband=args.deadband, max_rate_hz=args.rate
+        ) as sub:
+            while deadline is None or time.monotonic() < deadline:
+                left = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+                update = sub.get(max(0.0, left))
+                if update is None:
+                    continue
+                if update.missed is None:
+                    print(f"labmesh: {device} restarted; subscribed again", file=sys.stderr)
+                elif update.missed:
+                    print(
+                        f"labmesh: {update.missed} update(s) of {update.name} missed",
+                        file=sys.stderr,
+                    )
+                _print_update(args, device, update, units.get(update.name, ""))
+    return EXIT_OK
+
+
+def _print_update(args: argparse.Namespace, device: str, update: Any, unit: str) -> None:
+    if args.json:
+        record = {
+            "device": device,
+            "name": update.name,
+            "value": update.value,
+            "unit": unit or None,
+            "ts": update.timestamp,
+            "seq": update.seq,
+            "missed": update.missed,
+        }
+        print(json.dumps(record), flush=True)
+        return
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(update.timestamp))
+    fraction = f"{update.timestamp % 1:.6f}"[1:]
+    value = update.value if isinstance(update.value, str) else json.dumps(update.value)
+    print(f"{device:<16} {update.name:<20} {when}{fraction} {value} {unit}".rstrip(), flush=True)
+
+
+def cmd_task(args: argparse.Namespace) -> int:
+    with _client(args, args.name) as client:
+        payload = {"type": "task_status", "task": args.task}
+        if args.cancel:
+            payload["type"] = "task_cancel"
+        _emit(args, client._request(payload))
     return EXIT_OK
 
 
@@ -330,9 +448,28 @@ def build_parser() -> argparse.ArgumentParser:
     set_ = device_command("set", "write a parameter (VALUE is JSON, or a plain string)", cmd_set)
     set_.add_argument("param")
     set_.add_argument("value")
-    call = device_command("call", "call an operation: OP [ARG ...] [key=value ...]", cmd_call)
+    call = device_command(
+        "call",
+        "call an operation: OP [ARG ...] [key=value ...]; a long one (a task) shows its "
+        "progress on a terminal, and Ctrl+C stops it on the device",
+        cmd_call,
+    )
     call.add_argument("operation")
     call.add_argument("arguments", nargs="*")
+    call.add_argument(
+        "--detach", action="store_true", help="start it as a task, print its id and return"
+    )
+    monitor = device_command(
+        "monitor", "print updates of parameters as they come (Ctrl+C stops)", cmd_monitor
+    )
+    monitor.add_argument("params", nargs="+", metavar="PARAM")
+    monitor.add_argument("--every", type=float, metavar="S", help="have the server read every S s")
+    monitor.add_argument("--deadband", type=float, help="skip changes smaller than this")
+    monitor.add_argument("--rate", type=float, metavar="HZ", help="at most HZ updates a second")
+    monitor.add_argument("--seconds", type=float, help="stop after this long")
+    task = device_command("task", "the status of a task (the running one by default)", cmd_task)
+    task.add_argument("task", nargs="?", help="task id (from call --detach)")
+    task.add_argument("--cancel", action="store_true", help="stop it")
     device_command("describe", "parameters, operations and resources of a device", cmd_describe)
     locks = sub.add_parser("locks", help="who holds which resource (of one device, or all)")
     locks.add_argument("name", nargs="?", help="device name or address (default: every device)")

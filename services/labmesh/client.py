@@ -9,6 +9,7 @@ only in how they wait on the socket (docs/client.md).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import math
@@ -22,7 +23,7 @@ import zmq
 import zmq.asyncio
 
 from labmesh.discovery.resolver import Resolver, default_resolver
-from labmesh.protocol.errors import LeaseExpiredError, RemoteError
+from labmesh.protocol.errors import LeaseExpiredError, RemoteError, remote_error
 from labmesh.protocol.exchange import (
     Action,
     Channel,
@@ -34,7 +35,15 @@ from labmesh.protocol.exchange import (
     attempts_for,
     result,
 )
+from labmesh.server.subscriptions import Filter
 from labmesh.transport import dealer_socket
+from labmesh.updates import (
+    AsyncReceiver,
+    AsyncSubscription,
+    Receiver,
+    Subscription,
+    pub_endpoint,
+)
 
 log = logging.getLogger("labmesh.client")
 
@@ -100,6 +109,8 @@ class _ClientCore:
         self._budgets: dict[str, float] = {}
         self._channel = Channel(str(self.address or address), log)
         self._connected = False
+        self._subscriptions: list[Any] = []
+        self._receiver: Any = None
 
     # ---- requests -------------------------------------------------------------------------
     def _exchange(
@@ -193,6 +204,20 @@ class _ClientCore:
             log.error("%s: lease lost, locks gone: %s", self.address, exc)
         return False
 
+    def _pub_endpoint(self) -> str:
+        pub = (self.connection_info or {}).get("pub")
+        if not pub:
+            raise ConnectionError(
+                f"{self.address} publishes no updates (a PLESTY server, or a labmesh server "
+                "older than subscriptions): poll with query() instead"
+            )
+        return pub_endpoint(pub, str(self.address))
+
+    def _topics_left_by(self, leaving: Any) -> list[str]:
+        """Topics of `leaving` that no other subscription of this client still uses."""
+        others = {t for sub in self._subscriptions if sub is not leaving for t in sub.topics}
+        return [t for t in leaving.topics if t not in others]
+
     def _call_payload(self, func: str, args: tuple, kwargs: dict, timeout: float | None) -> dict:
         if timeout is None:
             timeout = self._budgets.get(func)
@@ -262,6 +287,101 @@ def _decorate(proxy: Callable[..., Any], name: str, info: dict[str, Any] | None)
     sig = _signature(info)
     if sig is not None:
         proxy.__signature__ = sig  # type: ignore[attr-defined]
+
+
+#: Task states after which nothing changes.
+FINISHED = frozenset({"done", "failed", "cancelled"})
+#: The longest one task_status request waits on the server (s); longer waits ask again.
+STATUS_WAIT_S = 30.0
+
+
+def _task_outcome(status: dict[str, Any]) -> Any:
+    """The result of a finished task, or its error raised (as the blocking call would)."""
+    if status["state"] == "done":
+        return status.get("result")
+    error = status.get("error") or {}
+    raise remote_error(
+        str(error.get("type", "RemoteError")), str(error.get("error", "failed")), status
+    )
+
+
+class Task:
+    """A long operation running on a device server (`client.start(...)`).
+
+    `done()`, `wait(timeout)`, `result(timeout)` (the value, or the operation's error raised),
+    `progress` (the last progress the operation reported), `status()` (everything the server
+    knows: state, progress, steps, who started it), `cancel()` (stop it: the driver brings the
+    hardware to rest; `result()` then raises TaskCancelledError saying where it stopped) and
+    `add_done_callback(fn)`.
+    """
+
+    def __init__(self, client: DeviceClient, info: dict[str, Any]) -> None:
+        self.client = client
+        self.id: str = info["task"]
+        self.operation: str = info.get("operation", "")
+        self._status: dict[str, Any] = info
+
+    def status(self) -> dict[str, Any]:
+        """Ask the server how the task is doing."""
+        if self._status.get("state") not in FINISHED:
+            self._status = self.client._request({"type": "task_status", "task": self.id})
+        return self._status
+
+    @property
+    def state(self) -> str:
+        return self._status.get("state", "queued")
+
+    @property
+    def progress(self) -> Any:
+        """The last progress the operation reported (asks the server while it runs)."""
+        return self.status().get("progress")
+
+    def done(self) -> bool:
+        return self.status()["state"] in FINISHED
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the task has finished (True) or `timeout` seconds passed (False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._status.get("state") not in FINISHED:
+            left = STATUS_WAIT_S if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                return False
+            wait_s = max(0.001, min(left, STATUS_WAIT_S))
+            self._status = self.client._request(
+                {"type": "task_status", "task": self.id, "wait": wait_s},
+                wait_ms=int(wait_s * 1000) + GRACE_MS + self.client.default_timeout,
+            )
+        return True
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The operation's result once it finished; its error raised if it failed or was
+        stopped; TimeoutError if it is still running after `timeout` seconds."""
+        if not self.wait(timeout):
+            raise TimeoutError(
+                f"task {self.id} ({self.operation}) still running after {timeout:g} s; "
+                "wait longer, or cancel() it"
+            )
+        return _task_outcome(self._status)
+
+    def cancel(self) -> dict[str, Any]:
+        """Stop the task (at its next step; the driver stops the hardware); returns its status."""
+        self._status = self.client._request({"type": "task_cancel", "task": self.id})
+        return self._status
+
+    def add_done_callback(self, fn: Callable[[Task], Any]) -> None:
+        """Call `fn(task)` from a background thread once the task has finished."""
+
+        def watch() -> None:
+            try:
+                self.wait()
+            except Exception as exc:  # the server went away: the callback still learns
+                log.info("task %s: waiting failed: %s", self.id, exc)
+            fn(self)
+
+        threading.Thread(target=watch, name=f"task:{self.id}", daemon=True).start()
+
+    def __repr__(self) -> str:
+        return f"<Task {self.id} {self.operation} {self.state}>"
 
 
 class DeviceClient(_ClientCore):
@@ -339,6 +459,8 @@ class DeviceClient(_ClientCore):
             self.session = None
             info = self._request(self._connect_payload(), wait_ms=self._connect_wait_ms())
             self._connected_with(info)
+            if self._subscriptions:
+                self._resubscribe()
         if self.heartbeat_interval_s is not None and self._heartbeat is None:
             self._heartbeat = threading.Thread(
                 target=self._renew_lease, name=f"lease:{self.client_id}", daemon=True
@@ -361,6 +483,73 @@ class DeviceClient(_ClientCore):
                         log.warning("%s: lease was lost (%s); re-acquired", self.address, exc)
                     except Exception as again:
                         log.warning("%s: re-acquiring the lease failed: %s", self.address, again)
+
+    # ---- subscriptions ----------------------------------------------------------------------
+    def subscribe(
+        self,
+        params: str | list[str],
+        callback: Callable[[Any], Any] | None = None,
+        *,
+        every_s: float | None = None,
+        deadband: float | None = None,
+        max_rate_hz: float | None = None,
+    ) -> Subscription:
+        """Follow parameters as they change: a `Subscription` of `Update`s (name, value,
+        timestamp, seq, missed), the first of each its current value.
+
+        Iterate it (blocking), or pass `callback(update)` (run on the client's receiving
+        thread). `every_s`: have the server read the device that often (one read per period
+        whatever the number of subscribers); `deadband`: skip changes smaller than this;
+        `max_rate_hz`: at most this many updates a second (the latest is kept). Updates also
+        come from the driver (e.g. positions during a move) and from writes. Close it (or use
+        `with`) to stop.
+        """
+        names = [params] if isinstance(params, str) else list(params)
+        sub = Subscription(self, names, Filter(every_s, deadband, max_rate_hz), callback)
+        with self._lock:
+            self._start_subscription(sub)
+        return sub
+
+    def _receiver_here(self) -> Receiver:
+        endpoint = self._pub_endpoint()
+        if self._receiver is None:
+            self._receiver = Receiver(self._ctx, endpoint)
+        else:
+            self._receiver.reconnect(endpoint)
+        return self._receiver
+
+    def _start_subscription(self, sub: Subscription) -> None:
+        receiver = self._receiver_here()
+        receiver.add(sub)  # the SUB listens before the server is asked: no update lost
+        try:
+            reply = self._request(sub.request())
+        except BaseException:
+            receiver.remove(sub)
+            raise
+        if sub not in self._subscriptions:
+            self._subscriptions.append(sub)
+        for update in sub._current(reply):
+            sub._hand(update)
+
+    def _resubscribe(self) -> None:
+        """Connected again (the server restarted, or the lease ran out): subscribe again."""
+        for sub in list(self._subscriptions):
+            sub._server_restarted()
+            try:
+                self._start_subscription(sub)
+            except Exception as exc:
+                log.warning("%s: subscribing again to %s failed: %s", self.address, sub.names, exc)
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        with self._lock:
+            topics = self._topics_left_by(sub)
+            if sub in self._subscriptions:
+                self._subscriptions.remove(sub)
+            if self._receiver is not None:
+                self._receiver.remove(sub)
+            if topics and self._socket is not None:
+                with contextlib.suppress(TimeoutError, ConnectionError, RemoteError):
+                    self._request({"type": "unsubscribe", "topics": topics}, attempts=1)
 
     def _reset_socket(self) -> None:
         """Replace the socket after a timeout so nothing stale can arrive on it."""
@@ -424,6 +613,15 @@ class DeviceClient(_ClientCore):
         """Call an operation by name; waits its declared budget unless `timeout` is given."""
         return self._request(self._call_payload(func, args, kwargs, timeout))
 
+    def start(self, func: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Task:
+        """Start operation `func` as a task and return at once with a `Task` to follow, wait
+        for, or cancel. `timeout` (s): a budget after which the server reports it timed out
+        (the task keeps running until it ends or is cancelled)."""
+        payload = self._call_payload(func, args, kwargs, timeout)
+        payload["timeout"] = timeout
+        payload["task"] = True
+        return Task(self, self._request(payload))
+
     def describe(self) -> dict[str, Any]:
         return self._request({"type": "describe"})
 
@@ -467,6 +665,12 @@ class DeviceClient(_ClientCore):
                 except (TimeoutError, ConnectionError) as exc:
                     log.info("%s: disconnect not confirmed (%s); closing anyway", self.address, exc)
             self._close_socket()
+            for sub in self._subscriptions:
+                sub.closed = True
+            self._subscriptions.clear()
+            if self._receiver is not None:
+                self._receiver.close()
+                self._receiver = None
 
     def __enter__(self) -> DeviceClient:
         return self
@@ -551,6 +755,8 @@ class AsyncDeviceClient(_ClientCore):
             self._connect_payload(), attempts=None, wait_ms=self._connect_wait_ms()
         )
         self._connected_with(info)
+        if self._subscriptions:
+            await self._resubscribe()
         if self.heartbeat_interval_s is not None and self._heartbeat is None:
             self._heartbeat = asyncio.create_task(self._renew_lease())
 
@@ -572,6 +778,60 @@ class AsyncDeviceClient(_ClientCore):
                         log.warning("%s: lease was lost (%s); re-acquired", self.address, exc)
                     except Exception as again:
                         log.warning("%s: re-acquiring the lease failed: %s", self.address, again)
+
+    # ---- subscriptions ----------------------------------------------------------------------
+    def subscribe(
+        self,
+        params: str | list[str],
+        callback: Callable[[Any], Any] | None = None,
+        *,
+        every_s: float | None = None,
+        deadband: float | None = None,
+        max_rate_hz: float | None = None,
+    ) -> AsyncSubscription:
+        """As DeviceClient.subscribe: `async for update in client.subscribe("POWER"): ...`
+        (the subscription is made on first use, or by `await sub.start()`)."""
+        names = [params] if isinstance(params, str) else list(params)
+        return AsyncSubscription(self, names, Filter(every_s, deadband, max_rate_hz), callback)
+
+    async def _subscribe(self, sub: AsyncSubscription) -> None:
+        async with self._lock:
+            await self._start_subscription(sub)
+
+    async def _start_subscription(self, sub: AsyncSubscription) -> None:
+        endpoint = self._pub_endpoint()
+        if self._receiver is None:
+            self._receiver = AsyncReceiver(self._ctx, endpoint)
+        else:
+            self._receiver.reconnect(endpoint)
+        self._receiver.add(sub)
+        try:
+            reply = await self._request_locked(sub.request(), None, None)
+        except BaseException:
+            self._receiver.remove(sub)
+            raise
+        if sub not in self._subscriptions:
+            self._subscriptions.append(sub)
+        for update in sub._current(reply):
+            sub._hand(update)
+
+    async def _resubscribe(self) -> None:
+        for sub in list(self._subscriptions):
+            sub._server_restarted()
+            try:
+                await self._start_subscription(sub)
+            except Exception as exc:
+                log.warning("%s: subscribing again to %s failed: %s", self.address, sub.names, exc)
+
+    async def _unsubscribe(self, sub: AsyncSubscription) -> None:
+        topics = self._topics_left_by(sub)
+        if sub in self._subscriptions:
+            self._subscriptions.remove(sub)
+        if self._receiver is not None:
+            self._receiver.remove(sub)
+        if topics and self._socket is not None:
+            with contextlib.suppress(TimeoutError, ConnectionError, RemoteError):
+                await self._request({"type": "unsubscribe", "topics": topics}, attempts=1)
 
     async def _reset_socket(self) -> None:
         self._close_socket()
@@ -632,6 +892,15 @@ class AsyncDeviceClient(_ClientCore):
     async def call(self, func: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         return await self._request(self._call_payload(func, args, kwargs, timeout))
 
+    async def start(
+        self, func: str, *args: Any, timeout: float | None = None, **kwargs: Any
+    ) -> AsyncTask:
+        """As DeviceClient.start: the task, at once."""
+        payload = self._call_payload(func, args, kwargs, timeout)
+        payload["timeout"] = timeout
+        payload["task"] = True
+        return AsyncTask(self, await self._request(payload))
+
     async def describe(self) -> dict[str, Any]:
         return await self._request({"type": "describe"})
 
@@ -671,12 +940,74 @@ class AsyncDeviceClient(_ClientCore):
             except (TimeoutError, ConnectionError) as exc:
                 log.info("%s: disconnect not confirmed (%s); closing anyway", self.address, exc)
         self._close_socket()
+        for sub in self._subscriptions:
+            sub.closed = True
+            sub._hand_end()
+        self._subscriptions.clear()
+        if self._receiver is not None:
+            await self._receiver.close()
+            self._receiver = None
 
     async def __aenter__(self) -> AsyncDeviceClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+class AsyncTask:
+    """The asyncio twin of Task: `await task.status()`, `wait(timeout)`, `result(timeout)`,
+    `cancel()`; `progress` and `state` are the last known (no I/O)."""
+
+    def __init__(self, client: AsyncDeviceClient, info: dict[str, Any]) -> None:
+        self.client = client
+        self.id: str = info["task"]
+        self.operation: str = info.get("operation", "")
+        self._status: dict[str, Any] = info
+
+    @property
+    def state(self) -> str:
+        return self._status.get("state", "queued")
+
+    @property
+    def progress(self) -> Any:
+        return self._status.get("progress")
+
+    async def status(self) -> dict[str, Any]:
+        if self.state not in FINISHED:
+            self._status = await self.client._request({"type": "task_status", "task": self.id})
+        return self._status
+
+    async def done(self) -> bool:
+        return (await self.status())["state"] in FINISHED
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.state not in FINISHED:
+            left = STATUS_WAIT_S if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                return False
+            wait_s = max(0.001, min(left, STATUS_WAIT_S))
+            self._status = await self.client._request(
+                {"type": "task_status", "task": self.id, "wait": wait_s},
+                wait_ms=int(wait_s * 1000) + GRACE_MS + self.client.default_timeout,
+            )
+        return True
+
+    async def result(self, timeout: float | None = None) -> Any:
+        if not await self.wait(timeout):
+            raise TimeoutError(
+                f"task {self.id} ({self.operation}) still running after {timeout:g} s; "
+                "wait longer, or cancel() it"
+            )
+        return _task_outcome(self._status)
+
+    async def cancel(self) -> dict[str, Any]:
+        self._status = await self.client._request({"type": "task_cancel", "task": self.id})
+        return self._status
+
+    def __repr__(self) -> str:
+        return f"<AsyncTask {self.id} {self.operation} {self.state}>"
 
 
 async def build_async_client(

@@ -66,6 +66,7 @@ _DEVICE_KEYS = {
     "options": "driver-specific keyword arguments",
     "resources": "override the driver's lockable resources (list or tree)",
     "laplace": "serve LAPLACE clients too (mapping of LAPLACE options)",
+    "metrics": "parameters exported as labmesh_parameter_value: a list, or {name: period_s}",
 }
 
 
@@ -86,6 +87,8 @@ class DeviceSpec:
     options: dict[str, Any] = field(default_factory=dict)
     resources: Any = None
     laplace: dict[str, Any] | None = None
+    #: parameters read every period (s) and exported to Prometheus
+    metrics: dict[str, float] = field(default_factory=dict)
     where: str = ""
 
     def driver_class(self) -> type:
@@ -341,6 +344,7 @@ def _device(doc: _Located, key: tuple, raw: Any) -> DeviceSpec:
     laplace = raw.get("laplace")
     if laplace is not None and not isinstance(laplace, dict):
         raise _fail(doc, (*key, "laplace"), f"expected a mapping, got {laplace!r}")
+    exported = _exported(doc, (*key, "metrics"), raw.get("metrics"))
     return DeviceSpec(
         name=name,
         driver=driver,
@@ -353,7 +357,39 @@ def _device(doc: _Located, key: tuple, raw: Any) -> DeviceSpec:
         options=options,
         resources=resources,
         laplace=laplace,
+        metrics=exported,
         where=doc.at(key),
+    )
+
+
+#: How often an exported parameter is read when the host file gives no period (s).
+DEFAULT_EXPORT_PERIOD_S = 1.0
+
+
+def _exported(doc: Any, key: tuple, raw: Any) -> dict[str, float]:
+    """`metrics:` of a device: a list of parameter names, or {name: period_s}."""
+    if raw is None:
+        return {}
+    if isinstance(raw, list) and all(isinstance(n, str) and n for n in raw):
+        return dict.fromkeys(raw, DEFAULT_EXPORT_PERIOD_S)
+    if isinstance(raw, dict) and all(isinstance(n, str) and n for n in raw):
+        out = {}
+        for name, period in raw.items():
+            if (
+                isinstance(period, bool)
+                or not isinstance(period, (int, float))
+                or not math.isfinite(period)
+                or period < 0.05
+            ):
+                raise _fail(
+                    doc, (*key, name), f"expected a period of at least 0.05 s, got {period!r}"
+                )
+            out[name] = float(period)
+        return out
+    raise _fail(
+        doc,
+        key,
+        f"expected a list of parameter names, or a mapping of name to period (s), got {raw!r}",
     )
 
 

@@ -39,6 +39,7 @@ HOSTS = {
             resource: USB0::0x1313::0x8078::P0000001::INSTR
             port: {pm100}
             options: {{sensor_type: S155C}}
+            metrics: [POWER, WAVELENGTH]
         """,
     "daq-pc": """\
         host: daq-pc
@@ -61,6 +62,7 @@ HOSTS = {
               axes: [x, y, z]
               limits: {{x: [0, 100], y: [0, 100], z: [0, 25]}}
               speed: 25.0
+            metrics: {{x/position: 0.5, y/position: 0.5, z/position: 0.5}}
         """,
 }
 DEVICES = ("pm100-a", "daq-1", "stage")

@@ -141,6 +141,7 @@ class HostServer:
                     idle_limit_s=self.config.lock_idle_limit_s,
                     laplace=laplace,
                     limits=self.config.limits,
+                    export=spec.metrics,
                 )
                 server.start()
             except Exception as exc:

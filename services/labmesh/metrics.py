@@ -265,6 +265,12 @@ class _ServerCollector:
             "disappears when the lock is released or expires.",
             labels=["device", "resource", "holder", "holder_name"],
         )
+        values = GaugeMetricFamily(
+            "labmesh_parameter_value",
+            "The last reading of a parameter exported in the host file (`metrics:`), from the "
+            "server's cache: a scrape never reads the device.",
+            labels=["device", "parameter", "unit"],
+        )
         served = set()
         for server in list(self._servers):
             snapshot = server.metrics_snapshot()
@@ -279,9 +285,11 @@ class _ServerCollector:
                 held.add_metric(
                     [name, row["resource"], row["holder"], row["holder_name"]], row["since"]
                 )
+            for parameter, unit, value in snapshot.get("values", ()):
+                values.add_metric([name, parameter, unit], value)
         for name in sorted(self._down - served):
             up.add_metric([name], 0.0)
-        yield from (up, busy, queue, in_flight, waiters, held)
+        yield from (up, busy, queue, in_flight, waiters, held, values)
 
 
 SERVERS = _ServerCollector()

@@ -59,11 +59,12 @@ def connection_monitor(sock: zmq.Socket) -> zmq.Socket:
     return pair
 
 
-def pub_socket(ctx: zmq.Context, address: str) -> zmq.Socket:
-    """The discovery change feed's PUB socket, bound to `address`."""
+def pub_socket(ctx: zmq.Context, address: str, hwm: int = 10000) -> zmq.Socket:
+    """A PUB socket bound to `address` (discovery's change feed, a device's updates); a
+    subscriber that does not read loses what passes `hwm` messages queued for it."""
     sock = ctx.socket(zmq.PUB)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, 10000)
+    sock.setsockopt(zmq.SNDHWM, hwm)
     return _bind(sock, address, "publish")
 
 

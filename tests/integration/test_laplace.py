@@ -19,6 +19,7 @@ from labmesh import build_client, metrics
 from labmesh.drivers.motor import MotorStage
 from labmesh.laplace import CALLBACKS, LaplaceAdapter, LaplaceServer
 from labmesh.protocol import laplace as env
+from labmesh.protocol import native
 from labmesh.server import DeviceServer, ServerLimits
 
 from support import MemoryMeter, wait_until
@@ -449,8 +450,8 @@ def test_native_requests_still_work_on_the_same_socket(cam):
     # a native request without type is still a native error (no LAPLACE fields in it)
     assert ask(dealer, {"id": 1}) == {
         "status": "error",
-        "error": "request has no string 'type' field; expected one of ['call', 'connect', "
-        "'describe', 'disconnect', 'heartbeat', 'help', 'locks', 'ping', 'query', 'write']",
+        "error": "request has no string 'type' field; expected one of "
+        f"{sorted(native.REQUEST_TYPES)}",
         "type": "ProtocolError",
         "id": 1,
     }
@@ -736,6 +737,30 @@ def test_get_during_a_long_move_answers_at_once_with_the_last_readings():
             lambda: ask(sock, req("GET"))["payload"]["data"]["positions"] == [40.0], timeout=3
         )
         assert ask(sock, req("GET"))["payload"]["seq"] > before["seq"]
+    finally:
+        server.stop()
+
+
+def test_a_set_moves_as_a_task_and_stop_stops_it_where_it_is():
+    stage = MotorStage(("x",), speed=10.0, name="slow")
+    server = DeviceServer(stage, address="tcp://127.0.0.1:0", laplace=LaplaceAdapter()).start()
+    try:
+        sock = client_socket(server.address)
+        assert ask(sock, req("SET", {"positions": [40]}))["error_msg"] is None  # a 4 s move
+        time.sleep(0.5)
+        with build_client(server.address) as native_client:
+            started = time.monotonic()
+            moving = native_client.query("x/position")  # served between the move's steps
+            assert time.monotonic() - started < 0.1 and 2 < moving < 40
+            assert native_client.ping()["task"]["operation"] == "SET"
+            stopped = ask(sock, req("STOP"))
+            assert "the running move (task " in stopped["error_msg"]
+            assert "was stopped; this server does not take a remote STOP" in stopped["error_msg"]
+            time.sleep(0.2)
+            where = native_client.query("x/position")
+            assert where < 10 and native_client.ping()["task"] is None
+            time.sleep(0.2)
+            assert native_client.query("x/position") == where
     finally:
         server.stop()
 

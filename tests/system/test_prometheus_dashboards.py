@@ -354,6 +354,7 @@ def _run(tmp: Path, procs: Processes, clients: list[Any], prometheus_exe: str) -
         "port": ports["stage-a"],
         "sim": True,
         "options": {"axes": ["x", "y"], "limits": {"x": [0, 100], "y": [0, 100]}, "speed": 20.0},
+        "metrics": {"x/position": 0.5, "y/position": 0.5},
     }
     write_host(
         tmp / "lab-a.yaml",

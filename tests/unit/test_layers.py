@@ -35,12 +35,15 @@ LAYERS: dict[str, int] = {
     "labmesh.device.parameters": 1,
     "labmesh.device.base": 1,
     "labmesh.device.executor": 1,
+    "labmesh.device.tasks": 1,
     "labmesh.locks": 1,
     "labmesh.discovery.registry": 1,
     "labmesh.compat": 1,
     "labmesh.compat.plesty": 1,
     # the server's decisions: pure; sockets and metrics made in one place each
     "labmesh.server.core": 2,
+    "labmesh.server.tasks": 2,
+    "labmesh.server.subscriptions": 2,
     "labmesh.transport": 2,
     "labmesh.metrics": 2,
     "labmesh.signals": 2,
@@ -48,6 +51,7 @@ LAYERS: dict[str, int] = {
     "labmesh.server": 3,
     "labmesh.server.loop": 3,
     "labmesh.client": 3,
+    "labmesh.updates": 3,
     "labmesh.discovery": 3,
     "labmesh.discovery.beacon": 3,
     "labmesh.discovery.resolver": 3,
@@ -74,7 +78,11 @@ LAYERS: dict[str, int] = {
     "labmesh.cli": 6,
     "labmesh.demo": 6,
 }
-PURE = {name for name, layer in LAYERS.items() if layer < 2} | {"labmesh.server.core"}
+PURE = {name for name, layer in LAYERS.items() if layer < 2} | {
+    "labmesh.server.core",
+    "labmesh.server.tasks",
+    "labmesh.server.subscriptions",
+}
 IO_LIBRARIES = ("zmq", "asyncio", "prometheus_client")
 
 

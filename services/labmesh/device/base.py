@@ -8,6 +8,7 @@ object works locally (`with MyDevice() as dev: dev.query("POWER")`) and remotely
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import logging
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
 from labmesh.device.parameters import Parameter
+from labmesh.device.tasks import run_to_end
 from labmesh.protocol.errors import ParameterValueError, UnknownParameterError
 
 log = logging.getLogger("labmesh.device")
@@ -25,6 +27,8 @@ log = logging.getLogger("labmesh.device")
 F = TypeVar("F", bound=Callable[..., Any])
 
 OPERATION_MARKER = "__labmesh_operation__"
+#: On a task operation: its generator function (the server steps it; a direct call runs it).
+TASK_MARKER = "__labmesh_task__"
 #: Markers PLESTY's `@expose_to_api` leaves on a function; honoured so its drivers serve as-is.
 _PLESTY_EXPOSE_MARKER = "__plesty_expose_in_api__"
 _PLESTY_BUDGET_MARKER = "__plesty_op_budget_s__"
@@ -41,11 +45,16 @@ class OperationSpec:
         resources: the lockable resources the call touches (None = the whole device; () =
             none). An entry may name an argument in braces, e.g. `"{line}"` or
             `"stage/{axis}"`, filled in from the call's arguments.
+        preempt: runs while a task runs (between its steps) instead of waiting for it, and
+            stops a running task whose resources it touches (a stage's `stop`).
+        task: the method is a generator, stepped by the server as a task (labmesh.device.tasks).
     """
 
     budget_s: float | None = None
     idempotent: bool = False
     resources: tuple[str, ...] | None = None
+    preempt: bool = False
+    task: bool = False
 
 
 @overload
@@ -56,6 +65,7 @@ def operation(
     budget_s: float | None = None,
     idempotent: bool = False,
     resources: Iterable[str] | None = None,
+    preempt: bool = False,
 ) -> Callable[[F], F]: ...
 
 
@@ -65,10 +75,13 @@ def operation(
     budget_s: float | None = None,
     idempotent: bool = False,
     resources: Iterable[str] | None = None,
+    preempt: bool = False,
 ) -> Any:
     """Expose a device method to remote clients (`call`), optionally with a time budget.
 
-    Use as `@operation` or `@operation(budget_s=30, idempotent=True)`.
+    Use as `@operation` or `@operation(budget_s=30, idempotent=True)`. A generator method is a
+    task (labmesh.device.tasks): the server steps it, answering reads and preempting calls
+    between its steps; called directly, it runs to its end and returns its result.
     """
     if budget_s is not None and (isinstance(budget_s, bool) or budget_s <= 0):
         raise ValueError(f"budget_s must be a positive number of seconds, got {budget_s!r}")
@@ -76,11 +89,21 @@ def operation(
         float(budget_s) if budget_s is not None else None,
         idempotent,
         tuple(resources) if resources is not None else None,
+        bool(preempt),
     )
 
     def mark(f: F) -> F:
-        setattr(f, OPERATION_MARKER, spec)
-        return f
+        if not inspect.isgeneratorfunction(f):
+            setattr(f, OPERATION_MARKER, spec)
+            return f
+
+        @functools.wraps(f)
+        def run_here(*args: Any, **kwargs: Any) -> Any:
+            return run_to_end(f(*args, **kwargs))
+
+        setattr(run_here, TASK_MARKER, f)
+        setattr(run_here, OPERATION_MARKER, dataclasses.replace(spec, task=True))
+        return run_here  # type: ignore[return-value]
 
     return mark(func) if func is not None else mark
 
@@ -91,12 +114,17 @@ def _operation_spec(attr: Any) -> OperationSpec | None:
     if not callable(attr):
         return None
     base = inspect.unwrap(attr)
-    spec = getattr(base, OPERATION_MARKER, None) or getattr(attr, OPERATION_MARKER, None)
+    spec = getattr(attr, OPERATION_MARKER, None) or getattr(base, OPERATION_MARKER, None)
     if spec is not None:
         return spec
     if getattr(base, _PLESTY_EXPOSE_MARKER, False):
         return OperationSpec(budget_s=getattr(base, _PLESTY_BUDGET_MARKER, None))
     return None
+
+
+def task_function(device: Any, name: str) -> Callable[..., Any] | None:
+    """The generator function of task operation `name` of `device` (None: not a task)."""
+    return getattr(getattr(type(device), name, None), TASK_MARKER, None)
 
 
 def find_operations(obj: Any) -> Mapping[str, OperationSpec]:
@@ -213,7 +241,12 @@ def describe_operation(name: str, method: Callable[..., Any], spec: OperationSpe
         "description": inspect.getdoc(method) or "",
         "iparams": iparams,
         "oparams": [{"name": "result", "dtype": returns}] if returns else [],
-        "kind": {"budget_s": spec.budget_s, "idempotent": spec.idempotent},
+        "kind": {
+            "budget_s": spec.budget_s,
+            "idempotent": spec.idempotent,
+            "task": spec.task,
+            "preempt": spec.preempt,
+        },
         "resources": list(spec.resources) if spec.resources is not None else None,
     }
 
@@ -301,6 +334,14 @@ class Device:
         """
         return NotImplemented
 
+    def publish(self, name: str, value: Any) -> None:
+        """Push a new value of parameter (or topic) `name` to its subscribers, from any device
+        code (e.g. a position during a move). Without a server serving this device, nothing
+        happens."""
+        sink = self.__dict__.get("_labmesh_publish")
+        if sink is not None:
+            sink(name, value)
+
     def get_config_list(self) -> list[str]:
         """Names of the declared parameters."""
         return sorted(self.parameters)
@@ -362,6 +403,8 @@ def describe_device(device: Any) -> dict[str, Any]:
         "methods": sorted(ops),
         "budgets": {n: s.budget_s for n, s in ops.items() if s.budget_s is not None},
         "idempotent": sorted(n for n, s in ops.items() if s.idempotent),
+        "tasks": sorted(n for n, s in ops.items() if s.task),
+        "preempt": sorted(n for n, s in ops.items() if s.preempt),
         "doc": {
             "description": inspect.getdoc(type(device)) or "",
             "parameters": {
@@ -390,6 +433,7 @@ def _plesty_param(p: Parameter) -> dict[str, Any]:
         "max_value": p.max,
         "options": list(p.options) if p.options is not None else None,
         "description": p.description,
+        "poll_s": p.poll_s,
     }
 
 

@@ -31,6 +31,8 @@ class Parameter:
         description: one line for users and `describe`.
         default: the value before the first query/write, if any.
         resources: the lockable resources a write of this parameter touches (issue: locks).
+        poll_s: a server reads it this often whoever subscribes, and publishes each reading
+            to its subscribers (None: only when a subscriber asks for `every_s`).
     """
 
     type: type | None = float
@@ -44,6 +46,7 @@ class Parameter:
     default: Any = None
     resources: tuple[str, ...] | None = None
     name: str = ""
+    poll_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.type not in (None, *_TYPE_NAMES):
@@ -56,6 +59,14 @@ class Parameter:
             object.__setattr__(self, "resources", tuple(self.resources))
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"parameter {self.name or '?'}: min {self.min} > max {self.max}")
+        if self.poll_s is not None and (
+            isinstance(self.poll_s, bool)
+            or not isinstance(self.poll_s, (int, float))
+            or not self.poll_s > 0
+        ):
+            raise ValueError(
+                f"parameter {self.name or '?'}: poll_s must be > 0 s, got {self.poll_s!r}"
+            )
         if self.read_only and self.write_only:
             raise ValueError(f"parameter {self.name or '?'} cannot be read-only and write-only")
 

@@ -29,12 +29,15 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import Any, Protocol
 
 from labmesh.device import Device, Parameter, operation
-from labmesh.protocol.errors import ParameterValueError
+from labmesh.device.tasks import TaskCancelled, wait
+from labmesh.protocol.errors import ParameterValueError, TaskCancelledError
 
+#: How often a move in progress publishes its position (and a stop can cut in), seconds.
+FOLLOW_S = 0.05
 #: A move within this much of its duration has arrived (float steps never sum exactly).
 _ARRIVED_S = 1e-9
 
@@ -71,10 +74,18 @@ class MotorBackend(Protocol):
         """Make a running move of `axis` (None: every axis) end now; no effect when idle."""
         ...
 
+    # Optional, for moves that leave the stage responsive (MotorStage steps them as tasks:
+    # positions are read and `stop` runs while the axis moves). A controller without them
+    # moves with the blocking `move_to` / `home`.
+    # def start_move(self, axis: str, target: float, speed: float) -> None: start, return now
+    # def start_home(self, axis: str, speed: float) -> None: start homing, return now
+    # def moving(self, axis: str) -> bool: whether the axis is still moving
+
 
 class SimulatedMotion:
-    """A controller in memory: a move takes |distance| / speed seconds, updating the position
-    every `step_s` and ending early when `stop` is called.
+    """A controller in memory: a move takes |distance| / speed seconds and `stop` ends it where
+    the axis is. Moves can be started and followed (`start_move`, `moving`, `position`) or run
+    blocking (`move_to`, which updates the position every `step_s`).
 
     Parameters:
         home: each axis's home position (default 0).
@@ -100,6 +111,9 @@ class SimulatedMotion:
         self._sleep = sleep
         self._positions: dict[str, float] = {}
         self._stops: dict[str, threading.Event] = {}
+        #: axis -> (origin, target, started, duration) of a move in progress
+        self._moves: dict[str, tuple[float, float, float, float]] = {}
+        self._lock = threading.Lock()
 
     def open(self, axes: Sequence[str]) -> None:
         for axis in axes:
@@ -111,32 +125,58 @@ class SimulatedMotion:
         self.stop()
 
     def position(self, axis: str) -> float:
-        return self._positions[axis]
+        with self._lock:
+            return self._where(axis)
+
+    def _where(self, axis: str) -> float:
+        move = self._moves.get(axis)
+        if move is None:
+            return self._positions[axis]
+        origin, target, started, duration = move
+        elapsed = self._clock() - started
+        if elapsed >= duration - _ARRIVED_S:
+            del self._moves[axis]
+            self._positions[axis] = target
+            return target
+        where = origin + (target - origin) * elapsed / duration
+        self._positions[axis] = where
+        return where
+
+    def start_move(self, axis: str, target: float, speed: float) -> None:
+        with self._lock:
+            origin = self._where(axis)
+            self._stops[axis].clear()  # a stop sent while idle must not cut this move short
+            self._moves[axis] = (origin, target, self._clock(), abs(target - origin) / speed)
+            self._where(axis)  # a zero-length move has arrived already
+
+    def start_home(self, axis: str, speed: float) -> None:
+        self.start_move(axis, self.homes.get(axis, 0.0), speed)
+
+    def moving(self, axis: str) -> bool:
+        with self._lock:
+            self._where(axis)
+            return axis in self._moves
 
     def move_to(self, axis: str, target: float, speed: float) -> float:
-        stop = self._stops[axis]
-        stop.clear()  # a stop sent while idle must not cut the next move short
-        origin = self._positions[axis]
-        distance = target - origin
-        duration = abs(distance) / speed
-        started = self._clock()
-        while True:
-            elapsed = self._clock() - started
-            if elapsed >= duration - _ARRIVED_S:
-                self._positions[axis] = target
-                return target
-            self._positions[axis] = origin + distance * elapsed / duration
-            if stop.is_set():
-                return self._positions[axis]
-            self._sleep(min(self.step_s, duration - elapsed))
+        self.start_move(axis, target, speed)
+        while self.moving(axis):
+            if self._stops[axis].is_set():
+                break
+            _, _, started, duration = self._moves.get(axis, (0.0, 0.0, 0.0, 0.0))
+            self._sleep(max(0.0, min(self.step_s, started + duration - self._clock())))
+        return self.position(axis)
 
     def home(self, axis: str, speed: float) -> float:
         return self.move_to(axis, self.homes.get(axis, 0.0), speed)
 
     def stop(self, axis: str | None = None) -> None:
-        for name, event in self._stops.items():
-            if axis is None or name == axis:
-                event.set()
+        with self._lock:
+            for name, event in self._stops.items():
+                if axis is None or name == axis:
+                    event.set()
+                    if name in self._moves:
+                        self._positions[name] = self._where(name)
+                        self._moves.pop(name, None)
 
 
 def _axis_names(axes: int | str | Sequence[str]) -> tuple[str, ...]:
@@ -279,8 +319,9 @@ class MotorStage(Device):
     def _selected(self, axis: Any) -> tuple[str, ...]:
         return self.axes if axis is None else (self._axis(axis),)
 
-    def _move(self, axis: str, target: Any, what: str) -> float:
-        """Move `axis` to `target` after checking it; `what` describes the move for errors."""
+    def _move(self, axis: str, target: Any, what: str) -> Generator[Any, Any, float]:
+        """Move `axis` to `target` after checking it (a task: see `_follow`); `what` describes
+        the move for errors."""
         if isinstance(target, bool) or not isinstance(target, (int, float)):
             raise ValueError(f"{self.name}: {what} needs a number, got {target!r}")
         low, high = self.limits.get(axis, (-math.inf, math.inf))
@@ -290,7 +331,32 @@ class MotorStage(Device):
                 f"limits of axis {axis} [{low:g}, {high:g}] {self.unit}; choose a target "
                 "within them"
             )
-        return self.backend.move_to(axis, float(target), self.speeds[axis])
+        start = getattr(self.backend, "start_move", None)
+        if start is None:  # a controller that only moves blocking: one long step
+            return self.backend.move_to(axis, float(target), self.speeds[axis])
+        start(axis, float(target), self.speeds[axis])
+        return (yield from self._follow(axis, f"{what} ({target:g} {self.unit})"))
+
+    def _follow(self, axis: str, what: str) -> Generator[Any, Any, float]:
+        """Follow a started move of `axis` until it ends, publishing its position every
+        FOLLOW_S; a cancel (a `stop`, `task_cancel`, Ctrl+C) stops the axis where it is."""
+        backend = self.backend
+        try:
+            while backend.moving(axis):  # type: ignore[attr-defined]
+                where = backend.position(axis)
+                self.publish(f"{axis}/position", where)
+                yield wait(FOLLOW_S, {"axis": axis, "position": where})
+        except TaskCancelled as cancel:
+            backend.stop(axis)
+            where = backend.position(axis)
+            self.publish(f"{axis}/position", where)
+            raise TaskCancelledError(
+                f"{self.name}: {what} stopped at {where:g} {self.unit} ({cancel.reason})",
+                position=where,
+            ) from None
+        where = backend.position(axis)
+        self.publish(f"{axis}/position", where)
+        return where
 
     # ---- parameter hooks ------------------------------------------------------------------
     def _query_(self, name: str) -> float:
@@ -304,13 +370,14 @@ class MotorStage(Device):
 
     # ---- operations -----------------------------------------------------------------------
     @operation(budget_s=60, idempotent=True, resources=["{axis}"])
-    def move_abs(self, axis: str, position: float) -> float:
-        """Move `axis` to `position` (within its soft limits); returns where it ended."""
+    def move_abs(self, axis: str, position: float) -> Generator[Any, Any, float]:
+        """Move `axis` to `position` (within its soft limits); returns where it ended. A task:
+        through a server, positions are read and `stop` runs while it moves."""
         axis = self._axis(axis)
-        return self._move(axis, position, f"move of axis {axis} to {position!r}")
+        return (yield from self._move(axis, position, f"move of axis {axis} to {position!r}"))
 
     @operation(budget_s=60, resources=["{axis}"])
-    def move_rel(self, axis: str, distance: float) -> float:
+    def move_rel(self, axis: str, distance: float) -> Generator[Any, Any, float]:
         """Move `axis` by `distance` (the target must be within its soft limits); returns where
         it ended."""
         axis = self._axis(axis)
@@ -318,20 +385,33 @@ class MotorStage(Device):
             raise ValueError(f"{self.name}: move of axis {axis} needs a distance, got {distance!r}")
         origin = self.backend.position(axis)
         target = origin + distance
-        return self._move(
-            axis, target, f"move of axis {axis} by {distance:+g} (from {origin:g} to {target:g})"
+        return (
+            yield from self._move(
+                axis,
+                target,
+                f"move of axis {axis} by {distance:+g} (from {origin:g} to {target:g})",
+            )
         )
 
     @operation(budget_s=120, idempotent=True, resources=["{axis}"])
-    def home(self, axis: str | None = None) -> dict[str, float]:
-        """Home `axis` (None: every axis, one after another); returns their positions."""
-        return {a: self.backend.home(a, self.speeds[a]) for a in self._selected(axis)}
+    def home(self, axis: str | None = None) -> Generator[Any, Any, dict[str, float]]:
+        """Home `axis` (None: every axis, one after another); returns their positions. A task,
+        like the moves."""
+        start = getattr(self.backend, "start_home", None)
+        done = {}
+        for a in self._selected(axis):
+            if start is None:
+                done[a] = self.backend.home(a, self.speeds[a])
+                continue
+            start(a, self.speeds[a])
+            done[a] = yield from self._follow(a, f"homing of axis {a}")
+        return done
 
-    @operation(idempotent=True, resources=["{axis}"])
+    @operation(idempotent=True, resources=["{axis}"], preempt=True)
     def stop(self, axis: str | None = None) -> dict[str, float]:
-        """Stop `axis` (None: every axis); returns their positions as the stop is sent (a
-        moving axis may still come to rest a little further). Through a server this runs only
-        after the current move has ended (one call at a time per device)."""
+        """Stop `axis` (None: every axis) where it is; returns their positions. Runs at once,
+        also while a move runs (it preempts): a move or homing of a stopped axis ends, its
+        caller told where it stopped."""
         axes = self._selected(axis)
         self.backend.stop(axis)
         return {a: self.backend.position(a) for a in axes}

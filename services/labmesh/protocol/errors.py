@@ -73,6 +73,13 @@ class BudgetExpiredError(LabmeshError):
     wire_type = "TimeoutError"
 
 
+class TaskCancelledError(LabmeshError):
+    """A task (a long operation) was stopped before it finished: by `task_cancel`, by a
+    preempting call touching its resources (a stage's `stop`), or by Ctrl+C."""
+
+    wire_type = "TaskCancelledError"
+
+
 class ShutdownError(LabmeshError):
     """The server stopped before a request was answered (a call interrupted or not started, a
     lock wait ended)."""
@@ -108,6 +115,13 @@ class UnknownOperationError(LabmeshError, AttributeError):
     """A `call` to a name that is not an exposed operation."""
 
     wire_type = "AttributeError"
+
+
+class UnknownTaskError(LabmeshError, LookupError):
+    """`task_status` / `task_cancel` of a task id this server does not know (never started
+    here, or finished long ago)."""
+
+    wire_type = "UnknownTaskError"
 
 
 def wire_type_of(exc: BaseException) -> str:

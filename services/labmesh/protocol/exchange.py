@@ -45,7 +45,7 @@ from labmesh.protocol import native
 from labmesh.protocol.errors import LabmeshError, LeaseExpiredError, ProtocolError, remote_error
 
 #: Request types that are safe to send again after a timeout (nothing changes on the device).
-RETRYABLE = frozenset({"describe", "query", "ping", "help", "locks"})
+RETRYABLE = frozenset({"describe", "query", "ping", "help", "locks", "task_status", "task_cancel"})
 #: Requests that are never re-sent after a LeaseExpiredError (they are the session's own).
 _SESSION_REQUESTS = frozenset({"connect", "heartbeat", "disconnect"})
 

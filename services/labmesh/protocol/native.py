@@ -23,7 +23,19 @@ ZMQ_CUT_FACTOR = 4
 
 #: Request types answered by the I/O loop without waiting for the device.
 CONTROL_TYPES = frozenset(
-    {"connect", "disconnect", "describe", "help", "ping", "heartbeat", "locks"}
+    {
+        "connect",
+        "disconnect",
+        "describe",
+        "help",
+        "ping",
+        "heartbeat",
+        "locks",
+        "task_status",
+        "task_cancel",
+        "subscribe",
+        "unsubscribe",
+    }
 )
 #: Request types that run on the device's executor.
 DEVICE_TYPES = frozenset({"query", "write", "call"})
@@ -34,6 +46,8 @@ CONNECT_PROTOCOL_KEYS = frozenset(
 )
 
 _SCALARS = (str, int, float, bool, type(None))
+#: Names one subscribe request may ask for.
+MAX_SUBSCRIBE_NAMES = 1000
 #: Longest request id accepted (every reply echoes it).
 MAX_ID_CHARS = 256
 # one encoder for all messages: json.dumps with options would build a new one per call
@@ -187,6 +201,47 @@ def _parse_fields(obj: dict[str, Any], req_id: Any, has_id: bool) -> Request:
             raise ProtocolError("call 'args' must be a JSON array")
         if not isinstance(obj.get("kwargs", {}), dict):
             raise ProtocolError("call 'kwargs' must be a JSON object")
+        if not isinstance(obj.get("task", False), bool):
+            raise ProtocolError("call 'task' must be true (reply when it starts) or false")
+    if rtype == "subscribe":
+        params = obj.get("params")
+        if isinstance(params, str):
+            params = [params]
+        if (
+            not isinstance(params, list)
+            or not 0 < len(params) <= MAX_SUBSCRIBE_NAMES
+            or not all(isinstance(p, str) and 0 < len(p) <= 256 for p in params)
+        ):
+            raise ProtocolError(
+                f"subscribe needs 'params': a name or a list of 1 to {MAX_SUBSCRIBE_NAMES} "
+                "names (strings of at most 256 characters)"
+            )
+        _positive_seconds(obj.get("every_s"), "every_s")
+        _positive_seconds(obj.get("max_rate_hz"), "max_rate_hz")
+        deadband = obj.get("deadband")
+        if deadband is not None and (
+            isinstance(deadband, bool)
+            or not isinstance(deadband, (int, float))
+            or not math.isfinite(deadband)
+            or deadband < 0
+        ):
+            raise ProtocolError(f"deadband must be a number >= 0 or null, got {deadband!r}")
+        if session is None:
+            raise ProtocolError("subscribe needs the 'session' token returned by connect")
+    if rtype == "unsubscribe":
+        topics = obj.get("topics")
+        if topics is not None and (
+            not isinstance(topics, list) or not all(isinstance(t, str) for t in topics)
+        ):
+            raise ProtocolError("unsubscribe 'topics' must be a list of topics (or null: all)")
+    if rtype in ("task_status", "task_cancel"):
+        task = obj.get("task")
+        if not (task is None or (isinstance(task, str) and 0 < len(task) <= 64)):
+            raise ProtocolError(
+                f"{rtype} 'task' must be a task id string from a started call (or null: the "
+                "running task)"
+            )
+        _positive_seconds(obj.get("wait"), "wait")
     if rtype == "connect":
         _positive_seconds(obj.get("lease"), "lease")
         _positive_seconds(obj.get("wait"), "wait")

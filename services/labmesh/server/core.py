@@ -31,9 +31,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import labmesh.server.tasks as task_states
 from labmesh.compat.plesty import PlestySessions
-from labmesh.device.base import describe_device, touched_resources
+from labmesh.device.base import describe_device, task_function, touched_resources
 from labmesh.device.executor import RUNNING, Job
+from labmesh.device.tasks import Step, TaskRun
 from labmesh.locks import DEFAULT_IDLE_LIMIT_S, Grant, LeaseTable, Waiter, quote_names
 from labmesh.logbudget import DEFAULT_BURST, DEFAULT_INTERVAL_S, LogBudget
 from labmesh.protocol import native
@@ -48,9 +50,14 @@ from labmesh.protocol.errors import (
     ResourceAllocationError,
     ResourceLockedError,
     ShutdownError,
+    TaskCancelledError,
     UnknownOperationError,
+    UnknownParameterError,
+    UnknownTaskError,
     wire_type_of,
 )
+from labmesh.server.subscriptions import Filter, Subscriptions
+from labmesh.server.tasks import Task, TaskTable
 
 CAPABILITIES = [
     "budgets",
@@ -61,6 +68,8 @@ CAPABILITIES = [
     "heartbeat",
     "locks",
     "bounds",
+    "tasks",
+    "subscriptions",
 ]
 #: The operation label of a request naming something the device does not declare (so a peer
 #: cannot grow the metric series).
@@ -88,6 +97,9 @@ class ServerLimits:
             times this (nothing can be answered then).
         max_replies_queued_per_peer: replies ZeroMQ holds for one peer that does not read them
             (its send high-water mark); further replies to it are dropped and counted.
+        max_updates_queued_per_subscriber: subscription updates ZeroMQ holds for one
+            subscriber that does not read them (the PUB high-water mark); further updates to it
+            are dropped, and its sequence numbers show the gap.
         max_queue_per_device: device calls waiting for the device; more get BusyError.
         max_queue_per_session: calls one session (or one connection without a session) may
             have waiting; more get BusyError.
@@ -106,6 +118,7 @@ class ServerLimits:
 
     max_message_bytes: int = native.DEFAULT_MAX_MESSAGE_BYTES
     max_replies_queued_per_peer: int = 512
+    max_updates_queued_per_subscriber: int = 1000
     max_queue_per_device: int = 1000
     max_queue_per_session: int = 100
     max_queue_bytes: int = 64 * 1024 * 1024
@@ -169,7 +182,15 @@ class LocksChanged:
     rows: list[dict[str, Any]]
 
 
-Action = Send | Run | Count | Log | LocksChanged
+@dataclass(slots=True)
+class Publish:
+    """Send one update on the PUB socket (libzmq fans it out to the topic's subscribers)."""
+
+    topic: bytes
+    body: bytes
+
+
+Action = Send | Run | Count | Log | LocksChanged | Publish
 
 
 @dataclass(slots=True)
@@ -188,6 +209,13 @@ class _Pending:
     size: int = 0
     answered: bool = False
     answer: EnvelopeAnswer | None = None
+    task: Task | None = None
+    #: may run between the steps of a running task (a read, or a preempting call)
+    between_steps: bool = False
+    #: a read the server makes itself (for subscribers): the names it reads
+    reads: tuple[str, ...] = ()
+    #: the subscribe request answered once those reads are done (their streams)
+    streams: tuple[Any, ...] = ()
 
 
 #: Whether a device's calls all run on one dedicated thread, unless a server is told otherwise
@@ -205,9 +233,11 @@ class EnvelopeAnswer:
     `now` is sent at once (None: nothing yet). `job`, when set, is queued on the device like a
     native call; when it ends, `reply(job)` gives the reply to send (None: nothing, because `now`
     already answered). `touches` are the lock leaves the job touches, checked when it starts.
+    `as_task`: the job's function returns a generator, stepped as a task (a LAPLACE SET moving
+    axes), so reads and preempting calls are served while it runs.
     """
 
-    __slots__ = ("_done", "_fail", "command", "job", "now", "touches")
+    __slots__ = ("_done", "_fail", "as_task", "command", "job", "now", "touches")
 
     def __init__(
         self,
@@ -218,10 +248,12 @@ class EnvelopeAnswer:
         done: Callable[[Job], dict[str, Any] | None] | None = None,
         fail: Callable[[str], dict[str, Any]] | None = None,
         touches: tuple[str, ...] = (),
+        as_task: bool = False,
     ) -> None:
         self.command = command
         self.now = now
         self.job = job
+        self.as_task = as_task
         self.touches = touches
         self._done = done
         self._fail = fail
@@ -304,6 +336,14 @@ class ServerCore:
         self._seq = itertools.count()
         self._plesty = PlestySessions()
         self._waiters_by_conn: dict[Any, set[str]] = {}
+        self.tasks = TaskTable()
+        self.subs = Subscriptions()
+        self.exported: dict[str, str] = {}
+        #: set by the loop: where updates are published, and wall time minus the core's clock
+        self.pub_endpoint: str | None = None
+        self.wall_offset = 0.0
+        self._step_due = False
+        self._between_steps_queued = 0
         self._takes_resources: dict[str, bool] = {}
         self._conn_source: Any = None
         self._conn_value: Any = _UNRESOLVED
@@ -319,11 +359,17 @@ class ServerCore:
         description["name"] = self.name
         self.locks.register(description["resources"])
         self.methods = frozenset(description["methods"])
+        self.preempts = frozenset(description["preempt"])
         self.budgets: dict[str, float] = description["budgets"]
         self.help_text = help_text(description)
         self.description = description
-        declared = {p["name"] for p in description["doc"]["parameters"]["default"]}
+        params = description["doc"]["parameters"]["default"]
+        declared = {p["name"] for p in params}
         self.declared = frozenset(declared | self.methods)
+        self.readable = frozenset(p["name"] for p in params if not p["write_only"])
+        for p in params:
+            if p.get("poll_s") and not p["write_only"]:
+                self.subs.pin(p["name"], float(p["poll_s"]), 0.0)
 
     def operation_label(self, name: Any) -> str:
         if not name:
@@ -340,9 +386,20 @@ class ServerCore:
         return len(self._pending)
 
     @property
+    def busy(self) -> bool:
+        """A call runs on the device, or a task is in progress (between its steps too)."""
+        return self.running is not None or self.tasks.active is not None
+
+    @property
     def has_work(self) -> bool:
-        """A call is waiting and the device is free (the loop should call start_next)."""
-        return bool(self._queue) and self.running is None
+        """The device is free and something can run on it now (the loop should call
+        start_next): a queued call, or, while a task runs, a read or preempting call queued or
+        the task's next step due."""
+        if self.running is not None:
+            return False
+        if self.tasks.active is None:
+            return bool(self._queue)
+        return self._step_due or self._between_steps_queued > 0
 
     def next_wakeup(self) -> float:
         """When `tick` has something to do next (leases, waiters, budgets, log summaries)."""
@@ -352,6 +409,13 @@ class ServerCore:
         due = self._next_lock_check
         if self._deadlines:
             due = min(due, self._deadlines[0][0])
+        task = self.tasks.active
+        if task is not None and not self._step_due and task.current is None:
+            due = min(due, task.next_step_at)
+        for live in self.tasks.live():
+            for waiter in live.waiters:
+                due = min(due, waiter[2])
+        due = min(due, self.subs.next_due())
         summary = self.logs.next_summary_at()
         if summary is not None:
             due = min(due, summary)
@@ -429,8 +493,23 @@ class ServerCore:
         """The loop may start a device call: return a Run for the next one whose resources are
         free (calls refused by a lock taken since they arrived are answered on the way)."""
         out: list[Action] = []
-        while self._queue and self.running is None:
-            job = self._queue.popleft()
+        while self.running is None:
+            task = self.tasks.active
+            if task is not None:
+                job = self._pop_between_steps()
+                if job is None:
+                    if self._step_due:
+                        self._step_due = False
+                        job = task.current = Job(
+                            task.run.step, (task.cancel,), label=f"{task.label} (step)"
+                        )
+                        self.running = job
+                        out.append(Run(job))
+                    break
+            elif self._queue:
+                job = self._queue.popleft()
+            else:
+                break
             pending = self._pending.get(job)
             if pending is not None:
                 self._dequeued(pending)
@@ -440,18 +519,52 @@ class ServerCore:
                         self.locks.check(pending.session, pending.touches, now)
                     except ResourceLockedError as exc:
                         job.error = self._explain_locked(pending.request, exc)
-                        self._deliver(job, now, out)
+                        if pending.task is not None:
+                            self._task_ended(pending.task, job, now, out)
+                        else:
+                            self._deliver(job, now, out)
                         continue
+                if pending.task is not None:  # a task's first step
+                    pending.task.state = task_states.RUNNING
+                    pending.task.started = now
+                    pending.task.current = job
+                    self.tasks.active = pending.task
             self.running = job
             out.append(Run(job))
         return out
+
+    def _pop_between_steps(self) -> Job | None:
+        """The first queued read or preempting call (they run between a task's steps)."""
+        if not self._between_steps_queued:
+            return None
+        for i, job in enumerate(self._queue):
+            pending = self._pending.get(job)
+            if pending is not None and pending.between_steps:
+                del self._queue[i]
+                return job
+        return None
 
     def job_done(self, job: Job, now: float) -> list[Action]:
         """A device call finished (its outcome is on the job): answer it."""
         out: list[Action] = []
         if self.running is job:
             self.running = None
+        task = self.tasks.active
+        if task is not None and job is task.current:
+            self._task_stepped(task, job, now, out)
+            return out
+        pending = self._pending.get(job)
+        if pending is not None and pending.reads:
+            self._reads_done(job, pending, now, out)
+            return out
+        preempting = (
+            pending is not None and pending.between_steps and pending.request.type == "call"
+        )
+        if pending is not None and job.ok and pending.request.type != "call" and self.subs.streams:
+            self._device_value(pending.request, job, now, out)
         self._deliver(job, now, out)
+        if preempting and task is not None and job.ok:
+            self._preempted(task, pending, now)
         return out
 
     def tick(self, now: float) -> list[Action]:
@@ -462,6 +575,11 @@ class ServerCore:
             self._lock_tick(now, out)
         if self._deadlines and self._deadlines[0][0] <= now:
             self._expire_budgets(now, out)
+        task = self.tasks.active
+        if task is not None and task.current is None and now >= task.next_step_at:
+            self._step_due = True
+        self._status_waits_expired(now, out)
+        self._subscription_tick(now, out)
         for line in self.logs.summaries(now):
             out.append(Log(_WARNING, line))
         self._plan_wakeup()
@@ -521,6 +639,10 @@ class ServerCore:
         self._queue.clear()
         self._queued_by.clear()
         self._queued_bytes = 0
+        self._between_steps_queued = 0
+        for task in self.tasks.live():
+            error = {"type": ShutdownError.wire_type, "error": "the server shut down"}
+            self._finish_task(task, task_states.FAILED, now, out, error)
         return out
 
     # ---- replies and logs -------------------------------------------------------------------
@@ -687,6 +809,7 @@ class ServerCore:
             "session": grant.session,
             "lease": grant.lease_s,
             "epoch": self.epoch,
+            "pub": self.pub_endpoint,
         }
         self._reply(
             out,
@@ -703,6 +826,7 @@ class ServerCore:
             self._unindex_waiter(waiter.token[3], session)
             self._refuse_waiter(waiter, f"the wait ended: its session {why}", now, out)
         self._plesty.forget(session)
+        self.subs.unsubscribe(session)
         grant = self.locks.release(session)
         if grant is not None and grant.leaves:
             self._log(
@@ -812,11 +936,12 @@ class ServerCore:
             "name": self.name,
             "healthy": self.healthy,
             "connected": self.connected,
-            "busy": current is not None,
+            "busy": self.busy,
             "running": {"label": current.label, "for_s": round(now - current.started_at, 3)}
             if current is not None
             else None,
             "queue_depth": len(self._queue),
+            "task": self.tasks.active.status(now) if self.tasks.active is not None else None,
             "epoch": self.epoch,
             "uptime_s": round(now - self.started_at, 3),
         }
@@ -910,14 +1035,32 @@ class ServerCore:
         if resources and self._accepts_resources(label, fn):
             kwargs["resources"] = resources
         budget = request.timeout
-        if budget is None and request.type == "call":
-            budget = self.budgets.get(request.fields["func"])
-        job = Job(fn, args, kwargs, label)
+        task = None
+        func = request.fields.get("func")
+        if request.type == "call":
+            if budget is None:
+                budget = self.budgets.get(func)
+            if request.fields.get("task") or task_function(self.device, func) is not None:
+                task = self._new_task(request, route[0], session, touches, fn, args, kwargs, now)
+                if task.detached:
+                    budget = request.timeout  # a started task has no default budget
+        job = task.first_job if task is not None else Job(fn, args, kwargs, label)
         deadline = now + budget if budget is not None else None
-        operation = self.operation_label(request.fields.get("param") or request.fields.get("func"))
+        operation = self.operation_label(request.fields.get("param") or func)
         observe.operation = operation
-        self._pending[job] = _Pending(
-            route, request, now, deadline, session, touches, operation, queue_key, observe, size
+        self._pending[job] = pending = _Pending(
+            route,
+            request,
+            now,
+            deadline,
+            session,
+            touches,
+            operation,
+            queue_key,
+            observe,
+            size,
+            task=task,
+            between_steps=request.type == "query" or func in self.preempts,
         )
         if deadline is not None:
             deadlines = self._deadlines
@@ -930,6 +1073,10 @@ class ServerCore:
             if deadline < self._wakeup:
                 self._wakeup = deadline
         self._enqueue(job, queue_key, size)
+        if task is not None and task.detached:
+            pending.answered = True  # answered now; task_status tells the rest
+            result = {"task": task.id, "operation": task.operation, "state": task.state}
+            self._reply(out, route, native.ok_reply(result, request), observe)
 
     def _check_queue_bounds(self, queue_key: Any, size: int) -> None:
         """Raise BusyError if one more call from `queue_key` would pass a queue bound."""
@@ -965,11 +1112,16 @@ class ServerCore:
             )
 
     def _enqueue(self, job: Job, queue_key: Any, size: int) -> None:
+        pending = self._pending.get(job)
+        if pending is not None and pending.between_steps:
+            self._between_steps_queued += 1
         self._queue.append(job)
         self._queued_by[queue_key] = self._queued_by.get(queue_key, 0) + 1
         self._queued_bytes += size
 
     def _dequeued(self, pending: _Pending) -> None:
+        if pending.between_steps:
+            self._between_steps_queued -= 1
         self._queued_bytes -= pending.size
         key = pending.queue_key
         left = self._queued_by.get(key, 0) - 1
@@ -1056,6 +1208,8 @@ class ServerCore:
         if pending is None:
             return
         if pending.answered:
+            if pending.task is not None and (pending.task.detached or pending.task.cancel):
+                return  # answered when it started (or its budget ran out); task_status tells
             self._log(
                 out,
                 "late result",
@@ -1116,6 +1270,23 @@ class ServerCore:
                 continue
             pending.answered = True
             observe = pending.observe
+            task = pending.task
+            if task is not None and task.state == task_states.RUNNING:
+                reply = _error(
+                    pending.request,
+                    "Operation timed out",
+                    BudgetExpiredError.wire_type,
+                    still_running=True,
+                    started=True,
+                    task=task.id,
+                    detail=f"{task.label} ran past its budget of "
+                    f"{(pending.deadline or now) - pending.received:.3f} s and is still "
+                    f"running as task {task.id}: follow it with task_status, or stop it "
+                    "(task_cancel, or the device's stop)",
+                )
+                self._reply(out, pending.route, reply, observe)
+                out.append(Count("budget_expired", (pending.operation, True)))
+                continue
             started = job is self.running or job.state == RUNNING
             if started:
                 still_running = job.state == RUNNING
@@ -1129,6 +1300,9 @@ class ServerCore:
                 self._dequeued(pending)
                 del self._pending[job]
                 still_running = False
+                if task is not None:
+                    error = {"type": BudgetExpiredError.wire_type, "error": "not started in time"}
+                    self._finish_task(task, task_states.FAILED, now, out, error)
                 current = self.running
                 detail = (
                     f"not started: the device was busy with {current.label} for "
@@ -1146,6 +1320,374 @@ class ServerCore:
             )
             self._reply(out, pending.route, reply, observe)
             out.append(Count("budget_expired", (pending.operation, still_running)))
+
+    # ---- tasks ----------------------------------------------------------------------------------
+    def _new_task(self, request, identity, session, touches, fn, args, kwargs, now) -> Task:
+        """A call of a task operation (a generator), or any call started with `task: true`."""
+        func = request.fields["func"]
+        raw = task_function(self.device, func)
+        device = self.device
+        if raw is not None:
+            run = TaskRun(lambda: raw(device, *args, **kwargs))
+        else:
+            run = TaskRun(lambda: fn(*args, **kwargs))
+        shown = ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())])
+        task = Task(
+            id=self.tasks.new_id(),
+            operation=func,
+            label=_short(f"{func}({shown})", 120),
+            client_id=native.client_id_of(identity),
+            session=session,
+            touches=touches,
+            run=run,
+            first_job=Job(run.step, (None,), label=func),
+            created=now,
+            detached=bool(request.fields.get("task")),
+        )
+        self.tasks.add(task)
+        return task
+
+    def _task_stepped(self, task: Task, job: Job, now: float, out: list[Action]) -> None:
+        task.current = None
+        task.steps += 1
+        step: Step | None = job.value if job.ok else None
+        if step is None or step.done:
+            self._task_ended(task, job, now, out)
+            return
+        if step.progress is not None:
+            task.progress = step.progress
+            if self.subs.streams:
+                self._observe(f"task/{task.id}", step.progress, now, out)
+        task.next_step_at = now + step.seconds
+        if task.cancel is not None or step.seconds <= 0:
+            self._step_due = True
+        self._plan_wakeup()
+
+    def _task_ended(self, task: Task, job: Job, now: float, out: list[Action]) -> None:
+        """The task's last step ended (or it never started): record it, answer its caller."""
+        first = task.first_job
+        if job.ok:
+            first.ok, first.value, first.error = True, job.value.value, None
+            state, error = task_states.DONE, None
+        else:
+            exc = job.error
+            assert exc is not None
+            first.ok, first.error = False, exc
+            cancelled = isinstance(exc, TaskCancelledError)
+            state = task_states.CANCELLED if cancelled else task_states.FAILED
+            error = {"type": wire_type_of(exc), "error": str(exc) or type(exc).__name__}
+        first.started_at = first.started_at or job.started_at
+        first.finished_at = job.finished_at or first.started_at
+        self._finish_task(task, state, now, out, error)
+        self._deliver(first, now, out)
+
+    def _finish_task(self, task, state: str, now: float, out, error: dict | None) -> None:
+        task.state = state
+        task.ended = now
+        task.current = None
+        if state == task_states.DONE:
+            task.result = task.first_job.value
+        task.error = error
+        status = task.status(now)
+        for route, request, _deadline, observe in task.waiters:
+            self._reply(out, route, native.ok_reply(status, request), observe)
+        task.waiters.clear()
+        if self.subs.streams:
+            self._observe(f"task/{task.id}", status, now, out)
+        if self.tasks.active is task:
+            self._step_due = False
+        self.tasks.finish(task, now)
+        self._plan_wakeup()
+
+    def _preempted(self, task: Task, pending: _Pending, now: float) -> None:
+        """A preempting call ran during `task`: the task ends early if they share resources."""
+        if task.touches and pending.touches and not set(task.touches) & set(pending.touches):
+            return
+        if task.cancel is None:
+            task.cancel = f"{pending.operation} from {native.client_id_of(pending.route[0])}"
+        if task.current is None:
+            self._step_due = True
+
+    def _task_of(self, request: native.Request) -> Task | None:
+        task_id = request.fields.get("task")
+        task = self.tasks.get(task_id)
+        if task is None and task_id is not None:
+            raise UnknownTaskError(
+                f"{self.name} has no task {_short(repr(task_id), 80)} (finished tasks are kept "
+                f"{task_states.FINISHED_KEEP_S:g} s, the last {task_states.MAX_FINISHED})"
+            )
+        return task
+
+    def _on_task_status(self, route, request, now, observe, out) -> None:
+        task = self._task_of(request)
+        if task is None:
+            self._reply(
+                out, route, native.ok_reply({"task": None, "state": "idle"}, request), observe
+            )
+            return
+        wait = request.fields.get("wait")
+        if wait and not task.finished:
+            if len(task.waiters) >= task_states.MAX_STATUS_WAITERS:
+                raise BusyError(
+                    f"{self.name}: {len(task.waiters)} clients already wait on task {task.id}; "
+                    "ask again without wait",
+                    bound="max_status_waiters",
+                    limit=task_states.MAX_STATUS_WAITERS,
+                    depth=len(task.waiters),
+                )
+            deadline = now + min(float(wait), self.limits.max_wait_s)
+            task.waiters.append((route, _reply_key(request), deadline, observe))
+            self._wakeup = min(self._wakeup, deadline)
+            return
+        self._reply(out, route, native.ok_reply(task.status(now), request), observe)
+
+    def _status_waits_expired(self, now: float, out: list[Action]) -> None:
+        for task in self.tasks.live():
+            due = [w for w in task.waiters if w[2] <= now]
+            if not due:
+                continue
+            task.waiters = [w for w in task.waiters if w[2] > now]
+            status = task.status(now)
+            for route, request, _deadline, observe in due:
+                self._reply(out, route, native.ok_reply(status, request), observe)
+
+    def cancel_running_task(self, why: str) -> str | None:
+        """Stop the running task at its next step (a LAPLACE STOP); its id, or None."""
+        task = self.tasks.active
+        if task is None or task.finished:
+            return None
+        if task.cancel is None:
+            task.cancel = why
+        if task.current is None:
+            self._step_due = True
+        return task.id
+
+    def _on_task_cancel(self, route, request, now, observe, out) -> None:
+        task = self._task_of(request)
+        if task is None:
+            self._reply(
+                out, route, native.ok_reply({"task": None, "state": "idle"}, request), observe
+            )
+            return
+        if not task.finished:
+            session = self._session_of(route[0], request)
+            if task.touches:
+                self.locks.check(session, task.touches, now)
+            who = f"task_cancel from {native.client_id_of(route[0])}"
+            if task.state == task_states.QUEUED:
+                job = task.first_job
+                pending = self._pending.get(job)
+                if job in self._queue:
+                    self._queue.remove(job)
+                    if pending is not None:
+                        self._dequeued(pending)
+                task.cancel = who
+                job.error = TaskCancelledError(f"{task.label} was cancelled before it ran ({who})")
+                self._task_ended(task, job, now, out)
+            elif task.cancel is None:
+                task.cancel = who
+                if task.current is None:
+                    self._step_due = True
+        self._reply(out, route, native.ok_reply(task.status(now), request), observe)
+
+    # ---- subscriptions -------------------------------------------------------------------------
+    def export(self, names: dict[str, float], now: float) -> None:
+        """Read these parameters every period (s) for Prometheus (labmesh_parameter_value).
+        Raises ValueError naming the readable parameters if one is not."""
+        unknown = sorted(set(names) - self.readable)
+        if unknown:
+            raise ValueError(
+                f"{self.name}: metrics names {quote_names(unknown)}, which are not readable "
+                f"parameters; readable: {quote_names(sorted(self.readable))}"
+            )
+        units = {
+            p["name"]: p.get("unit") or "" for p in self.description["doc"]["parameters"]["default"]
+        }
+        self.exported = {name: units.get(name, "") for name in names}
+        for name, period in names.items():
+            self.subs.pin(name, period, now)
+
+    def exported_values(self) -> list[tuple[str, str, float]]:
+        """(parameter, unit, value) of the exported parameters with a numeric value cached
+        (read from the cache: a scrape never reads the device)."""
+        out = []
+        cache = self.subs.cache
+        for name, unit in self.exported.items():
+            cached = cache.get(name)
+            if cached is None:
+                continue
+            value = cached.value
+            if isinstance(value, (int, float)):  # bool too: 0 or 1
+                out.append((name, unit, float(value)))
+        return out
+
+    def published(self, name: str, value: Any, now: float) -> list[Action]:
+        """The driver published a value (`Device.publish`, from any device code)."""
+        out: list[Action] = []
+        if isinstance(name, str) and 0 < len(name) <= 256:
+            self._observe(name, value, now, out)
+        return out
+
+    def _observe(self, name: str, value: Any, now: float, out: list[Action]) -> None:
+        subs = self.subs
+        for topic, body in subs.observe(name, value, now, now + self.wall_offset):
+            out.append(Publish(topic, body))
+        if subs.earliest_flush < self._wakeup:
+            self._wakeup = subs.earliest_flush
+
+    def _device_value(self, request: native.Request, job: Job, now: float, out) -> None:
+        """A client's read told us a value; a client's write changed one (read it back)."""
+        param = request.fields.get("param")
+        if not isinstance(param, str) or not self.subs.subscribed(param):
+            return
+        if request.type == "query":
+            self._observe(param, job.value, now, out)
+        elif request.type == "write":
+            self.subs.read_now(param, now)
+            self._wakeup = min(self._wakeup, now)
+
+    def _subscribable(self, name: str) -> bool:
+        if name in self.readable or name in self.subs.cache:
+            return True
+        return name.startswith("task/") and self.tasks.get(name[5:]) is not None
+
+    def _on_subscribe(self, route, request, now, observe, out) -> None:
+        fields = request.fields
+        session = self._session_of(route[0], request)
+        if session is None or self.locks.grant(session) is None:
+            raise LeaseExpiredError(
+                f"{self.name}: this session is unknown here (its lease ran out, or the server "
+                "restarted): connect again, then subscribe"
+            )
+        names = fields["params"] if isinstance(fields["params"], list) else [fields["params"]]
+        names = list(dict.fromkeys(names))
+        unknown = [n for n in names if not self._subscribable(n)]
+        if unknown:
+            raise UnknownParameterError(
+                f"{self.name} has nothing to subscribe to named {quote_names(unknown)}; readable "
+                f"parameters: {quote_names(sorted(self.readable))}"
+            )
+        flt = Filter(fields.get("every_s"), fields.get("deadband"), fields.get("max_rate_hz"))
+        streams = []
+        try:
+            for name in names:
+                streams.append(self.subs.subscribe(session, name, flt, now))
+        except OverflowError as exc:
+            self.subs.unsubscribe(session, [s.topic for s in streams])
+            bound = str(exc).split("=")[0]
+            raise BusyError(
+                f"{self.name}: too many subscriptions ({exc}); unsubscribe some first",
+                bound=bound,
+                limit=int(str(exc).split("=")[1]),
+                depth=len(streams),
+            ) from None
+        missing = tuple(
+            s.name for s in streams if s.name not in self.subs.cache and s.name in self.readable
+        )
+        if flt.every_s is not None:
+            self._wakeup = min(self._wakeup, now)
+        if not missing:
+            self._reply(out, route, native.ok_reply(self._subscribed(streams), request), observe)
+            return
+        # the first update is the current value: read what nobody has read yet, then answer
+        job = Job(self._read_values, (missing,), label="subscribe read")
+        self._pending[job] = _Pending(
+            route,
+            request,
+            now,
+            None,
+            session,
+            (),
+            "subscribe",
+            ("read", session),
+            observe,
+            0,
+            between_steps=True,
+            reads=missing,
+            streams=tuple(streams),
+        )
+        self._enqueue(job, ("read", session), 0)
+
+    def _subscribed(self, streams) -> dict[str, Any]:
+        return {
+            "pub": self.pub_endpoint,
+            "topics": {s.name: s.topic for s in streams},
+            "current": {s.name: self.subs.current(s) for s in streams},
+        }
+
+    def _on_unsubscribe(self, route, request, now, observe, out) -> None:
+        session = self._session_of(route[0], request)
+        left = self.subs.unsubscribe(session, request.fields.get("topics")) if session else 0
+        self._reply(out, route, native.ok_reply({"unsubscribed": left}, request), observe)
+
+    def _read_values(self, names: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, str]]:
+        """Device call: read `names` (one failing read does not stop the others)."""
+        values, errors = {}, {}
+        for name in names:
+            try:
+                values[name] = self.device.query(name)
+            except Exception as exc:
+                errors[name] = f"{wire_type_of(exc)}: {exc}"
+        return values, errors
+
+    def _reads_done(self, job: Job, pending: _Pending, now: float, out) -> None:
+        self._pending.pop(job, None)
+        values, errors = job.value if job.ok else ({}, dict.fromkeys(pending.reads, str(job.error)))
+        for name in pending.reads:
+            self.subs.poll_ended(name, now)
+        for name, value in values.items():
+            self._observe(name, value, now, out)
+        if errors:
+            self._log(
+                out,
+                "subscription read failed",
+                now,
+                _INFO,
+                f"{self.name}: reading for subscribers failed: {_short(str(errors), 300)}",
+            )
+        if pending.streams:
+            result = self._subscribed(pending.streams)
+            if errors:
+                result["errors"] = errors
+            self._reply(
+                out, pending.route, native.ok_reply(result, pending.request), pending.observe
+            )
+        self._plan_wakeup()
+
+    def _subscription_tick(self, now: float, out: list[Action]) -> None:
+        subs = self.subs
+        if not subs.streams and not subs.pinned:
+            return
+        for topic, body in subs.flush_due(now):
+            out.append(Publish(topic, body))
+        due = subs.polls_due(now)
+        readable = [name for name in due if name in self.readable]
+        for name in due:
+            if name not in self.readable:
+                subs.poll_ended(name, now)
+        if readable and len(self._queue) < self.limits.max_queue_per_device:
+            names = tuple(readable)
+            job = Job(self._read_values, (names,), label="poll")
+            request = native.Request("query", {"param": names[0]})
+            self._pending[job] = _Pending(
+                [],
+                request,
+                now,
+                None,
+                None,
+                (),
+                "poll",
+                ("poll",),
+                None,
+                0,
+                answered=True,
+                between_steps=True,
+                reads=names,
+            )
+            self._enqueue(job, ("poll",), 0)
+        elif readable:
+            for name in readable:
+                subs.poll_ended(name, now)
 
     # ---- a second protocol (LAPLACE) ----------------------------------------------------------
     def _on_envelope(self, route, obj, now, observe, out) -> None:
@@ -1165,9 +1707,28 @@ class ServerCore:
             reply = envelope.refuse(obj, str(exc))
             self._reply(out, route, reply, observe)
             return
-        answer = envelope.handle(obj, self.running is not None or bool(self._queue))
+        busy = self.running is not None or bool(self._queue) or self.tasks.active is not None
+        answer = envelope.handle(obj, busy)
         observe.operation = answer.command
         job = answer.job
+        task = None
+        if job is not None and answer.as_task:
+            made = job
+            run = TaskRun(lambda: made.fn(*made.args, **made.kwargs))
+            task = Task(
+                id=self.tasks.new_id(),
+                operation=answer.command,
+                label=_short(f"{envelope.metric_type} {job.label}", 120),
+                client_id=native.client_id_of(route[0]),
+                session=None,
+                touches=answer.touches,
+                run=run,
+                first_job=Job(run.step, (None,), label=job.label),
+                created=now,
+                detached=True,
+            )
+            self.tasks.add(task)
+            job = task.first_job
         if job is not None:
             request = native.Request(envelope.metric_type, {})
             self._pending[job] = _Pending(
@@ -1182,6 +1743,7 @@ class ServerCore:
                 Observation(envelope.metric_type, answer.command, "ok", None, now),
                 size,
                 answer=answer,
+                task=task,
             )
             self._enqueue(job, key, size)
         if answer.now is not None:
@@ -1195,10 +1757,18 @@ class ServerCore:
         "ping": _on_ping,
         "heartbeat": _on_heartbeat,
         "locks": _on_locks,
+        "task_status": _on_task_status,
+        "task_cancel": _on_task_cancel,
+        "subscribe": _on_subscribe,
+        "unsubscribe": _on_unsubscribe,
         "query": _on_device_request,
         "write": _on_device_request,
         "call": _on_device_request,
     }
+
+
+#: task_status / task_cancel without a task id while no task runs
+_IDLE_TASK = {"task": None, "state": "idle"}
 
 
 def _error(

@@ -20,6 +20,7 @@ client's lock to its live connection and drops the waits of peers that left.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -42,13 +43,14 @@ from labmesh.server.core import (
     Count,
     LocksChanged,
     Log,
+    Publish,
     Run,
     Send,
     ServerCore,
     ServerLimits,
 )
 from labmesh.signals import install_stop_signals
-from labmesh.transport import bound_address, connection_monitor, router_socket
+from labmesh.transport import bound_address, connection_monitor, pub_socket, router_socket
 from labmesh.version import __version__
 
 if TYPE_CHECKING:
@@ -66,6 +68,20 @@ _ACCEPTED = int(zmq.EVENT_ACCEPTED)
 _DISCONNECTED = int(zmq.EVENT_DISCONNECTED)
 #: How long an idle server waits in one receive before looking at its other duties (ms).
 _IDLE_RECV_MS = 100
+_IDLE_RECV_S = _IDLE_RECV_MS / 1000
+#: Values a driver published that the server has not handled yet, at most (older ones drop).
+_MAX_PUBLISHED_PENDING = 10_000
+
+
+def _pub_address_for(address: str) -> str:
+    """Where a server at `address` publishes updates: the same interface, a free port (or
+    `<path>.pub` for ipc://, `<name>-pub` for inproc://)."""
+    scheme, _, rest = address.partition("://")
+    if scheme == "tcp":
+        return f"tcp://{rest.rpartition(':')[0]}:0"
+    return f"{address}.pub" if scheme == "ipc" else f"{address}-pub"
+
+
 #: Longest the I/O loop sleeps when nothing is due.
 _MAX_POLL_MS = 500
 #: Longest the connection monitor goes unread while messages keep coming (s).
@@ -108,6 +124,8 @@ class DeviceServer:
         clock: Callable[[], float] = time.monotonic,
         laplace: LaplaceAdapter | None = None,
         limits: ServerLimits | None = None,
+        pub_address: str | None = None,
+        export: dict[str, float] | None = None,
         **limit_fields: Any,
     ) -> None:
         limits = limits or ServerLimits()
@@ -130,6 +148,7 @@ class DeviceServer:
         self.core = ServerCore(
             device, self.name, limits=limits, idle_limit_s=idle_limit_s, envelope=laplace
         )
+        self.core.export(export or {}, self.clock())
         self._new_metrics()
         self._laplace = laplace
         if laplace is not None:
@@ -148,6 +167,25 @@ class DeviceServer:
                 self._ctx.term()
             raise
         self.address = bound_address(self._sock)
+        try:
+            self._pub = pub_socket(
+                self._ctx,
+                pub_address or _pub_address_for(address),
+                limits.max_updates_queued_per_subscriber,
+            )
+        except OSError:
+            self._sock.close(linger=0)
+            if self._own_ctx:
+                self._ctx.term()
+            raise
+        #: where value updates are published (subscribe replies tell clients)
+        self.pub_address = self.core.pub_endpoint = bound_address(self._pub)
+        self.core.wall_offset = time.time() - self.clock()
+        self._published: collections.deque[tuple[str, Any]] = collections.deque(
+            maxlen=_MAX_PUBLISHED_PENDING
+        )
+        with contextlib.suppress(AttributeError, TypeError):
+            device._labmesh_publish = self._publish_from_device
         self._monitor = connection_monitor(self._sock)
         self._conn_of_fd: dict[int, int] = {}
         self._conn_ids = 0
@@ -197,6 +235,12 @@ class DeviceServer:
         that carries no session, such as LAPLACE's)."""
         if touches:
             self.core.locks.check(None, touches, self.clock())
+
+    def cancel_task(self, why: str) -> str | None:
+        """Stop the running task (e.g. a move) at its next step; its id, or None if none runs.
+        Called from the server's own thread (an envelope handler), like the rest of this
+        interface."""
+        return self.core.cancel_running_task(why)
 
     def wait_stopped(self, timeout: float | None = None) -> bool:
         """Wait until the server has stopped (or `timeout` seconds); True if it has."""
@@ -398,11 +442,12 @@ class DeviceServer:
         return {
             "device": self.name,
             "up": self.connected and self.healthy,
-            "busy": self._running is not None,
+            "busy": self._running is not None or self.core.tasks.active is not None,
             "queue_depth": self.core.queue_depth,
             "in_flight": self.core.in_flight,
             "waiters": self.core.locks.waiting,
             "locks": self._lock_rows,
+            "values": self.core.exported_values(),
         }
 
     def check_long_call(self, now: float) -> bool:
@@ -461,6 +506,8 @@ class DeviceServer:
                     done, self._results = self._results, []
                 for job in done:
                     self._execute(core.job_done(job, self.clock()))
+            if self._published:
+                self._drain_published()
             if core.running is None and core.has_work:
                 if not may_run and self._device_thread_alive():
                     self._hand_over(self._device_thread)  # queued calls run there
@@ -469,8 +516,15 @@ class DeviceServer:
                     return
             now = self.clock()
             if now >= core.next_wakeup():
+                core.wall_offset = time.time() - now
                 self._execute(core.tick(now))
-            if core.running is None and not core.has_work and not self._results:
+            if (
+                core.running is None
+                and not core.has_work
+                and not self._results
+                and core.next_wakeup() - now >= _IDLE_RECV_S
+                and not core.subs.streams  # a subscriber waits for what the driver publishes
+            ):
                 # idle: only the socket needs watching (stop is seen within _IDLE_RECV_MS),
                 # so wait in a plain receive, which is cheaper than a poll
                 if not self._receive(me, may_run, block=True):
@@ -613,6 +667,17 @@ class DeviceServer:
         self._wake()
         return False
 
+    def _publish_from_device(self, name: str, value: Any) -> None:
+        """Device.publish lands here, from whichever thread runs device code."""
+        self._published.append((name, value))
+        self._wake()
+
+    def _drain_published(self) -> None:
+        published = self._published
+        while published:
+            name, value = published.popleft()
+            self._execute(self.core.published(name, value, self.clock()))
+
     def _execute(self, actions: list) -> Job | None:
         """Carry out the core's actions; returns the job a Run asks for (the caller runs it).
 
@@ -631,6 +696,9 @@ class DeviceServer:
                 getattr(self.metrics, action.event)(*action.args)
             elif kind is Log:
                 log.log(action.level, "%s", action.message)
+            elif kind is Publish:
+                with contextlib.suppress(zmq.ZMQError):  # PUB drops, never blocks
+                    self._pub.send_multipart((action.topic, action.body), _NOBLOCK)
             elif kind is LocksChanged:
                 # a fresh list, so a scrape never sees one half-built; wall-clock `since`
                 offset = time.time() - self.clock()
@@ -670,6 +738,7 @@ class DeviceServer:
             self._sock.disable_monitor()
         self._monitor.close(linger=0)
         self._sock.close(linger=0)
+        self._pub.close(linger=0)
         if self._own_ctx:
             self._ctx.term()
 

@@ -16,10 +16,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from labmesh.device.base import task_function
 from labmesh.device.executor import Job
 from labmesh.protocol import laplace as envelope
 from labmesh.protocol.errors import LabmeshError, ProtocolError
@@ -368,12 +369,19 @@ class LaplaceAdapter:
             job=job,
             done=moved,
             touches=touches,
+            as_task=True,
         )
 
-    def _move(self, targets: dict[str, float], as_sent: Any) -> None:
+    def _move(self, targets: dict[str, float], as_sent: Any) -> Generator[Any, Any, None]:
+        """A task: each axis moves in turn with the device's `move_abs`, stepped (a task
+        operation) so that GETs, reads and a STOP are served while the stage moves."""
         device = self._device()
+        stepped = task_function(device, "move_abs")
         for axis, position in targets.items():
-            device.move_abs(axis, position)
+            if stepped is not None:
+                yield from stepped(device, axis, position)
+            else:
+                device.move_abs(axis, position)
         if self.on_position_changed is not None:
             self.on_position_changed(as_sent)
 
@@ -407,14 +415,17 @@ class LaplaceAdapter:
         return self._callback(message, "on_saving_path_changed", message.value)
 
     def _on_stop(self, message: envelope.Message, busy: bool) -> LaplaceAnswer:
-        if not self.allow_stop:
-            raise ProtocolError(
-                "STOP refused: this server does not take a remote STOP; stop it on its host "
-                "(or start it with allow_stop=True)"
-            )
-        log.warning("%s: stopping on a LAPLACE STOP from %s", self.name, message.sender)
         server = self._server
         assert server is not None
+        # whatever else it means, STOP stops the motion: a running move (task) ends now
+        stopped = server.cancel_task(f"LAPLACE STOP from {message.sender}")
+        if not self.allow_stop:
+            moved = f"the running move (task {stopped}) was stopped; " if stopped else ""
+            raise ProtocolError(
+                f"STOP refused: {moved}this server does not take a remote STOP; stop it on "
+                "its host (or start it with allow_stop=True)"
+            )
+        log.warning("%s: stopping on a LAPLACE STOP from %s", self.name, message.sender)
 
         def stop() -> None:
             time.sleep(_STOP_REPLY_GRACE_S)
