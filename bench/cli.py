@@ -53,6 +53,8 @@ from bench.laplace import (
     laplace_report,
     laplace_targets,
 )
+from bench.subscriptions import QUICK_SUBSCRIPTIONS, subscription_report, subscription_targets
+from bench.subscriptions import run as subscriptions_bench
 from bench.worker import worker_main
 
 
@@ -60,25 +62,50 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=package.__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small counts: a smoke run")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
-    parser.add_argument("--interop-python", default=str(DEFAULT_INTEROP_PYTHON),
-                        help="Python of the virtualenv with plesty_lib (default: %(default)s)")
-    parser.add_argument("--no-plesty-default-logging", action="store_true",
-                        help="skip the PLESTY run with its own INFO logging")
-    parser.add_argument("--profile-dir", metavar="DIR",
-                        help="record every server with py-spy into DIR (folded stacks of the "
-                             "samples where it holds the GIL, i.e. its Python work; one file per "
-                             "server and round); py-spy slows the servers, so the figures of "
-                             "such a run are not for publishing")
-    parser.add_argument("--rounds", type=int, help="rounds to take the median of "
-                        "(default: 3, or 1 with --quick)")
-    parser.add_argument("--capacity-windows", default="4", metavar="W[,W...]",
-                        help="requests each load generator keeps in flight in the server "
-                             "capacity run; several (e.g. 1,4) make one run each, the first "
-                             "is the one the targets use (default: %(default)s)")
-    parser.add_argument("--no-discovery", action="store_true",
-                        help="skip the discovery section (lookup round trip, registry capacity)")
-    parser.add_argument("--no-laplace", action="store_true",
-                        help="skip the LAPLACE-LHC section (GET round trip vs the real ServerLHC)")
+    parser.add_argument(
+        "--interop-python",
+        default=str(DEFAULT_INTEROP_PYTHON),
+        help="Python of the virtualenv with plesty_lib (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-plesty-default-logging",
+        action="store_true",
+        help="skip the PLESTY run with its own INFO logging",
+    )
+    parser.add_argument(
+        "--profile-dir",
+        metavar="DIR",
+        help="record every server with py-spy into DIR (folded stacks of the "
+        "samples where it holds the GIL, i.e. its Python work; one file per "
+        "server and round); py-spy slows the servers, so the figures of "
+        "such a run are not for publishing",
+    )
+    parser.add_argument(
+        "--rounds", type=int, help="rounds to take the median of (default: 3, or 1 with --quick)"
+    )
+    parser.add_argument(
+        "--capacity-windows",
+        default="4",
+        metavar="W[,W...]",
+        help="requests each load generator keeps in flight in the server "
+        "capacity run; several (e.g. 1,4) make one run each, the first "
+        "is the one the targets use (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-discovery",
+        action="store_true",
+        help="skip the discovery section (lookup round trip, registry capacity)",
+    )
+    parser.add_argument(
+        "--no-laplace",
+        action="store_true",
+        help="skip the LAPLACE-LHC section (GET round trip vs the real ServerLHC)",
+    )
+    parser.add_argument(
+        "--no-subscriptions",
+        action="store_true",
+        help="skip the subscriptions section (1,000 parameters at 10 Hz into one client)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--heartbeat-load", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--max-seconds", type=float, default=600.0, help=argparse.SUPPRESS)
@@ -117,11 +144,15 @@ def main(argv: list[str] | None = None) -> int:
         print(plesty_note, file=sys.stderr)
         # Servers and clients import a copy of labmesh taken now, so every round of this run
         # measures the same code even while someone edits services/.
-        shutil.copytree(REPO / "services" / "labmesh", Path(tmp) / "src" / "labmesh",
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            REPO / "services" / "labmesh",
+            Path(tmp) / "src" / "labmesh",
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
         env = child_env(Path(tmp) / "src")
-        bench = Bench(counts, log_dir, Path(args.profile_dir) if args.profile_dir else None, env,
-                      windows)
+        bench = Bench(
+            counts, log_dir, Path(args.profile_dir) if args.profile_dir else None, env, windows
+        )
         by_key: dict[str, list[ServerResult]] = {spec.key: [] for spec in specs}
         try:
             bench.start_workers(max(CONCURRENCY))
@@ -129,13 +160,28 @@ def main(argv: list[str] | None = None) -> int:
                 # Rotate the order each round so no server always runs first (or last).
                 shift = round_no % len(specs)
                 for spec in specs[shift:] + specs[:shift]:
-                    print(f"round {round_no + 1}/{counts.rounds}: {spec.label} ...",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"round {round_no + 1}/{counts.rounds}: {spec.label} ...",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     by_key[spec.key].append(bench.measure(spec, round_no))
             discovery = None if args.no_discovery else DiscoveryBench(bench, counts, dcounts).run()
-            laplace = None if args.no_laplace else laplace_bench(
-                args.interop_python, env, log_dir,
-                QUICK_LAPLACE_COUNTS if args.quick else DEFAULT_LAPLACE_COUNTS)
+            laplace = (
+                None
+                if args.no_laplace
+                else laplace_bench(
+                    args.interop_python,
+                    env,
+                    log_dir,
+                    QUICK_LAPLACE_COUNTS if args.quick else DEFAULT_LAPLACE_COUNTS,
+                )
+            )
+            subscriptions = (
+                None
+                if args.no_subscriptions
+                else subscriptions_bench(env, *(QUICK_SUBSCRIPTIONS if args.quick else ()))
+            )
         finally:
             bench.stop_workers()
         results = [combine(by_key[spec.key]) for spec in specs]
@@ -148,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         targets += discovery_targets(discovery, floor)
     if laplace is not None:
         targets += laplace_targets(laplace)
+    if subscriptions is not None:
+        targets += subscription_targets(subscriptions)
     import zmq
 
     meta = {
@@ -157,12 +205,15 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
         "quick": args.quick,
-        "counts": {"latency_calls": counts.latency_calls,
-                   "calls_per_client": counts.calls_per_client, "rounds": counts.rounds,
-                   "capacity_requests_per_generator": counts.capacity_requests,
-                   "capacity_limit_s": counts.capacity_limit_s,
-                   "capacity_windows": list(windows),
-                   "discovery": None if args.no_discovery else dataclasses.asdict(dcounts)},
+        "counts": {
+            "latency_calls": counts.latency_calls,
+            "calls_per_client": counts.calls_per_client,
+            "rounds": counts.rounds,
+            "capacity_requests_per_generator": counts.capacity_requests,
+            "capacity_limit_s": counts.capacity_limit_s,
+            "capacity_windows": list(windows),
+            "discovery": None if args.no_discovery else dataclasses.asdict(dcounts),
+        },
         "plesty": plesty_note,
         "labmesh_commit": commit,
         "load_average_before": load_before,
@@ -171,13 +222,15 @@ def main(argv: list[str] | None = None) -> int:
         "profiled": bool(args.profile_dir),
     }
     print()
-    print(f"labmesh bench: Python {meta['python']}, pyzmq {meta['pyzmq']} (libzmq "
-          f"{meta['libzmq']}), {meta['cpus']} CPUs, labmesh {meta['labmesh_commit']}, "
-          f"127.0.0.1; latency over "
-          f"{counts.latency_calls} sequential queries, throughput with "
-          f"{'/'.join(str(counts.calls_per_client[c]) for c in CONCURRENCY)} calls per client "
-          f"for 1/4/16 clients; median of {counts.rounds} rounds; (x) = ratio to the floor; "
-          "CPU = per call with 1 client / with 16 clients.")
+    print(
+        f"labmesh bench: Python {meta['python']}, pyzmq {meta['pyzmq']} (libzmq "
+        f"{meta['libzmq']}), {meta['cpus']} CPUs, labmesh {meta['labmesh_commit']}, "
+        f"127.0.0.1; latency over "
+        f"{counts.latency_calls} sequential queries, throughput with "
+        f"{'/'.join(str(counts.calls_per_client[c]) for c in CONCURRENCY)} calls per client "
+        f"for 1/4/16 clients; median of {counts.rounds} rounds; (x) = ratio to the floor; "
+        "CPU = per call with 1 client / with 16 clients."
+    )
     print()
     print("client library (1/4/16 client processes, each running build_client(...).query):")
     print()
@@ -185,11 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     print()
     gens = max(CONCURRENCY)
     for w in windows:
-        print(f"server capacity ({gens} load generators): {gens} processes, each a raw DEALER "
-              f"keeping up to {w} pre-encoded native queries in flight, "
-              f"{counts.capacity_requests} per generator (at most {counts.capacity_limit_s:g} s), "
-              "counting only replies checked correct (floor: its id; labmesh: its id and status "
-              f"ok; PLESTY, which echoes no id: status ok); window {w}:")
+        print(
+            f"server capacity ({gens} load generators): {gens} processes, each a raw DEALER "
+            f"keeping up to {w} pre-encoded native queries in flight, "
+            f"{counts.capacity_requests} per generator (at most {counts.capacity_limit_s:g} s), "
+            "counting only replies checked correct (floor: its id; labmesh: its id and status "
+            f"ok; PLESTY, which echoes no id: status ok); window {w}:"
+        )
         print()
         print(capacity_table(results, floor, plesty, w))
         print()
@@ -199,36 +254,53 @@ def main(argv: list[str] | None = None) -> int:
     if laplace is not None:
         print(laplace_report(laplace))
         print()
-    print("targets (throughput ones on both tables: 'client library' = the first table, "
-          "'server capacity' = the load-generator one):")
+    if subscriptions is not None:
+        print(subscription_report(subscriptions))
+        print()
+    print(
+        "targets (throughput ones on both tables: 'client library' = the first table, "
+        "'server capacity' = the load-generator one):"
+    )
     print()
     print(targets_table(targets))
     print()
-    ceiling = _rps(floor, 16) / _rps(plesty, 16) if plesty and _rps(plesty, 16) and \
-        _rps(floor, 16) else None
+    ceiling = (
+        _rps(floor, 16) / _rps(plesty, 16)
+        if plesty and _rps(plesty, 16) and _rps(floor, 16)
+        else None
+    )
     if ceiling is not None and ceiling < TARGET_TPUT16_VS_PLESTY:
         assert plesty is not None
-        print(f"Note (client library): the floor itself reaches only {ceiling:.2f}x "
-              f"{plesty.label} with 16 clients here: the 16 client processes share the "
-              f"{os.cpu_count()} CPUs with the server, so no server can reach "
-              f"{TARGET_TPUT16_VS_PLESTY}x in that table on this machine.")
+        print(
+            f"Note (client library): the floor itself reaches only {ceiling:.2f}x "
+            f"{plesty.label} with 16 clients here: the 16 client processes share the "
+            f"{os.cpu_count()} CPUs with the server, so no server can reach "
+            f"{TARGET_TPUT16_VS_PLESTY}x in that table on this machine."
+        )
     meta["floor_vs_plesty_16_clients"] = round(ceiling, 2) if ceiling else None
     cap_floor, cap_plesty = _cap(floor, window), _cap(plesty, window)
     cap_ceiling = cap_floor / cap_plesty if cap_floor and cap_plesty else None
     meta["floor_vs_plesty_capacity"] = round(cap_ceiling, 2) if cap_ceiling else None
     if cap_ceiling is not None and cap_ceiling < TARGET_TPUT16_VS_PLESTY:
         assert plesty is not None
-        print(f"Note (server capacity): the floor itself reaches only {cap_ceiling:.2f}x "
-              f"{plesty.label} with the load generators.")
+        print(
+            f"Note (server capacity): the floor itself reaches only {cap_ceiling:.2f}x "
+            f"{plesty.label} with the load generators."
+        )
     floor_run = floor.capacity.get(window) if not floor.error else None
     if floor_run:
         busy = floor_run["server_cores_busy"]
-        print(f"Note (server capacity): the floor's echo server was {busy:.2f} cores busy at "
-              f"{floor_run['server_cpu_us_per_call']:.0f} us CPU per request while the "
-              f"generators spent {floor_run['generator_cpu_us_per_call']:.0f} us per request"
-              + (": the generators (sharing the CPUs), not the echo server, limit the floor "
-                 "there, so ratios to the floor in that table overstate the other servers."
-                 if busy < 0.9 else "."))
+        print(
+            f"Note (server capacity): the floor's echo server was {busy:.2f} cores busy at "
+            f"{floor_run['server_cpu_us_per_call']:.0f} us CPU per request while the "
+            f"generators spent {floor_run['generator_cpu_us_per_call']:.0f} us per request"
+            + (
+                ": the generators (sharing the CPUs), not the echo server, limit the floor "
+                "there, so ratios to the floor in that table overstate the other servers."
+                if busy < 0.9
+                else "."
+            )
+        )
     if plesty is not None and not plesty.error:
         theirs = plesty.throughput[16]["server_cpu_us_per_call"]
         theirs_cap = plesty.capacity[window]["server_cpu_us_per_call"]
@@ -237,26 +309,38 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             mine = r.throughput[16]["server_cpu_us_per_call"]
             mine_cap = r.capacity[window]["server_cpu_us_per_call"]
-            print(f"Server CPU per request, 16 clients / capacity run: {r.label} {mine:.0f} / "
-                  f"{mine_cap:.0f} us, {plesty.label} {theirs:.0f} / {theirs_cap:.0f} us "
-                  f"({theirs / mine:.1f}x / {theirs_cap / mine_cap:.1f}x less).")
+            print(
+                f"Server CPU per request, 16 clients / capacity run: {r.label} {mine:.0f} / "
+                f"{mine_cap:.0f} us, {plesty.label} {theirs:.0f} / {theirs_cap:.0f} us "
+                f"({theirs / mine:.1f}x / {theirs_cap / mine_cap:.1f}x less)."
+            )
     print(plesty_note)
     if load_before is not None and load_before > 0.5:
-        print(f"Warning: the 1-minute load average was {load_before:.2f} before the run; "
-              "other work on this machine makes these figures noisy.")
-    print(f"elapsed {meta['elapsed_s']} s" + ("  (PROFILED: py-spy attached)" if args.profile_dir
-                                             else ""))
+        print(
+            f"Warning: the 1-minute load average was {load_before:.2f} before the run; "
+            "other work on this machine makes these figures noisy."
+        )
+    print(
+        f"elapsed {meta['elapsed_s']} s"
+        + ("  (PROFILED: py-spy attached)" if args.profile_dir else "")
+    )
     if args.json:
         doc = {
             "meta": meta,
-            "servers": {r.key: {"label": r.label, "latency": r.latency,
-                                "throughput": {str(c): v for c, v in r.throughput.items()},
-                                "cpu_us_per_call_1_client": r.cpu_us_per_call,
-                                "capacity": {str(w): v for w, v in r.capacity.items()},
-                                "error": r.error}
-                        for r in results},
+            "servers": {
+                r.key: {
+                    "label": r.label,
+                    "latency": r.latency,
+                    "throughput": {str(c): v for c, v in r.throughput.items()},
+                    "cpu_us_per_call_1_client": r.cpu_us_per_call,
+                    "capacity": {str(w): v for w, v in r.capacity.items()},
+                    "error": r.error,
+                }
+                for r in results
+            },
             "discovery": discovery,
             "laplace": laplace,
+            "subscriptions": subscriptions,
             "targets": targets,
         }
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
@@ -264,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         "error" in discovery["lookup"] or any("error" in run for run in discovery["capacity"])
     )
     failed_laplace = laplace is not None and any(
-        "error" in run for run in laplace["servers"].values())
-    return 1 if any(r.error for r in results) or failed_discovery or failed_laplace else 0
-
+        "error" in run for run in laplace["servers"].values()
+    )
+    failed_subscriptions = subscriptions is not None and any(
+        "error" in run for run in subscriptions["systems"].values()
+    )
+    failed = failed_discovery or failed_laplace or failed_subscriptions
+    return 1 if any(r.error for r in results) or failed else 0

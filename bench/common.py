@@ -83,8 +83,6 @@ class ServerSpec:
     load_session: str = "connect"
 
 
-
-
 def bench_command(*args: str) -> list[str]:
     """The command that runs this bench package's `args` in a child process (the repository
     root is on the children's PYTHONPATH, see `child_env`)."""
@@ -108,10 +106,18 @@ def _load_average() -> float | None:
 def _git_state() -> str:
     """The commit measured, marked dirty when services/ has uncommitted changes."""
     try:
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "services"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "services"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return "?"
     return f"{head or '?'}{' + uncommitted changes in services/' if dirty else ''}"

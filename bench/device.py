@@ -34,14 +34,25 @@ from bench.common import (
 class Proc:
     """A child process spoken to by JSON lines, read with timeouts, ended by its PID."""
 
-    def __init__(self, argv: list[str], name: str, log_dir: Path, cwd: str | None = None,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        name: str,
+        log_dir: Path,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.stderr"
         self._log = self.log_path.open("wb")
         self.popen = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, cwd=cwd,
-            env=env, start_new_session=True,
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
         )
         self.pid = self.popen.pid
         self._buf = b""
@@ -159,23 +170,35 @@ def combine(rounds: list[ServerResult]) -> ServerResult:
             "capped": any(run["capped"] for run in runs),
             "server_cpu_us_per_call": med([run["server_cpu_us_per_call"] for run in runs]),
             "generator_cpu_us_per_call": med([run["client_cpu_us_per_call"] for run in runs]),
-            "server_cores_busy": round(statistics.median(
-                run["server_cores_busy"] or 0.0 for run in runs), 2),
+            "server_cores_busy": round(
+                statistics.median(run["server_cores_busy"] or 0.0 for run in runs), 2
+            ),
             "rps_per_round": [run["rps"] for run in runs],
         }
-    cpu = {side: med([r.cpu_us_per_call[side] for r in rounds if r.cpu_us_per_call])
-           for side in ("server", "client")}
-    latency_rounds = {"p50_us_per_round": [lat["p50_us"] for lat in lats],
-                      "p99_us_per_round": [lat["p99_us"] for lat in lats]}
-    return ServerResult(first.key, first.label, {**latency, **latency_rounds}, throughput, cpu,
-                        capacity=capacity)
+    cpu = {
+        side: med([r.cpu_us_per_call[side] for r in rounds if r.cpu_us_per_call])
+        for side in ("server", "client")
+    }
+    latency_rounds = {
+        "p50_us_per_round": [lat["p50_us"] for lat in lats],
+        "p99_us_per_round": [lat["p99_us"] for lat in lats],
+    }
+    return ServerResult(
+        first.key, first.label, {**latency, **latency_rounds}, throughput, cpu, capacity=capacity
+    )
 
 
 class Bench:
     """Runs every server through the same latency and throughput runs."""
 
-    def __init__(self, counts: Counts, log_dir: Path, profile_dir: Path | None,
-                 env: dict[str, str], capacity_windows: tuple[int, ...] = (4,)) -> None:
+    def __init__(
+        self,
+        counts: Counts,
+        log_dir: Path,
+        profile_dir: Path | None,
+        env: dict[str, str],
+        capacity_windows: tuple[int, ...] = (4,),
+    ) -> None:
         self.counts = counts
         self.capacity_windows = capacity_windows
         self.log_dir = log_dir
@@ -186,8 +209,14 @@ class Bench:
     def start_workers(self, n: int) -> None:
         limit = str(self.counts.run_limit_s * 40 + 120)
         for i in range(n):
-            self.workers.append(Proc(bench_command("--worker", "--max-seconds", limit),
-                                     f"client-{i}", self.log_dir, env=self.env))
+            self.workers.append(
+                Proc(
+                    bench_command("--worker", "--max-seconds", limit),
+                    f"client-{i}",
+                    self.log_dir,
+                    env=self.env,
+                )
+            )
 
     def stop_workers(self) -> None:
         for worker in self.workers:
@@ -200,20 +229,35 @@ class Bench:
         self.stop_workers()
         self.start_workers(n)
 
-    def _run(self, server: Proc, spec: ServerSpec, address: str, clients: int, calls: int,
-             warmup: int, record: bool, load_window: int | None = None) -> dict[str, Any]:
+    def _run(
+        self,
+        server: Proc,
+        spec: ServerSpec,
+        address: str,
+        clients: int,
+        calls: int,
+        warmup: int,
+        record: bool,
+        load_window: int | None = None,
+    ) -> dict[str, Any]:
         """One run: prepare `clients` workers, start them together, collect their figures.
 
         With `load_window` the workers are load generators (server capacity run) instead of
         clients of the spec's kind.
         """
         workers = self.workers[:clients]
-        prepare: dict[str, Any] = {"cmd": "prepare", "client": spec.client, "address": address,
-                                   "timeout_ms": 5000, "warmup": warmup}
+        prepare: dict[str, Any] = {
+            "cmd": "prepare",
+            "client": spec.client,
+            "address": address,
+            "timeout_ms": 5000,
+            "warmup": warmup,
+        }
         limit_s = self.counts.run_limit_s
         if load_window is not None:
-            prepare.update(client="load", window=load_window, check=spec.load_check,
-                           session=spec.load_session)
+            prepare.update(
+                client="load", window=load_window, check=spec.load_check, session=spec.load_session
+            )
             limit_s = self.counts.capacity_limit_s
         for worker in workers:
             worker.send(prepare)
@@ -230,8 +274,9 @@ class Bench:
             worker.send(go)
         replies = [worker.recv(limit_s + 30.0) for worker in workers]
         server_cpu = server.cpu_seconds() - cpu0
-        errors = [f"{w.name}: {r['error']}" for w, r in zip(workers, replies, strict=True)
-                  if "error" in r]
+        errors = [
+            f"{w.name}: {r['error']}" for w, r in zip(workers, replies, strict=True) if "error" in r
+        ]
         if errors:
             raise RuntimeError("; ".join(errors))
         total = sum(r["count"] for r in replies)
@@ -239,10 +284,15 @@ class Bench:
         run: dict[str, Any] = {}
         if load_window is not None:
             if not total:
-                raise RuntimeError(f"no correct reply to {clients} load generators (window "
-                                   f"{load_window}); {sum(r['wrong'] for r in replies)} wrong")
-            run = {"window": load_window, "wrong": sum(r["wrong"] for r in replies),
-                   "server_cores_busy": round(server_cpu / seconds, 2) if seconds > 0 else None}
+                raise RuntimeError(
+                    f"no correct reply to {clients} load generators (window "
+                    f"{load_window}); {sum(r['wrong'] for r in replies)} wrong"
+                )
+            run = {
+                "window": load_window,
+                "wrong": sum(r["wrong"] for r in replies),
+                "server_cores_busy": round(server_cpu / seconds, 2) if seconds > 0 else None,
+            }
         return {
             **run,
             "clients": clients,
@@ -252,12 +302,14 @@ class Bench:
             "capped": total < clients * calls,
             "server_cpu_us_per_call": round(server_cpu / total * 1e6, 1) if total else None,
             "client_cpu_us_per_call": round(sum(r["cpu_s"] for r in replies) / total * 1e6, 1)
-            if total else None,
+            if total
+            else None,
             "latency": replies[0].get("latency"),
         }
 
-    def _start_profiler(self, server: Proc, spec: ServerSpec,
-                        round_no: int) -> subprocess.Popen | None:
+    def _start_profiler(
+        self, server: Proc, spec: ServerSpec, round_no: int
+    ) -> subprocess.Popen | None:
         if self.profile_dir is None:
             return None
         py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -267,9 +319,25 @@ class Bench:
         self.profile_dir.mkdir(parents=True, exist_ok=True)
         out = self.profile_dir / f"{spec.key}.round{round_no + 1}.folded"
         return subprocess.Popen(
-            [py_spy, "record", "--pid", str(server.pid), "--format", "raw", "--output", str(out),
-             "--rate", "250", "--threads", "--gil", "--nonblocking", "--duration", "600"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                py_spy,
+                "record",
+                "--pid",
+                str(server.pid),
+                "--format",
+                "raw",
+                "--output",
+                str(out),
+                "--rate",
+                "250",
+                "--threads",
+                "--gil",
+                "--nonblocking",
+                "--duration",
+                "600",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
 
     def measure(self, spec: ServerSpec, round_no: int = 0) -> ServerResult:
@@ -283,20 +351,37 @@ class Bench:
             address = line.split(" ", 1)[1]
             profiler = self._start_profiler(server, spec, round_no)
             counts = self.counts
-            lat = self._run(server, spec, address, 1, counts.latency_calls, counts.latency_warmup,
-                            record=True)
+            lat = self._run(
+                server, spec, address, 1, counts.latency_calls, counts.latency_warmup, record=True
+            )
             result.latency = lat["latency"]
-            result.cpu_us_per_call = {"server": lat["server_cpu_us_per_call"],
-                                      "client": lat["client_cpu_us_per_call"]}
+            result.cpu_us_per_call = {
+                "server": lat["server_cpu_us_per_call"],
+                "client": lat["client_cpu_us_per_call"],
+            }
             for clients in CONCURRENCY:
-                run = self._run(server, spec, address, clients, counts.calls_per_client[clients],
-                                counts.throughput_warmup, record=False)
+                run = self._run(
+                    server,
+                    spec,
+                    address,
+                    clients,
+                    counts.calls_per_client[clients],
+                    counts.throughput_warmup,
+                    record=False,
+                )
                 run.pop("latency")
                 result.throughput[clients] = run
             for window in self.capacity_windows:
-                run = self._run(server, spec, address, max(CONCURRENCY),
-                                counts.capacity_requests, counts.capacity_warmup, record=False,
-                                load_window=window)
+                run = self._run(
+                    server,
+                    spec,
+                    address,
+                    max(CONCURRENCY),
+                    counts.capacity_requests,
+                    counts.capacity_warmup,
+                    record=False,
+                    load_window=window,
+                )
                 run.pop("latency")
                 result.capacity[window] = run
             if not server.alive():
@@ -336,8 +421,9 @@ def _p50(result: ServerResult) -> float | None:
 def _one_line(error: str, limit: int = 160) -> str:
     """The gist of an error for a table cell: its first line, and the last line of any
     traceback quoted in it."""
-    lines = [line.strip() for line in error.split("[server stderr:")[0].splitlines()
-             if line.strip()]
+    lines = [
+        line.strip() for line in error.split("[server stderr:")[0].splitlines() if line.strip()
+    ]
     gist = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
     return gist.replace("|", "/")[:limit]
 
@@ -347,8 +433,10 @@ def _p99(result: ServerResult) -> float | None:
 
 
 def markdown_table(results: list[ServerResult], floor: ServerResult) -> str:
-    head = ("| server | query p50 us | query p99 us | 1 client req/s | 4 clients req/s "
-            "| 16 clients req/s | server CPU us/call | client CPU us/call |")
+    head = (
+        "| server | query p50 us | query p99 us | 1 client req/s | 4 clients req/s "
+        "| 16 clients req/s | server CPU us/call | client CPU us/call |"
+    )
     lines = [head, "|" + "---|" * 8]
     for r in results:
         if r.error:
@@ -379,19 +467,23 @@ def _cap(result: ServerResult | None, window: int) -> float | None:
     return run["rps"] if run else None
 
 
-def capacity_table(results: list[ServerResult], floor: ServerResult,
-                   plesty: ServerResult | None, window: int) -> str:
+def capacity_table(
+    results: list[ServerResult], floor: ServerResult, plesty: ServerResult | None, window: int
+) -> str:
     versus = f"vs {plesty.label}" if plesty is not None else "vs PLESTY"
-    head = (f"| server | req/s | vs floor | {versus} | server CPU us/req "
-            "| generator CPU us/req | server CPU busy (cores) | req/s per round |")
+    head = (
+        f"| server | req/s | vs floor | {versus} | server CPU us/req "
+        "| generator CPU us/req | server CPU busy (cores) | req/s per round |"
+    )
     lines = [head, "|" + "---|" * 8]
     for r in results:
         if r.error:
             lines.append(f"| {r.label} | failed: {_one_line(r.error)} |" + " |" * 6)
             continue
         run = r.capacity[window]
-        notes = (" (capped)" if run["capped"] else "") + \
-            (f" ({run['wrong']} wrong replies)" if run["wrong"] else "")
+        notes = (" (capped)" if run["capped"] else "") + (
+            f" ({run['wrong']} wrong replies)" if run["wrong"] else ""
+        )
         base, theirs = _cap(floor, window), _cap(plesty, window)
         cells = [
             f"{run['rps']:.0f}{notes}",
@@ -406,15 +498,22 @@ def capacity_table(results: list[ServerResult], floor: ServerResult,
     return "\n".join(lines)
 
 
-def _ratio_target(server: str, table: str, target: str, mine: float | None,
-                  base: float | None, minimum: float) -> dict[str, Any]:
+def _ratio_target(
+    server: str, table: str, target: str, mine: float | None, base: float | None, minimum: float
+) -> dict[str, Any]:
     ratio = mine / base if mine and base else None
-    return {"server": server, "measured_by": table, "target": target, "ratio": _round(ratio),
-            "met": ratio is not None and ratio >= minimum}
+    return {
+        "server": server,
+        "measured_by": table,
+        "target": target,
+        "ratio": _round(ratio),
+        "met": ratio is not None and ratio >= minimum,
+    }
 
 
-def evaluate_targets(results: list[ServerResult], floor: ServerResult,
-                     plesty: ServerResult | None, window: int) -> list[dict[str, Any]]:
+def evaluate_targets(
+    results: list[ServerResult], floor: ServerResult, plesty: ServerResult | None, window: int
+) -> list[dict[str, Any]]:
     """The targets of every labmesh server: the p50 latency one, and the two 16-way throughput
     ones on both tables (16 client-library clients; 16 load generators = server capacity)."""
     targets = []
@@ -425,37 +524,57 @@ def evaluate_targets(results: list[ServerResult], floor: ServerResult,
         if not r.key.startswith("labmesh") or r.error:
             continue
         p50_ratio = _p50(r) / _p50(floor) if _p50(r) and _p50(floor) else None
-        targets.append({"server": r.label, "measured_by": "latency, 1 client",
-                        "target": f"query p50 <= {TARGET_P50_VS_FLOOR}x floor",
-                        "ratio": _round(p50_ratio),
-                        "met": p50_ratio is not None and p50_ratio <= TARGET_P50_VS_FLOOR})
+        targets.append(
+            {
+                "server": r.label,
+                "measured_by": "latency, 1 client",
+                "target": f"query p50 <= {TARGET_P50_VS_FLOOR}x floor",
+                "ratio": _round(p50_ratio),
+                "met": p50_ratio is not None and p50_ratio <= TARGET_P50_VS_FLOOR,
+            }
+        )
         for table, mine, base, theirs in (
             (library, _rps(r, 16), _rps(floor, 16), _rps(plesty, 16) if has_plesty else None),
             (capacity, _cap(r, window), _cap(floor, window), _cap(plesty, window)),
         ):
-            targets.append(_ratio_target(r.label, table,
-                                         f"req/s >= {TARGET_TPUT16_VS_FLOOR}x floor",
-                                         mine, base, TARGET_TPUT16_VS_FLOOR))
+            targets.append(
+                _ratio_target(
+                    r.label,
+                    table,
+                    f"req/s >= {TARGET_TPUT16_VS_FLOOR}x floor",
+                    mine,
+                    base,
+                    TARGET_TPUT16_VS_FLOOR,
+                )
+            )
             if has_plesty:
                 assert plesty is not None
-                targets.append(_ratio_target(r.label, table,
-                                             f"req/s >= {TARGET_TPUT16_VS_PLESTY}x {plesty.label}",
-                                             mine, theirs, TARGET_TPUT16_VS_PLESTY))
+                targets.append(
+                    _ratio_target(
+                        r.label,
+                        table,
+                        f"req/s >= {TARGET_TPUT16_VS_PLESTY}x {plesty.label}",
+                        mine,
+                        theirs,
+                        TARGET_TPUT16_VS_PLESTY,
+                    )
+                )
     return targets
 
 
 def targets_table(targets: list[dict[str, Any]]) -> str:
     lines = ["| server | measured by | target | measured | met |", "|---|---|---|---|---|"]
     for t in targets:
-        measured = t.get("measured") or (f"{t['ratio']:.2f}x" if t["ratio"] is not None
-                                         else "n/a")
-        lines.append(f"| {t['server']} | {t['measured_by']} | {t['target']} | {measured} | "
-                     f"{'yes' if t['met'] else 'NO'} |")
+        measured = t.get("measured") or (f"{t['ratio']:.2f}x" if t["ratio"] is not None else "n/a")
+        lines.append(
+            f"| {t['server']} | {t['measured_by']} | {t['target']} | {measured} | "
+            f"{'yes' if t['met'] else 'NO'} |"
+        )
     return "\n".join(lines)
 
 
 def _version_of(python: str, module: str, dist: str) -> str:
-    code = (f"import importlib.metadata as m, {module}; print(m.version({dist!r}))")
+    code = f"import importlib.metadata as m, {module}; print(m.version({dist!r}))"
     try:
         out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
@@ -463,32 +582,69 @@ def _version_of(python: str, module: str, dist: str) -> str:
     return out.stdout.strip() or "?"
 
 
-def server_specs(args: argparse.Namespace, max_s: str,
-                 plesty_dir: str) -> tuple[list[ServerSpec], str]:
+def server_specs(
+    args: argparse.Namespace, max_s: str, plesty_dir: str
+) -> tuple[list[ServerSpec], str]:
     peers = [str(PEERS), "--max-seconds", max_s]
     specs = [
-        ServerSpec("floor", "floor: raw pyzmq ROUTER echo",
-                   [sys.executable, peers[0], "echo", *peers[1:]], "raw", load_check="id",
-                   load_session="random"),
-        ServerSpec("labmesh_fixed", "labmesh fixed_threading=True",
-                   [sys.executable, peers[0], "labmesh", "--fixed", *peers[1:]], "labmesh"),
-        ServerSpec("labmesh_pool", "labmesh fixed_threading=False",
-                   [sys.executable, peers[0], "labmesh", *peers[1:]], "labmesh"),
+        ServerSpec(
+            "floor",
+            "floor: raw pyzmq ROUTER echo",
+            [sys.executable, peers[0], "echo", *peers[1:]],
+            "raw",
+            load_check="id",
+            load_session="random",
+        ),
+        ServerSpec(
+            "labmesh_fixed",
+            "labmesh fixed_threading=True",
+            [sys.executable, peers[0], "labmesh", "--fixed", *peers[1:]],
+            "labmesh",
+        ),
+        ServerSpec(
+            "labmesh_pool",
+            "labmesh fixed_threading=False",
+            [sys.executable, peers[0], "labmesh", *peers[1:]],
+            "labmesh",
+        ),
     ]
     interop = Path(args.interop_python)
     if not interop.exists():
-        return specs, f"PLESTY skipped: no interop virtualenv ({interop} is missing; " \
-                      "build it with scripts/interop_env.py)"
+        return (
+            specs,
+            f"PLESTY skipped: no interop virtualenv ({interop} is missing; "
+            "build it with scripts/interop_env.py)",
+        )
     version = _version_of(str(interop), "plesty.lib.service", "plesty_lib")
     if version == "?":
         return specs, f"PLESTY skipped: {interop} cannot import plesty.lib.service"
-    specs.append(ServerSpec(
-        "plesty", f"PLESTY {version} fixed_threading=True, logging WARNING",
-        [str(interop), peers[0], "plesty", "--fixed", "--plesty-log-level", "WARNING",
-         *peers[1:]], "labmesh", cwd=plesty_dir, load_check="ok"))
+    specs.append(
+        ServerSpec(
+            "plesty",
+            f"PLESTY {version} fixed_threading=True, logging WARNING",
+            [
+                str(interop),
+                peers[0],
+                "plesty",
+                "--fixed",
+                "--plesty-log-level",
+                "WARNING",
+                *peers[1:],
+            ],
+            "labmesh",
+            cwd=plesty_dir,
+            load_check="ok",
+        )
+    )
     if not args.no_plesty_default_logging:
-        specs.append(ServerSpec(
-            "plesty_default_logging", f"PLESTY {version} fixed_threading=True, its INFO logging",
-            [str(interop), peers[0], "plesty", "--fixed", *peers[1:]], "labmesh",
-            cwd=plesty_dir, load_check="ok"))
+        specs.append(
+            ServerSpec(
+                "plesty_default_logging",
+                f"PLESTY {version} fixed_threading=True, its INFO logging",
+                [str(interop), peers[0], "plesty", "--fixed", *peers[1:]],
+                "labmesh",
+                cwd=plesty_dir,
+                load_check="ok",
+            )
+        )
     return specs, f"PLESTY {version} from {interop}"

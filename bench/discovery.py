@@ -67,8 +67,6 @@ def bench_record(index: int, host: str, instance: str) -> dict[str, Any]:
     }
 
 
-
-
 _HEARTBEAT_OK = b'{"status":"ok"'
 _NONE_UNKNOWN = b'"unknown":[]'
 

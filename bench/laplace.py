@@ -43,8 +43,17 @@ QUICK_LAPLACE_COUNTS = LaplaceCounts(300, 10)
 
 def _laplace_message(cmd: str, payload: dict[str, Any], msg: str) -> bytes:
     """A request exactly as the LAPLACE master's laplace_server.protocol builders make it."""
-    return json.dumps({"from": "Master", "to": "peer", "cmd": cmd, "payload": payload,
-                       "version": "0.2.2", "error_msg": None, "msg": msg}).encode()
+    return json.dumps(
+        {
+            "from": "Master",
+            "to": "peer",
+            "cmd": cmd,
+            "payload": payload,
+            "version": "0.2.2",
+            "error_msg": None,
+            "msg": msg,
+        }
+    ).encode()
 
 
 def _laplace_exchange(sock: Any, body: bytes, cmd: str) -> None:
@@ -54,8 +63,9 @@ def _laplace_exchange(sock: Any, body: bytes, cmd: str) -> None:
         raise RuntimeError(f"unexpected reply to {cmd}: {str(reply)[:200]}")
 
 
-def laplace_bench(interop_python: str, env: dict[str, str], log_dir: Path,
-                  lcounts: LaplaceCounts) -> dict[str, Any]:
+def laplace_bench(
+    interop_python: str, env: dict[str, str], log_dir: Path, lcounts: LaplaceCounts
+) -> dict[str, Any]:
     """GET round trips of laplace-server's ServerLHC and of labmesh, in the same run.
 
     Each server in its own process on 127.0.0.1, serving {"positions": [0, 0], "unit": "mm"}:
@@ -74,28 +84,44 @@ def laplace_bench(interop_python: str, env: dict[str, str], log_dir: Path,
 
     import zmq
 
-    specs = [("floor", "floor: bare pyzmq REP, fixed reply",
-              [sys.executable, str(LAPLACE_LABMESH), "0", "--floor"]),
-             ("labmesh", "labmesh LaplaceServer",
-              [sys.executable, str(LAPLACE_LABMESH), "0"]),
-             ("labmesh_stage", "labmesh MotorStage + LaplaceAdapter",
-              [sys.executable, str(LAPLACE_LABMESH), "0", "--stage"])]
+    specs = [
+        (
+            "floor",
+            "floor: bare pyzmq REP, fixed reply",
+            [sys.executable, str(LAPLACE_LABMESH), "0", "--floor"],
+        ),
+        ("labmesh", "labmesh LaplaceServer", [sys.executable, str(LAPLACE_LABMESH), "0"]),
+        (
+            "labmesh_stage",
+            "labmesh MotorStage + LaplaceAdapter",
+            [sys.executable, str(LAPLACE_LABMESH), "0", "--stage"],
+        ),
+    ]
     note = None
     if Path(interop_python).exists():
         with contextlib.closing(socket.socket()) as probe:  # ServerLHC needs a port number
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        specs.insert(1, ("laplace_server", "laplace-server ServerLHC",
-                         [interop_python, str(LAPLACE_PEER), str(port), "--quiet",
-                          "--max-lifetime", "600"]))
+        specs.insert(
+            1,
+            (
+                "laplace_server",
+                "laplace-server ServerLHC",
+                [interop_python, str(LAPLACE_PEER), str(port), "--quiet", "--max-lifetime", "600"],
+            ),
+        )
     else:
         note = f"laplace-server not measured: no interop virtualenv at {interop_python}"
     ctx = zmq.Context()
     procs: list[Proc] = []
     socks: dict[str, Any] = {}
-    out: dict[str, Any] = {"servers": {}, "note": note,
-                           "counts": dataclasses.asdict(lcounts), "poll_s": LAPLACE_POLL_S,
-                           "poll_jitter_s": LAPLACE_POLL_JITTER_S}
+    out: dict[str, Any] = {
+        "servers": {},
+        "note": note,
+        "counts": dataclasses.asdict(lcounts),
+        "poll_s": LAPLACE_POLL_S,
+        "poll_jitter_s": LAPLACE_POLL_JITTER_S,
+    }
     get = _laplace_message("GET", {}, "Get values.")
     ping = _laplace_message("PING", {"PING": None}, "Alive?")
     try:
@@ -116,7 +142,8 @@ def laplace_bench(interop_python: str, env: dict[str, str], log_dir: Path,
             sock.connect(line.split(" ", 1)[1].strip())
             socks[key] = sock
         samples: dict[str, dict[str, list[int]]] = {
-            key: {"back_to_back": [], "sparse_get": [], "sparse_ping_get": []} for key in socks}
+            key: {"back_to_back": [], "sparse_get": [], "sparse_ping_get": []} for key in socks
+        }
         clock = time.perf_counter_ns
 
         def timed(key: str, series: str | None, *bodies: tuple[bytes, str]) -> None:
@@ -136,19 +163,25 @@ def laplace_bench(interop_python: str, env: dict[str, str], log_dir: Path,
         for key in keys:
             for _ in range(200):
                 timed(key, None, (get, "GET"))  # warm-up
-        print(f"LAPLACE: {lcounts.back_to_back} GETs back to back per server ...",
-              file=sys.stderr, flush=True)
+        print(
+            f"LAPLACE: {lcounts.back_to_back} GETs back to back per server ...",
+            file=sys.stderr,
+            flush=True,
+        )
         for i in range(lcounts.back_to_back):
-            for key in keys[i % len(keys):] + keys[:i % len(keys)]:
+            for key in keys[i % len(keys) :] + keys[: i % len(keys)]:
                 timed(key, "back_to_back", (get, "GET"))
-        print(f"LAPLACE: {lcounts.sparse_ticks} sparse polls, one every {LAPLACE_POLL_S} s ...",
-              file=sys.stderr, flush=True)
+        print(
+            f"LAPLACE: {lcounts.sparse_ticks} sparse polls, one every {LAPLACE_POLL_S} s ...",
+            file=sys.stderr,
+            flush=True,
+        )
         jitter = random.Random(0)
         tick = time.monotonic()
         for i in range(lcounts.sparse_ticks):
             tick += LAPLACE_POLL_S + jitter.uniform(-LAPLACE_POLL_JITTER_S, LAPLACE_POLL_JITTER_S)
             time.sleep(max(0.0, tick - time.monotonic()))
-            for key in keys[i % len(keys):] + keys[:i % len(keys)]:
+            for key in keys[i % len(keys) :] + keys[: i % len(keys)]:
                 if i % 2 == 0:
                     timed(key, "sparse_get", (get, "GET"))
                 else:
@@ -172,26 +205,32 @@ def laplace_bench(interop_python: str, env: dict[str, str], log_dir: Path,
 
 def laplace_report(lap: dict[str, Any]) -> str:
     """The LAPLACE section as a markdown table (us)."""
+
     def cell(run: dict[str, Any], series: str) -> str:
         s = run.get(series)
         return f"{s['p50_us']:.0f} / {s['p99_us']:.0f} / {s['max_us']:.0f}" if s else "n/a"
 
     counts = lap["counts"]
-    lines = [f"LAPLACE-LHC GET round trip (us, p50 / p99 / max), one REQ client sending the "
-             f"master's bytes: {counts['back_to_back']} GETs back to back per server, then "
-             f"{counts['sparse_ticks']} polls one every {lap['poll_s']:g} +- "
-             f"{lap['poll_jitter_s']:g} s (GET alone, or the master's PING+GET timed as a "
-             "pair):", "",
-             "| server | back to back | sparse GET | sparse PING+GET | sparse GETs > 1 ms |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"LAPLACE-LHC GET round trip (us, p50 / p99 / max), one REQ client sending the "
+        f"master's bytes: {counts['back_to_back']} GETs back to back per server, then "
+        f"{counts['sparse_ticks']} polls one every {lap['poll_s']:g} +- "
+        f"{lap['poll_jitter_s']:g} s (GET alone, or the master's PING+GET timed as a "
+        "pair):",
+        "",
+        "| server | back to back | sparse GET | sparse PING+GET | sparse GETs > 1 ms |",
+        "|---|---|---|---|---|",
+    ]
     for run in lap["servers"].values():
         if "error" in run:
             lines.append(f"| {run['label']} | failed: {_one_line(run['error'])} | | | |")
             continue
         n = run.get("sparse_get", {}).get("n", 0)
-        lines.append(f"| {run['label']} | {cell(run, 'back_to_back')} | "
-                     f"{cell(run, 'sparse_get')} | {cell(run, 'sparse_ping_get')} | "
-                     f"{run['sparse_get_over_1ms']} of {n} |")
+        lines.append(
+            f"| {run['label']} | {cell(run, 'back_to_back')} | "
+            f"{cell(run, 'sparse_get')} | {cell(run, 'sparse_ping_get')} | "
+            f"{run['sparse_get_over_1ms']} of {n} |"
+        )
     if lap.get("note"):
         lines += ["", lap["note"]]
     return "\n".join(lines)
@@ -207,20 +246,29 @@ def laplace_targets(lap: dict[str, Any]) -> list[dict[str, Any]]:
         mine = run.get("back_to_back")
         if key == "labmesh":
             ratio = mine["p50_us"] / real["p50_us"] if mine and real else None
-            targets.append({"server": run.get("label", key),
-                            "measured_by": "LAPLACE GET, back to back",
-                            "target": "p50 <= laplace-server ServerLHC's p50",
-                            "ratio": _round(ratio),
-                            "measured": f"{mine['p50_us']:.0f} vs {real['p50_us']:.0f} us"
-                            if mine and real else "n/a",
-                            "met": ratio is not None and ratio <= 1.0})
+            targets.append(
+                {
+                    "server": run.get("label", key),
+                    "measured_by": "LAPLACE GET, back to back",
+                    "target": "p50 <= laplace-server ServerLHC's p50",
+                    "ratio": _round(ratio),
+                    "measured": f"{mine['p50_us']:.0f} vs {real['p50_us']:.0f} us"
+                    if mine and real
+                    else "n/a",
+                    "met": ratio is not None and ratio <= 1.0,
+                }
+            )
         sparse = run.get("sparse_get")
         floor = servers.get("floor", {}).get("sparse_get")
-        targets.append({"server": run.get("label", key),
-                        "measured_by": f"LAPLACE GET, polled every {lap['poll_s']:g} s",
-                        "target": f"p99 < {TARGET_LAPLACE_SPARSE_P99_US / 1000:g} ms",
-                        "ratio": None,
-                        "measured": (f"{sparse['p99_us']:.0f} us" if sparse else "n/a")
-                        + (f" (floor {floor['p99_us']:.0f} us)" if floor else ""),
-                        "met": bool(sparse) and sparse["p99_us"] < TARGET_LAPLACE_SPARSE_P99_US})
+        targets.append(
+            {
+                "server": run.get("label", key),
+                "measured_by": f"LAPLACE GET, polled every {lap['poll_s']:g} s",
+                "target": f"p99 < {TARGET_LAPLACE_SPARSE_P99_US / 1000:g} ms",
+                "ratio": None,
+                "measured": (f"{sparse['p99_us']:.0f} us" if sparse else "n/a")
+                + (f" (floor {floor['p99_us']:.0f} us)" if floor else ""),
+                "met": bool(sparse) and sparse["p99_us"] < TARGET_LAPLACE_SPARSE_P99_US,
+            }
+        )
     return targets

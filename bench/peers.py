@@ -183,10 +183,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("kind", choices=["echo", "labmesh", "plesty"])
     parser.add_argument("--fixed", action="store_true", help="fixed_threading=True")
-    parser.add_argument("--max-seconds", type=float, default=300.0,
-                        help="stop serving after this long even if stdin stays open")
-    parser.add_argument("--plesty-log-level", default=None,
-                        help="raise the root log level of PLESTY's server (e.g. WARNING)")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=300.0,
+        help="stop serving after this long even if stdin stays open",
+    )
+    parser.add_argument(
+        "--plesty-log-level",
+        default=None,
+        help="raise the root log level of PLESTY's server (e.g. WARNING)",
+    )
     args = parser.parse_args(argv)
     if args.kind == "echo":
         serve_echo(args.max_seconds)

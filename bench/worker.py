@@ -37,8 +37,13 @@ class _RawClient:
     def query(self) -> None:
         self._counter += 1
         rid = f"{self._prefix}:{self._counter}"
-        body = {"type": "query", "param": PARAM, "timeout": None, "id": rid,
-                "session": self._session}
+        body = {
+            "type": "query",
+            "param": PARAM,
+            "timeout": None,
+            "id": rid,
+            "session": self._session,
+        }
         self._sock.send(json.dumps(body, separators=(",", ":")).encode())
         if not self._sock.poll(self._timeout_ms):
             raise TimeoutError(f"no echo within {self._timeout_ms} ms")
@@ -84,8 +89,9 @@ class _LoadGenerator:
     allows (the table's CPU columns show how far that holds).
     """
 
-    def __init__(self, address: str, timeout_ms: int, window: int, check: str,
-                 session_mode: str) -> None:
+    def __init__(
+        self, address: str, timeout_ms: int, window: int, check: str, session_mode: str
+    ) -> None:
         import zmq
 
         self._zmq = zmq
@@ -101,8 +107,7 @@ class _LoadGenerator:
         self._check_ok = "ok" in check
         tag = secrets.token_hex(3)
         # Connect as labmesh's client does; keep whatever session the server grants.
-        self._sock.send(f'{{"type":"connect","resources":[],"lease":10.0,"id":"{tag}:0"}}'
-                        .encode())
+        self._sock.send(f'{{"type":"connect","resources":[],"lease":10.0,"id":"{tag}:0"}}'.encode())
         reply = self._recv_within(timeout_ms)
         if reply is None:
             raise TimeoutError(f"no reply to connect within {timeout_ms} ms")
@@ -114,12 +119,17 @@ class _LoadGenerator:
             if granted.get("status") != "ok":
                 raise RuntimeError(f"connect refused: {reply[:200]!r}")
             session = granted.get("result", {}).get("session")
-        self._head = b'{"type":"query","param":"' + PARAM.encode() + \
-            b'","timeout":null,"id":"' + tag.encode() + b":"
+        self._head = (
+            b'{"type":"query","param":"'
+            + PARAM.encode()
+            + b'","timeout":null,"id":"'
+            + tag.encode()
+            + b":"
+        )
         self._tail = b'"' + (b',"session":"' + session.encode() + b'"' if session else b"") + b"}"
         self._tag = tag.encode() + b":"
         self._counter = 0
-        self._bye = b'{"type":"disconnect","id":"' + self._tag + b'bye' + self._tail
+        self._bye = b'{"type":"disconnect","id":"' + self._tag + b"bye" + self._tail
 
     def _recv_within(self, timeout_ms: int) -> bytes | None:
         deadline = time.monotonic() + timeout_ms / 1000
@@ -140,7 +150,7 @@ class _LoadGenerator:
         if start < 0:
             return False
         start += len(_ID_KEY)
-        rid = reply[start:reply.find(b'"', start)]
+        rid = reply[start : reply.find(b'"', start)]
         if rid in in_flight:
             in_flight.remove(rid)
             return True
@@ -195,8 +205,10 @@ class _LoadGenerator:
                     capped = True
                     break
                 if (now - quiet_since) * 1000 > self._timeout_ms:
-                    raise TimeoutError(f"no reply for {self._timeout_ms} ms with {outstanding} "
-                                       f"request(s) in flight") from None
+                    raise TimeoutError(
+                        f"no reply for {self._timeout_ms} ms with {outstanding} "
+                        f"request(s) in flight"
+                    ) from None
                 continue
             quiet_since = None
             # Check this reply and any others already queued, then refill the window: one
@@ -205,7 +217,7 @@ class _LoadGenerator:
                 ok = not check_ok or reply.startswith(_OK_PREFIXES)
                 if check_id:  # only a reply with an id in flight frees a slot of the window
                     start = reply.find(_ID_KEY) + 6
-                    rid = reply[start:reply.find(b'"', start)] if start >= 6 else b""
+                    rid = reply[start : reply.find(b'"', start)] if start >= 6 else b""
                     if rid in in_flight:
                         in_flight.remove(rid)
                         outstanding -= 1
@@ -228,8 +240,15 @@ class _LoadGenerator:
                 break
         t1 = monotonic()
         self._counter = counter
-        return {"count": good, "wrong": wrong, "sent": sent, "t0": t0, "t1": t1,
-                "cpu_s": time.process_time() - cpu0, "capped": capped}
+        return {
+            "count": good,
+            "wrong": wrong,
+            "sent": sent,
+            "t0": t0,
+            "t1": t1,
+            "cpu_s": time.process_time() - cpu0,
+            "capped": capped,
+        }
 
     def close(self) -> None:
         """Release the session as labmesh's client does (not waiting for the answer)."""
@@ -276,8 +295,7 @@ def _worker_run(client: Any, cmd: dict[str, Any]) -> dict[str, Any]:
             client.query()
         done += 1
     t1 = time.monotonic()
-    reply: dict[str, Any] = {"count": done, "t0": t0, "t1": t1,
-                             "cpu_s": time.process_time() - cpu0}
+    reply: dict[str, Any] = {"count": done, "t0": t0, "t1": t1, "cpu_s": time.process_time() - cpu0}
     if record and samples:
         reply["latency"] = _percentiles(samples)
     return reply
@@ -306,8 +324,13 @@ def worker_main(max_seconds: float) -> None:
                     client.close()
                     client = None
                 if cmd["client"] == "load":
-                    client = _LoadGenerator(cmd["address"], cmd["timeout_ms"], cmd["window"],
-                                            cmd["check"], cmd["session"])
+                    client = _LoadGenerator(
+                        cmd["address"],
+                        cmd["timeout_ms"],
+                        cmd["window"],
+                        cmd["check"],
+                        cmd["session"],
+                    )
                 else:
                     client = _CLIENTS[cmd["client"]](cmd["address"], cmd["timeout_ms"])
                 for _ in range(cmd["warmup"]):
@@ -329,8 +352,6 @@ def worker_main(max_seconds: float) -> None:
                     client.close()
                 client = None
             reply({"error": f"{type(exc).__name__}: {exc}"})
-
-
 
 
 class _LookupClient(_RawClient):
@@ -366,8 +387,6 @@ class _ResolverClient:
 
     def close(self) -> None:
         self._resolver.close()
-
-
 
 
 #: The clients a worker can run, by the name a `prepare` command gives.

@@ -140,6 +140,9 @@ REFUSAL_BOUNDS = (
     "max_waiters",
     "max_connect_paths",
     "max_metadata_bytes",
+    "max_streams",
+    "max_per_subscriber",
+    "max_status_waiters",
 )
 BOUND_REFUSALS = Counter(
     "labmesh_bound_refusals_total",
