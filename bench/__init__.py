@@ -7,8 +7,10 @@
 
 (from the repository root; `scripts/bench.py` runs the same from anywhere). The package:
 `common` (paths, counts, server specs), `worker` (client and load-generator processes), `device`
-(measuring device servers; tables and targets), `discovery`, `laplace`, `cli` (the run and the
-report), and `peers.py` (the servers measured, each run as a file in its own process).
+(measuring device servers; tables and targets), `discovery`, `laplace`, `subscriptions` (1,000
+parameters at 10 Hz into one client, against a raw PUB/SUB floor and, where `.cache/epics-venv`
+exists, caproto/pyepics monitors), `cli` (the run and the report), and `peers.py` (the servers
+measured, each run as a file in its own process).
 
 What is measured, the same way for every server:
 - floor: a raw pyzmq ROUTER that echoes each message (bench/peers.py echo), driven by a

@@ -11,6 +11,11 @@ the window), updates lost (by sequence numbers), and the p99 delay from the serv
 to the client's callback. Every process runs on 127.0.0.1 and ends by itself.
 
     python -m bench.subscriptions [--params 1000] [--rate 10] [--seconds 10]
+
+Where `.cache/epics-venv` exists (`python3 -m venv .cache/epics-venv && .cache/epics-venv/bin/pip
+install caproto pyepics numpy`), the same run measures Channel Access too: a caproto server with
+the same PVs, monitored by pyepics (the C libca) and by caproto's client, Channel Access kept on
+127.0.0.1 (address lists, beacons and the repeater on free local ports).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -36,6 +42,10 @@ QUICK_SUBSCRIPTIONS = (200, 10.0, 2.0)
 FLOOR, LABMESH = (
     "floor: raw pyzmq PUB/SUB, one JSON message per update",
     "labmesh: Device.publish -> client.subscribe callback",
+)
+PYEPICS, CAPROTO = (
+    "pyepics (libca) monitors, caproto server",
+    "caproto client monitors, caproto server",
 )
 
 
@@ -109,6 +119,86 @@ def _serve_commands(run: Any) -> None:
             print("DONE", flush=True)
 
 
+def serve_caproto(params: int) -> None:
+    """A caproto Channel Access server with `params` float PVs (run by the EPICS virtualenv)."""
+    import asyncio
+
+    from caproto.asyncio.server import Context
+    from caproto.server import PVGroup, pvproperty
+
+    names = [f"p{i:04d}" for i in range(params)]
+    group_class = type(
+        "Many", (PVGroup,), {name: pvproperty(value=0.0, name=name) for name in names}
+    )
+    group = group_class(prefix="bench:")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        commands: asyncio.Queue = asyncio.Queue()
+
+        def read_stdin() -> None:
+            for line in sys.stdin:
+                parts = line.split()
+                if parts and parts[0] == "go":
+                    loop.call_soon_threadsafe(commands.put_nowait, parts[1:])
+            loop.call_soon_threadsafe(commands.put_nowait, None)
+
+        threading.Thread(target=read_stdin, daemon=True).start()
+        context = Context(group.pvdb, ["127.0.0.1"])
+        serving = asyncio.create_task(context.run(log_pv_names=False))
+        await asyncio.sleep(1.0)
+        print("ADDRESS ca", flush=True)
+        pvs = [getattr(group, name) for name in names]
+        while (command := await commands.get()) is not None:
+            rate, seconds = float(command[0]), float(command[1])
+            due = loop.time()
+            for tick in range(int(rate * seconds)):
+                for pv in pvs:
+                    await pv.write(float(tick + 1))
+                due += 1.0 / rate
+                await asyncio.sleep(max(0.0, due - loop.time()))
+            print("DONE", flush=True)
+        serving.cancel()
+
+    asyncio.run(main())
+
+
+def _free_port_pair() -> int:
+    """A port P with P and P+1 free on 127.0.0.1 (TCP and UDP), for CA's server and repeater."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port >= 65535:
+            continue
+        try:
+            for offset in (0, 1):
+                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                    with socket.socket(socket.AF_INET, kind) as probe:
+                        probe.bind(("127.0.0.1", port + offset))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free pair of ports on 127.0.0.1")
+
+
+def ca_env(env: dict[str, str], port: int) -> dict[str, str]:
+    """Channel Access kept on 127.0.0.1: searches, beacons and the repeater, on free ports."""
+    return {
+        **env,
+        "EPICS_CA_SERVER_PORT": str(port),
+        "EPICS_CA_REPEATER_PORT": str(port + 1),
+        "EPICS_CA_ADDR_LIST": "127.0.0.1",
+        "EPICS_CA_AUTO_ADDR_LIST": "NO",
+        "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1",
+        "EPICS_CAS_BEACON_ADDR_LIST": "127.0.0.1",
+        "EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO",
+        "EPICS_CA_MAX_ARRAY_BYTES": "100000",
+    }
+
+
 # ---- the clients (each its own process) -------------------------------------------------------
 class _Tally:
     def __init__(self) -> None:
@@ -130,6 +220,16 @@ class _Tally:
             self.lost += seq - last - 1
         self.last[name] = seq
         if self.count % 10 == 0:  # a sample of the delays is enough for a p99
+            self.delays.append(now - ts)
+
+    def add_unnumbered(self, name: str, ts: float) -> None:
+        """An update without a sequence number (Channel Access): lost = expected - received."""
+        now = time.time()
+        if self.first_at is None:
+            self.first_at = time.monotonic()
+            self.cpu_start = time.process_time()
+        self.count += 1
+        if self.count % 10 == 0:
             self.delays.append(now - ts)
 
     def summary(self, expected: int, window: float) -> dict[str, Any]:
@@ -196,14 +296,89 @@ def client_labmesh(address: str, params: int, expected: int, window: float) -> N
         sub.close()
 
 
+def client_pyepics(_address: str, params: int, expected: int, window: float) -> None:
+    """pyepics (the C libca) monitoring every PV with a callback."""
+    import epics
+
+    tally = _Tally()
+    counting = threading.Event()
+    lock = threading.Lock()
+
+    def on_change(pvname: str = "", timestamp: float = 0.0, **_kw: Any) -> None:
+        if counting.is_set():
+            with lock:
+                tally.add_unnumbered(pvname, timestamp)
+
+    names = [f"bench:p{i:04d}" for i in range(params)]
+    pvs = [epics.PV(name, callback=on_change, auto_monitor=True) for name in names]
+    deadline = time.monotonic() + 30
+    while not all(pv.connected for pv in pvs) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # the initial values arrive and are not counted
+    counting.set()
+    print("READY", flush=True)
+    _wait_for(tally, expected, window)
+    print(json.dumps(tally.summary(expected, window)), flush=True)
+
+
+def client_caproto(_address: str, params: int, expected: int, window: float) -> None:
+    """caproto's threading client subscribing to every PV."""
+    from caproto.threading.client import Context
+
+    tally = _Tally()
+    counting = threading.Event()
+    lock = threading.Lock()
+
+    def on_update(sub: Any, response: Any) -> None:
+        if counting.is_set():
+            with lock:
+                tally.add_unnumbered(sub.pv.name, response.metadata.timestamp)
+
+    context = Context()
+    pvs = context.get_pvs(*(f"bench:p{i:04d}" for i in range(params)), timeout=30)
+    subs = []
+    for pv in pvs:
+        pv.wait_for_connection(timeout=30)
+        sub = pv.subscribe(data_type="time")
+        sub.add_callback(on_update)
+        subs.append(sub)
+    time.sleep(1.0)
+    counting.set()
+    print("READY", flush=True)
+    _wait_for(tally, expected, window)
+    print(json.dumps(tally.summary(expected, window)), flush=True)
+    context.disconnect()
+
+
+def _wait_for(tally: _Tally, expected: int, window: float) -> None:
+    deadline = time.monotonic() + window + 30
+    while time.monotonic() < deadline:
+        if tally.count >= expected:
+            return
+        started = tally.first_at
+        if started is not None and time.monotonic() - started > window + 3:
+            return
+        time.sleep(0.05)
+
+
 # ---- the coordinator -------------------------------------------------------------------------
-def measure(kind: str, params: int, rate: float, seconds: float, env: dict[str, str]) -> dict:
-    """One system: its server, its client, the publishing window; the figures."""
-    module = [sys.executable, "-m", "bench.subscriptions"]
+def measure(
+    system: tuple[str, str, str],
+    params: int,
+    rate: float,
+    seconds: float,
+    env: dict[str, str],
+) -> dict:
+    """One system (server role, client role, Python): its server, its client, the publishing
+    window; the figures."""
+    server_kind, client_kind, python = system
+    module = [python, "-m", "bench.subscriptions"]
+    logs = tempfile.TemporaryFile()  # noqa: SIM115 - closed in finally; children write to it
     server = subprocess.Popen(
-        [*module, f"serve-{kind}", "--params", str(params)],
+        [*module, f"serve-{server_kind}", "--params", str(params)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
+        stderr=logs,
         text=True,
         env=env,
         cwd=REPO,
@@ -213,24 +388,29 @@ def measure(kind: str, params: int, rate: float, seconds: float, env: dict[str, 
         address = server.stdout.readline().split()[1]
         expected = int(rate * seconds) * params
         client = subprocess.Popen(
-            [*module, f"client-{kind}", address, str(params), str(expected), str(seconds)],
+            [*module, f"client-{client_kind}", address, str(params), str(expected), str(seconds)],
             stdout=subprocess.PIPE,
+            stderr=logs,
             text=True,
             env=env,
             cwd=REPO,
         )
         if client.stdout.readline().strip() != "READY":
-            raise RuntimeError(f"{kind} client did not get ready")
+            raise RuntimeError(f"{client_kind} client did not get ready")
         before = _cpu(server.pid)
         server.stdin.write(f"go {rate} {seconds}\n")
         server.stdin.flush()
         if server.stdout.readline().strip() != "DONE":
-            raise RuntimeError(f"{kind} server did not publish")
+            raise RuntimeError(f"{server_kind} server did not publish")
         server_cpu = _cpu(server.pid) - before
         result = json.loads(client.stdout.readline())
         result["server_cpu_pct"] = 100 * server_cpu / seconds
         result["expected"] = expected
         return result
+    except Exception as exc:
+        logs.seek(0)
+        tail = logs.read()[-600:].decode(errors="replace").strip().replace("\n", " | ")
+        raise RuntimeError(f"{exc} ({tail})") from None
     finally:
         for proc in (client, server):
             if proc is None:
@@ -242,6 +422,7 @@ def measure(kind: str, params: int, rate: float, seconds: float, env: dict[str, 
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
+        logs.close()
 
 
 def subscription_report(run: dict[str, Any]) -> str:
@@ -278,11 +459,20 @@ def run(
     env: dict[str, str], params: int = 1000, rate: float = 10.0, seconds: float = 10.0
 ) -> dict[str, Any]:
     """Measure the floor and labmesh, one after the other, in the same run."""
+    systems = {
+        FLOOR: ("floor", "floor", sys.executable),
+        LABMESH: ("labmesh", "labmesh", sys.executable),
+    }
+    epics_python = REPO / ".cache" / "epics-venv" / "bin" / "python"
+    if epics_python.exists():
+        systems[PYEPICS] = ("caproto", "pyepics", str(epics_python))
+        systems[CAPROTO] = ("caproto", "caproto", str(epics_python))
     results = {}
-    for kind, label in (("floor", FLOOR), ("labmesh", LABMESH)):
+    for label, system in systems.items():
         print(f"subscriptions: {label} ...", file=sys.stderr, flush=True)
+        system_env = ca_env(env, _free_port_pair()) if system[0] == "caproto" else env
         try:
-            results[label] = measure(kind, params, rate, seconds, env)
+            results[label] = measure(system, params, rate, seconds, system_env)
         except Exception as exc:  # reported, not fatal: the other figures stand
             results[label] = {"error": f"{type(exc).__name__}: {exc}"}
     return {"params": params, "rate": rate, "seconds": seconds, "systems": results}
@@ -330,9 +520,16 @@ def main(argv: list[str] | None = None) -> int:
         serve_floor(args.params)
     elif args.role == "serve-labmesh":
         serve_labmesh(args.params)
-    elif args.role in ("client-floor", "client-labmesh"):
+    elif args.role == "serve-caproto":
+        serve_caproto(args.params)
+    elif args.role.startswith("client-"):
         address, params, expected, window = args.rest
-        runner = client_floor if args.role == "client-floor" else client_labmesh
+        runner = {
+            "client-floor": client_floor,
+            "client-labmesh": client_labmesh,
+            "client-pyepics": client_pyepics,
+            "client-caproto": client_caproto,
+        }[args.role]
         runner(address, int(params), int(expected), float(window))
     else:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "services"), str(REPO)])}

@@ -141,7 +141,7 @@ REFUSAL_BOUNDS = (
     "max_connect_paths",
     "max_metadata_bytes",
     "max_streams",
-    "max_per_subscriber",
+    "max_streams_per_session",
     "max_status_waiters",
 )
 BOUND_REFUSALS = Counter(

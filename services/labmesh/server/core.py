@@ -100,6 +100,9 @@ class ServerLimits:
         max_updates_queued_per_subscriber: subscription updates ZeroMQ holds for one
             subscriber that does not read them (the PUB high-water mark); further updates to it
             are dropped, and its sequence numbers show the gap.
+        max_streams: subscription streams (one per name and filter) at once; more BusyError.
+        max_streams_per_session: streams one session may subscribe to; more get BusyError.
+        max_status_waiters: `task_status` requests waiting on one task; more get BusyError.
         max_queue_per_device: device calls waiting for the device; more get BusyError.
         max_queue_per_session: calls one session (or one connection without a session) may
             have waiting; more get BusyError.
@@ -119,6 +122,9 @@ class ServerLimits:
     max_message_bytes: int = native.DEFAULT_MAX_MESSAGE_BYTES
     max_replies_queued_per_peer: int = 512
     max_updates_queued_per_subscriber: int = 1000
+    max_streams: int = 10_000
+    max_streams_per_session: int = 1_000
+    max_status_waiters: int = 100
     max_queue_per_device: int = 1000
     max_queue_per_session: int = 100
     max_queue_bytes: int = 64 * 1024 * 1024
@@ -337,7 +343,7 @@ class ServerCore:
         self._plesty = PlestySessions()
         self._waiters_by_conn: dict[Any, set[str]] = {}
         self.tasks = TaskTable()
-        self.subs = Subscriptions()
+        self.subs = Subscriptions(self.limits.max_streams, self.limits.max_streams_per_session)
         self.exported: dict[str, str] = {}
         #: set by the loop: where updates are published, and wall time minus the core's clock
         self.pub_endpoint: str | None = None
@@ -1427,12 +1433,13 @@ class ServerCore:
             return
         wait = request.fields.get("wait")
         if wait and not task.finished:
-            if len(task.waiters) >= task_states.MAX_STATUS_WAITERS:
+            limit = self.limits.max_status_waiters
+            if len(task.waiters) >= limit:
                 raise BusyError(
-                    f"{self.name}: {len(task.waiters)} clients already wait on task {task.id}; "
-                    "ask again without wait",
+                    f"{self.name}: {len(task.waiters)} clients already wait on task {task.id} "
+                    f"(max_status_waiters={limit}); ask again without wait",
                     bound="max_status_waiters",
-                    limit=task_states.MAX_STATUS_WAITERS,
+                    limit=limit,
                     depth=len(task.waiters),
                 )
             deadline = now + min(float(wait), self.limits.max_wait_s)
@@ -1574,11 +1581,14 @@ class ServerCore:
                 streams.append(self.subs.subscribe(session, name, flt, now))
         except OverflowError as exc:
             self.subs.unsubscribe(session, [s.topic for s in streams])
-            bound = str(exc).split("=")[0]
+            in_all = exc.args[0] == "all"
+            bound = "max_streams" if in_all else "max_streams_per_session"
+            limit = self.limits.max_streams if in_all else self.limits.max_streams_per_session
             raise BusyError(
-                f"{self.name}: too many subscriptions ({exc}); unsubscribe some first",
+                f"{self.name}: too many subscriptions ({bound}={limit}"
+                f"{' in all' if in_all else ' for this session'}); unsubscribe some first",
                 bound=bound,
-                limit=int(str(exc).split("=")[1]),
+                limit=limit,
                 depth=len(streams),
             ) from None
         missing = tuple(

@@ -99,16 +99,16 @@ class Subscriptions:
 
     # ---- interests ------------------------------------------------------------------------
     def subscribe(self, subscriber: Any, name: str, flt: Filter, now: float) -> Stream:
-        """Add `subscriber` to the stream (name, filter), made if new. Raises OverflowError
-        naming the bound when one is reached."""
+        """Add `subscriber` to the stream (name, filter), made if new. Raises
+        OverflowError("subscriber" or "all", limit) when a bound is reached."""
         topic = topic_of(name, flt)
         stream = self.streams.get(topic)
         mine = self._by_subscriber.get(subscriber, set())
         if topic not in mine and len(mine) >= self.max_per_subscriber:
-            raise OverflowError(f"max_per_subscriber={self.max_per_subscriber}")
+            raise OverflowError("subscriber", self.max_per_subscriber)
         if stream is None:
             if len(self.streams) >= self.max_streams:
-                raise OverflowError(f"max_streams={self.max_streams}")
+                raise OverflowError("all", self.max_streams)
             stream = Stream(name, flt, topic, topic.encode())
             cached = self.cache.get(name)
             if cached is not None:  # what subscribers get first: filters start from it

@@ -20,8 +20,6 @@ from labmesh.device.tasks import TaskRun
 #: Finished tasks kept for task_status, and for how long.
 MAX_FINISHED = 100
 FINISHED_KEEP_S = 600.0
-#: Clients waiting (task_status with `wait`) on one task at most.
-MAX_STATUS_WAITERS = 100
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 
