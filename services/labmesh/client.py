@@ -435,6 +435,7 @@ class DeviceClient(_ClientCore):
         )
         self._ctx = context or zmq.Context.instance()
         self._lock = threading.RLock()
+        self._receiver_lock = threading.Lock()
         self._rcvtimeo = -1
         self._closing = threading.Event()
         self._heartbeat: threading.Thread | None = None
@@ -506,26 +507,30 @@ class DeviceClient(_ClientCore):
         """
         names = [params] if isinstance(params, str) else list(params)
         sub = Subscription(self, names, Filter(every_s, deadband, max_rate_hz), callback)
+        # the SUB listens first; never waited for under the client's lock (a callback on the
+        # receiving thread may be waiting for that lock)
+        self._receiver_here().add(sub)
         with self._lock:
             self._start_subscription(sub)
         return sub
 
     def _receiver_here(self) -> Receiver:
         endpoint = self._pub_endpoint()
-        if self._receiver is None:
-            self._receiver = Receiver(self._ctx, endpoint)
-        else:
-            self._receiver.reconnect(endpoint)
+        with self._receiver_lock:
+            if self._receiver is None:
+                self._receiver = Receiver(self._ctx, endpoint)
+        self._receiver.reconnect(endpoint)
         return self._receiver
 
     def _start_subscription(self, sub: Subscription) -> None:
-        receiver = self._receiver_here()
-        receiver.add(sub)  # the SUB listens before the server is asked: no update lost
+        receiver = self._receiver
+        receiver.add(sub)  # already there (subscribe, or subscribing again): nothing waited for
         try:
             reply = self._request(sub.request())
         except BaseException:
             receiver.remove(sub)
             raise
+        receiver.reconnect(self._pub_endpoint())  # the request may have met a restarted server
         if sub not in self._subscriptions:
             self._subscriptions.append(sub)
         for update in sub._current(reply):
@@ -541,12 +546,12 @@ class DeviceClient(_ClientCore):
                 log.warning("%s: subscribing again to %s failed: %s", self.address, sub.names, exc)
 
     def _unsubscribe(self, sub: Subscription) -> None:
+        if self._receiver is not None:
+            self._receiver.remove(sub)  # outside the client's lock (see subscribe)
         with self._lock:
             topics = self._topics_left_by(sub)
             if sub in self._subscriptions:
                 self._subscriptions.remove(sub)
-            if self._receiver is not None:
-                self._receiver.remove(sub)
             if topics and self._socket is not None:
                 with contextlib.suppress(TimeoutError, ConnectionError, RemoteError):
                     self._request({"type": "unsubscribe", "topics": topics}, attempts=1)
@@ -810,6 +815,7 @@ class AsyncDeviceClient(_ClientCore):
         except BaseException:
             self._receiver.remove(sub)
             raise
+        self._receiver.reconnect(self._pub_endpoint())  # it may have met a restarted server
         if sub not in self._subscriptions:
             self._subscriptions.append(sub)
         for update in sub._current(reply):
@@ -824,14 +830,15 @@ class AsyncDeviceClient(_ClientCore):
                 log.warning("%s: subscribing again to %s failed: %s", self.address, sub.names, exc)
 
     async def _unsubscribe(self, sub: AsyncSubscription) -> None:
-        topics = self._topics_left_by(sub)
-        if sub in self._subscriptions:
-            self._subscriptions.remove(sub)
-        if self._receiver is not None:
-            self._receiver.remove(sub)
-        if topics and self._socket is not None:
-            with contextlib.suppress(TimeoutError, ConnectionError, RemoteError):
-                await self._request({"type": "unsubscribe", "topics": topics}, attempts=1)
+        async with self._lock:
+            topics = self._topics_left_by(sub)
+            if sub in self._subscriptions:
+                self._subscriptions.remove(sub)
+            if self._receiver is not None:
+                self._receiver.remove(sub)
+            if topics and self._socket is not None:
+                with contextlib.suppress(TimeoutError, ConnectionError, RemoteError):
+                    await self._request_locked({"type": "unsubscribe", "topics": topics}, 1, None)
 
     async def _reset_socket(self) -> None:
         self._close_socket()

@@ -33,6 +33,8 @@ log = logging.getLogger("labmesh.client")
 
 #: Updates a subscription keeps for its reader (an iterator that falls behind loses the oldest).
 MAX_QUEUED_UPDATES = 10_000
+#: How long a first subscription waits for its SUB's connection to come up (s).
+LINK_WAIT_S = 2.0
 #: How often the receiving thread looks for commands and for close (ms).
 _POLL_MS = 50
 
@@ -233,8 +235,10 @@ class Subscription(_SubscriptionBase):
 class Receiver:
     """A sync client's SUB socket and the thread that reads it.
 
-    Only that thread touches the SUB socket: subscribe/unsubscribe commands reach it over an
-    inproc PAIR, so topics are subscribed before the server is asked (no first update lost).
+    Only that thread touches the SUB socket. Subscribe/unsubscribe commands from other threads
+    reach it over an inproc PAIR and are waited for, so a topic is subscribed before the server
+    is asked; a callback (on that thread) changes the SUB directly. Callers never hold the
+    client's lock while they wait here, so a callback may use the client.
     """
 
     def __init__(self, context: zmq.Context, endpoint: str) -> None:
@@ -248,6 +252,8 @@ class Receiver:
         self._cmd.bind(address)
         self._stop = threading.Event()
         self._ready = threading.Event()
+        #: set once the SUB's connection to the server is up (subscriptions then travel at once)
+        self._linked = threading.Event()
         self._thread = threading.Thread(
             target=self._run, args=(address,), name="labmesh-subscriptions", daemon=True
         )
@@ -255,10 +261,15 @@ class Receiver:
         self._ready.wait(5)
 
     def add(self, sub: Subscription) -> None:
+        # a new connection first: until it is up, a subscription cannot reach the server
+        if threading.current_thread() is not self._thread:
+            self._linked.wait(LINK_WAIT_S)
         with self._lock:
             for topic in sub.topics:
                 key = topic.encode()
                 subs = self._by_topic.setdefault(key, [])
+                if sub in subs:  # subscribing again after a reconnect
+                    continue
                 if not subs:
                     self._command(b"+", key)
                 subs.append(sub)
@@ -278,47 +289,66 @@ class Receiver:
         """The server moved its PUB (it restarted): connect there instead."""
         with self._lock:
             if endpoint != self.endpoint:
-                self._command(b"c", endpoint.encode())
+                # not waited for: this may run under the client's lock (connecting again)
+                self._command(b"c", endpoint.encode(), wait=False)
                 self.endpoint = endpoint
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(2)
+        if threading.current_thread() is not self._thread:  # (a callback may close its client)
+            self._thread.join(2)
         with self._lock:
             self._cmd.close(linger=0)
 
-    def _command(self, kind: bytes, arg: bytes) -> None:
-        self._cmd.send_multipart((kind, arg))
-        self._cmd.recv()  # applied: the SUB has the (un)subscription queued
+    def _command(self, kind: bytes, arg: bytes, wait: bool = True) -> None:
+        """Apply a change to the SUB: directly on the receiving thread (a callback), else by
+        the receiving thread, waiting until it is applied if `wait`."""
+        if threading.current_thread() is self._thread:
+            self._apply(kind, arg)
+            return
+        self._cmd.send_multipart((kind, arg, b"1" if wait else b""))
+        if wait:
+            self._cmd.recv()
+
+    def _apply(self, kind: bytes, arg: bytes) -> None:
+        sub = self._sub
+        if kind == b"+":
+            sub.setsockopt(zmq.SUBSCRIBE, arg)
+        elif kind == b"-":
+            sub.setsockopt(zmq.UNSUBSCRIBE, arg)
+        elif kind == b"c":
+            with contextlib.suppress(zmq.ZMQError):
+                sub.disconnect(self._connected)
+            self._linked.clear()
+            self._connected = arg.decode()
+            sub.connect(self._connected)
 
     def _run(self, address: str) -> None:
         cmd = self._ctx.socket(zmq.PAIR)
         cmd.setsockopt(zmq.LINGER, 0)
         cmd.connect(address)
-        sub = self._ctx.socket(zmq.SUB)
+        sub = self._sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, 100_000)
+        events_of_sub = sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         sub.connect(self.endpoint)
-        connected = self.endpoint
+        self._connected = self.endpoint
         poller = zmq.Poller()
         poller.register(sub, zmq.POLLIN)
         poller.register(cmd, zmq.POLLIN)
+        poller.register(events_of_sub, zmq.POLLIN)
         self._ready.set()
         try:
             while not self._stop.is_set():
                 events = dict(poller.poll(_POLL_MS))
+                if events_of_sub in events:
+                    events_of_sub.recv_multipart()
+                    self._linked.set()
                 if cmd in events:
-                    kind, arg = cmd.recv_multipart()
-                    if kind == b"+":
-                        sub.setsockopt(zmq.SUBSCRIBE, arg)
-                    elif kind == b"-":
-                        sub.setsockopt(zmq.UNSUBSCRIBE, arg)
-                    elif kind == b"c":
-                        with contextlib.suppress(zmq.ZMQError):
-                            sub.disconnect(connected)
-                        connected = arg.decode()
-                        sub.connect(connected)
-                    cmd.send(b"")
+                    kind, arg, wait = cmd.recv_multipart()
+                    self._apply(kind, arg)
+                    if wait:
+                        cmd.send(b"")
                 if sub in events:
                     for _ in range(1000):
                         try:
@@ -329,6 +359,9 @@ class Receiver:
                             continue
                         dispatch(self._by_topic.get(topic), topic, body)
         finally:
+            with contextlib.suppress(zmq.ZMQError):
+                sub.disable_monitor()
+            events_of_sub.close(linger=0)
             sub.close(linger=0)
             cmd.close(linger=0)
 
@@ -412,6 +445,8 @@ class AsyncReceiver:
         for topic in sub.topics:
             key = topic.encode()
             subs = self._by_topic.setdefault(key, [])
+            if sub in subs:  # subscribing again after a reconnect
+                continue
             if not subs:
                 self._sub.setsockopt(zmq.SUBSCRIBE, key)
             subs.append(sub)

@@ -299,3 +299,45 @@ def test_subscribing_from_many_threads_of_one_client():
             assert errors == []
     finally:
         server.stop()
+
+
+def test_a_callback_may_close_its_subscription_or_use_the_client():
+    server = serve(MotorStage(("x",), speed=20.0))
+    try:
+        with build_client(server.address) as client:
+            seen, reads = [], []
+
+            def closing(update) -> None:
+                seen.append(update.value)
+                if len(seen) == 3:
+                    sub.close()  # from the receiving thread itself
+
+            def reading(update) -> None:
+                reads.append(client.query("x/speed"))  # the client, from the callback
+
+            sub = client.subscribe("x/position", closing)
+            other = client.subscribe("x/position", reading, max_rate_hz=20)
+            assert client.move_abs("x", 2.0) == 2.0  # while callbacks run
+            assert wait_until(lambda: sub.closed and len(reads) >= 2, 5)
+            assert len(seen) == 3 and set(reads) == {20.0}
+            other.close()
+            assert client.ping()["pong"]
+    finally:
+        server.stop()
+
+
+def test_subscriptions_of_a_crashed_client_end_with_its_lease():
+    meter = CountingMeter()
+    server = serve(meter)
+    try:
+        client = build_client(server.address, lease_s=0.3)
+        client.subscribe("WAVELENGTH", every_s=0.05)
+        assert wait_until(lambda: server.core.subs.streams, 2)
+        client._closing.set()  # the process dies: no heartbeat, no disconnect
+        client._close_socket()
+        assert wait_until(lambda: not server.core.subs.streams, 3)
+        reads = meter.reads
+        time.sleep(0.3)
+        assert meter.reads == reads  # nobody subscribes: the polling stopped too
+    finally:
+        server.stop()

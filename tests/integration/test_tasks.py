@@ -12,6 +12,8 @@ import pytest
 from labmesh import RemoteError, build_async_client, build_client, build_server
 from labmesh.drivers.motor import MotorStage
 
+from support import wait_until
+
 pytestmark = pytest.mark.integration
 
 
@@ -172,3 +174,36 @@ def test_used_locally_a_task_operation_is_a_plain_method():
     with stage:
         assert stage.move_abs("x", 1.0) == 1.0
         assert stage.home() == {"x": 0.0}
+
+
+def test_a_lock_holder_leaving_stops_its_task(stage):
+    holder = build_client(stage.address, resources=["x"])
+    task = holder.start("move_abs", "x", 20)
+    time.sleep(0.3)
+    holder.close()  # its locks end: its move must not go on
+    with build_client(stage.address) as observer:
+        assert wait_until(lambda: observer.ping()["task"] is None, 2)
+        where = observer.query("x/position")
+        time.sleep(0.2)
+        assert observer.query("x/position") == where < 1
+        status = observer._request({"type": "task_status", "task": task.id})
+        assert status["state"] == "cancelled" and "its session released" in status["error"]["error"]
+
+
+def test_a_server_stopped_during_a_move_brings_the_stage_to_rest():
+    stage = MotorStage(("x",), speed=1.0, name="rest")
+    server = build_server(stage, address="tcp://127.0.0.1:0").start()
+    with build_client(server.address) as client:
+        client.start("move_abs", "x", 50)
+        time.sleep(0.3)
+    server.stop()
+    assert not stage.backend.moving("x") and stage.backend.position("x") < 1
+
+
+def test_a_preempting_operation_started_as_a_task_waits_its_turn(stage):
+    with build_client(stage.address) as client:
+        move = client.start("move_abs", "x", 0.5)
+        stop = client.start("stop", "x")  # a task like any other: after the move
+        assert move.result(5) == 0.5
+        assert stop.result(5) == {"x": 0.5}
+        assert client.ping()["task"] is None

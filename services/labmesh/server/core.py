@@ -343,6 +343,9 @@ class ServerCore:
         self._plesty = PlestySessions()
         self._waiters_by_conn: dict[Any, set[str]] = {}
         self.tasks = TaskTable()
+        #: tasks running when the server stopped: the loop throws the cancel into each on the
+        #: device thread before disconnecting, so the hardware comes to rest
+        self.abandoned: list[TaskRun] = []
         self.subs = Subscriptions(self.limits.max_streams, self.limits.max_streams_per_session)
         self.exported: dict[str, str] = {}
         #: set by the loop: where updates are published, and wall time minus the core's clock
@@ -531,6 +534,8 @@ class ServerCore:
                             self._deliver(job, now, out)
                         continue
                 if pending.task is not None:  # a task's first step
+                    if pending.task.cancel is not None:  # stopped while queued: never runs
+                        job.args = (pending.task.cancel,)
                     pending.task.state = task_states.RUNNING
                     pending.task.started = now
                     pending.task.current = job
@@ -647,6 +652,8 @@ class ServerCore:
         self._queued_bytes = 0
         self._between_steps_queued = 0
         for task in self.tasks.live():
+            if task.state == task_states.RUNNING:
+                self.abandoned.append(task.run)  # the loop stops it on the device thread
             error = {"type": ShutdownError.wire_type, "error": "the server shut down"}
             self._finish_task(task, task_states.FAILED, now, out, error)
         return out
@@ -833,6 +840,10 @@ class ServerCore:
             self._refuse_waiter(waiter, f"the wait ended: its session {why}", now, out)
         self._plesty.forget(session)
         self.subs.unsubscribe(session)
+        held = self.locks.grant(session)
+        if held is not None and held.leaves:
+            # a task must not go on moving what its session no longer holds
+            self._cancel_tasks_of(session, f"its session {why}")
         grant = self.locks.release(session)
         if grant is not None and grant.leaves:
             self._log(
@@ -968,6 +979,9 @@ class ServerCore:
         for grant in expired:
             out.append(Count("lease_expired"))
             self._plesty.forget(grant.session)
+            self.subs.unsubscribe(grant.session)
+            if grant.leaves:
+                self._cancel_tasks_of(grant.session, "its session's lease expired")
         if expired:
             first = expired[0]
             more = f" (and {len(expired) - 1} more sessions)" if len(expired) > 1 else ""
@@ -1066,7 +1080,8 @@ class ServerCore:
             observe,
             size,
             task=task,
-            between_steps=request.type == "query" or func in self.preempts,
+            # a preempting call started as a task is a task: it waits like any other
+            between_steps=task is None and (request.type == "query" or func in self.preempts),
         )
         if deadline is not None:
             deadlines = self._deadlines
@@ -1362,7 +1377,7 @@ class ServerCore:
             return
         if step.progress is not None:
             task.progress = step.progress
-            if self.subs.streams:
+            if self.subs.subscribed(f"task/{task.id}"):
                 self._observe(f"task/{task.id}", step.progress, now, out)
         task.next_step_at = now + step.seconds
         if task.cancel is not None or step.seconds <= 0:
@@ -1398,7 +1413,7 @@ class ServerCore:
         for route, request, _deadline, observe in task.waiters:
             self._reply(out, route, native.ok_reply(status, request), observe)
         task.waiters.clear()
-        if self.subs.streams:
+        if self.subs.subscribed(f"task/{task.id}"):
             self._observe(f"task/{task.id}", status, now, out)
         if self.tasks.active is task:
             self._step_due = False
@@ -1457,6 +1472,15 @@ class ServerCore:
             status = task.status(now)
             for route, request, _deadline, observe in due:
                 self._reply(out, route, native.ok_reply(status, request), observe)
+
+    def _cancel_tasks_of(self, session: str, why: str) -> None:
+        """Stop the tasks of a session that held locks and ends (queued ones never start)."""
+        for task in self.tasks.live():
+            if task.session != session or task.cancel is not None:
+                continue
+            task.cancel = why
+            if task is self.tasks.active and task.current is None:
+                self._step_due = True
 
     def cancel_running_task(self, why: str) -> str | None:
         """Stop the running task at its next step (a LAPLACE STOP); its id, or None."""
@@ -1576,11 +1600,12 @@ class ServerCore:
             )
         flt = Filter(fields.get("every_s"), fields.get("deadband"), fields.get("max_rate_hz"))
         streams = []
+        had = self.subs.topics_of(session)
         try:
             for name in names:
                 streams.append(self.subs.subscribe(session, name, flt, now))
         except OverflowError as exc:
-            self.subs.unsubscribe(session, [s.topic for s in streams])
+            self.subs.unsubscribe(session, [s.topic for s in streams if s.topic not in had])
             in_all = exc.args[0] == "all"
             bound = "max_streams" if in_all else "max_streams_per_session"
             limit = self.limits.max_streams if in_all else self.limits.max_streams_per_session
@@ -1600,6 +1625,7 @@ class ServerCore:
             self._reply(out, route, native.ok_reply(self._subscribed(streams), request), observe)
             return
         # the first update is the current value: read what nobody has read yet, then answer
+        self._check_queue_bounds(("read", session), 0)
         job = Job(self._read_values, (missing,), label="subscribe read")
         self._pending[job] = _Pending(
             route,

@@ -430,6 +430,9 @@ class DeviceServer:
             metrics.SERVER_INFO.remove(
                 self.name, self.description["kind"], __version__, native.PROTOCOL_NAME
             )
+        for run in self.core.abandoned:  # a move left running: bring the hardware to rest
+            Job(run.step, ("the server is shutting down",), label="stop task").run()
+        self.core.abandoned.clear()
         if self.connected:
             job = Job(_exit_device, (self.device,), label="disconnect")
             job.run()

@@ -121,6 +121,9 @@ class Subscriptions:
         self._by_subscriber.setdefault(subscriber, set()).add(topic)
         return stream
 
+    def topics_of(self, subscriber: Any) -> frozenset[str]:
+        return frozenset(self._by_subscriber.get(subscriber, ()))
+
     def unsubscribe(self, subscriber: Any, topics: list[str] | None = None) -> int:
         """Remove `subscriber` from `topics` (None: from all); returns how many it left."""
         mine = self._by_subscriber.get(subscriber)
@@ -146,6 +149,8 @@ class Subscriptions:
             same.remove(stream)
         if not same:
             self._by_name.pop(stream.name, None)
+            if stream.name.startswith("task/"):
+                self.cache.pop(stream.name, None)  # a finished task's last status goes too
         if self.period(stream.name) is None:
             self._next_poll.pop(stream.name, None)
 
