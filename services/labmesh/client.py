@@ -809,6 +809,7 @@ class AsyncDeviceClient(_ClientCore):
             self._receiver = AsyncReceiver(self._ctx, endpoint)
         else:
             self._receiver.reconnect(endpoint)
+        await self._receiver.wait_linked()  # a new connection: subscriptions reach the server
         self._receiver.add(sub)
         try:
             reply = await self._request_locked(sub.request(), None, None)

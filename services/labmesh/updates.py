@@ -437,9 +437,23 @@ class AsyncReceiver:
         self._sub = context.socket(zmq.SUB)
         self._sub.setsockopt(zmq.LINGER, 0)
         self._sub.setsockopt(zmq.RCVHWM, 100_000)
+        self._events = self._sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self._sub.connect(endpoint)
         self._by_topic: dict[bytes, list[AsyncSubscription]] = {}
+        #: set once the SUB's connection to the server is up (as Receiver._linked)
+        self.linked = asyncio.Event()
         self._task = asyncio.create_task(self._run())
+        self._link_task = asyncio.create_task(self._watch_link())
+
+    async def _watch_link(self) -> None:
+        while True:
+            await self._events.recv_multipart()
+            self.linked.set()
+
+    async def wait_linked(self) -> None:
+        """Until the SUB's connection is up (at most LINK_WAIT_S)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.linked.wait(), LINK_WAIT_S)
 
     def add(self, sub: AsyncSubscription) -> None:
         for topic in sub.topics:
@@ -466,13 +480,18 @@ class AsyncReceiver:
         if endpoint != self.endpoint:
             with contextlib.suppress(zmq.ZMQError):
                 self._sub.disconnect(self.endpoint)
+            self.linked.clear()
             self._sub.connect(endpoint)
             self.endpoint = endpoint
 
     async def close(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        for task in (self._task, self._link_task):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(zmq.ZMQError):
+            self._sub.disable_monitor()
+        self._events.close(linger=0)
         self._sub.close(linger=0)
 
     async def _run(self) -> None:
