@@ -353,6 +353,8 @@ class ServerCore:
         self.wall_offset = 0.0
         self._step_due = False
         self._between_steps_queued = 0
+        #: reads the server makes itself (polls, subscribe reads) queued or running
+        self._reads_in_flight = 0
         self._takes_resources: dict[str, bool] = {}
         self._conn_source: Any = None
         self._conn_value: Any = _UNRESOLVED
@@ -561,6 +563,9 @@ class ServerCore:
         if self.running is job:
             self.running = None
         task = self.tasks.active
+        if task is None and not self._reads_in_flight and not self.subs.streams:
+            self._deliver(job, now, out)  # the usual case: a plain call, nobody subscribed
+            return out
         if task is not None and job is task.current:
             self._task_stepped(task, job, now, out)
             return out
@@ -1626,6 +1631,7 @@ class ServerCore:
             return
         # the first update is the current value: read what nobody has read yet, then answer
         self._check_queue_bounds(("read", session), 0)
+        self._reads_in_flight += 1
         job = Job(self._read_values, (missing,), label="subscribe read")
         self._pending[job] = _Pending(
             route,
@@ -1668,6 +1674,7 @@ class ServerCore:
 
     def _reads_done(self, job: Job, pending: _Pending, now: float, out) -> None:
         self._pending.pop(job, None)
+        self._reads_in_flight -= 1
         values, errors = job.value if job.ok else ({}, dict.fromkeys(pending.reads, str(job.error)))
         for name in pending.reads:
             self.subs.poll_ended(name, now)
@@ -1703,6 +1710,7 @@ class ServerCore:
                 subs.poll_ended(name, now)
         if readable and len(self._queue) < self.limits.max_queue_per_device:
             names = tuple(readable)
+            self._reads_in_flight += 1
             job = Job(self._read_values, (names,), label="poll")
             request = native.Request("query", {"param": names[0]})
             self._pending[job] = _Pending(

@@ -525,8 +525,9 @@ class DeviceServer:
                 core.running is None
                 and not core.has_work
                 and not self._results
-                and core.next_wakeup() - now >= _IDLE_RECV_S
-                and not core.subs.streams  # a subscriber waits for what the driver publishes
+                # a task's next step or a subscriber's update needs better than _IDLE_RECV_MS
+                and core.tasks.active is None
+                and not core.subs.streams
             ):
                 # idle: only the socket needs watching (stop is seen within _IDLE_RECV_MS),
                 # so wait in a plain receive, which is cheaper than a poll
