@@ -61,6 +61,7 @@ _DEVICE_KEYS = {
     "driver": f"one of {sorted(DRIVERS)} or package.module:Class",
     "resource": "VISA resource or device address (driver-specific)",
     "port": "TCP port this device's server listens on",
+    "pub_port": "TCP port its subscription updates are published on (default: a free port)",
     "sim": "true to simulate the instrument",
     "fixed_threading": "run every call on one dedicated thread (default true)",
     "options": "driver-specific keyword arguments",
@@ -82,6 +83,8 @@ class DeviceSpec:
     driver: str
     port: int
     resource: str | None = None
+    #: where subscription updates are published (None: a free port on the same interface)
+    pub_port: int | None = None
     sim: bool = False
     fixed_threading: bool = DEFAULT_FIXED_THREADING
     options: dict[str, Any] = field(default_factory=dict)
@@ -300,8 +303,17 @@ def parse_host_config(text: str, path: str = "<string>") -> HostConfig:
                 ("devices", i, "port"),
                 f"port {spec.port} is already used by {ports[spec.port]}",
             )
+        if spec.pub_port is not None and spec.pub_port in ports | {spec.port: ""}:
+            used = ports.get(spec.pub_port) or f"device {spec.name}'s port"
+            raise _fail(
+                doc,
+                ("devices", i, "pub_port"),
+                f"port {spec.pub_port} is already used by {used}",
+            )
         names[spec.name] = spec.where
         ports[spec.port] = f"device {spec.name}"
+        if spec.pub_port is not None:
+            ports[spec.pub_port] = f"device {spec.name} (pub_port)"
         devices.append(spec)
     return HostConfig(
         host, devices, bind, advertise, discovery, metrics_port, float(idle), limits, path
@@ -330,6 +342,9 @@ def _device(doc: _Located, key: tuple, raw: Any) -> DeviceSpec:
             f"unknown driver {driver!r}; expected one of {sorted(DRIVERS)} or package.module:Class",
         )
     port = _port(doc, (*key, "port"), raw["port"])
+    pub_port = raw.get("pub_port")
+    if pub_port is not None:
+        pub_port = _port(doc, (*key, "pub_port"), pub_port)
     resource = raw.get("resource")
     if resource is not None and not isinstance(resource, str):
         raise _fail(doc, (*key, "resource"), f"expected a string, got {resource!r}")
@@ -349,6 +364,7 @@ def _device(doc: _Located, key: tuple, raw: Any) -> DeviceSpec:
         name=name,
         driver=driver,
         port=port,
+        pub_port=pub_port,
         resource=resource,
         sim=_bool(doc, (*key, "sim"), raw.get("sim", False)),
         fixed_threading=_bool(

@@ -142,6 +142,9 @@ class HostServer:
                     laplace=laplace,
                     limits=self.config.limits,
                     export=spec.metrics,
+                    pub_address=(
+                        f"tcp://{self.bind}:{spec.pub_port}" if spec.pub_port is not None else None
+                    ),
                 )
                 server.start()
             except Exception as exc:

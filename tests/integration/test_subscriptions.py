@@ -341,3 +341,19 @@ def test_subscriptions_of_a_crashed_client_end_with_its_lease():
         assert meter.reads == reads  # nobody subscribes: the polling stopped too
     finally:
         server.stop()
+
+
+def test_a_fixed_publish_port_is_announced_and_used():
+    from support import free_port
+
+    port = free_port()
+    server = serve(MemoryMeter(), pub_address=f"tcp://127.0.0.1:{port}")
+    try:
+        with build_client(server.address) as client:
+            assert client.connection_info["pub"] == f"tcp://127.0.0.1:{port}"
+            with client.subscribe("WAVELENGTH") as sub:
+                assert sub.get(2).value == 532.0
+                client.write("WAVELENGTH", 600.0)
+                assert sub.get(2).value == 600.0
+    finally:
+        server.stop()

@@ -128,6 +128,23 @@ def test_a_good_file():
             "metrics_port: 5\ndevices:\n  - {name: a, driver: motor, port: 5}\n",
             r"devices\[0\].port: port 5 is already used by metrics_port",
         ),
+        (
+            "devices:\n  - {name: a, driver: motor, port: 5, pub_port: 5}\n",
+            r"devices\[0\].pub_port: port 5 is already used by device a's port",
+        ),
+        (
+            "devices:\n  - {name: a, driver: motor, port: 5, pub_port: 7}\n"
+            "  - {name: b, driver: motor, port: 7}\n",
+            r"devices\[1\].port: port 7 is already used by device a \(pub_port\)",
+        ),
+        (
+            "devices:\n  - {name: a, driver: motor, port: 5, metrics: {x/position: 0.01}}\n",
+            r"devices\[0\].metrics.x/position: expected a period of at least 0.05 s",
+        ),
+        (
+            "devices:\n  - {name: a, driver: motor, port: 5, metrics: 3}\n",
+            r"devices\[0\].metrics: expected a list of parameter names",
+        ),
     ],
 )
 def test_each_mistake_has_a_clear_message(text, message):
