@@ -23,6 +23,7 @@ from labmesh.discovery import (
     Resolver,
     UnknownDeviceError,
 )
+from labmesh.discovery.registry import instance_tag
 from labmesh.discovery.resolver import DiscoveryConnection
 
 from support import wait_until
@@ -125,7 +126,11 @@ def test_second_claimant_is_refused_with_the_holders_address(discovery, dealer, 
     reply = ask(dealer, {"type": "register", "id": 9, "record": other.to_dict()})
     assert reply["status"] == "error" and reply["type"] == "NameTakenError" and reply["id"] == 9
     assert "already registered by the server at tcp://127.0.0.1:5555 on host pc-1" in reply["error"]
-    assert reply["holder"] == {"address": "tcp://127.0.0.1:5555", "host": "pc-1", "instance": "i1"}
+    assert reply["holder"] == {
+        "address": "tcp://127.0.0.1:5555",
+        "host": "pc-1",
+        "instance": instance_tag("i1"),
+    }
     # the same error reaches a registrar as NameTakenError, and it keeps serving the rest
     with Registrar([discovery.address], TTL_S, timeout_s=0.5) as registrar:
         registrar.add(other)
@@ -206,7 +211,7 @@ def test_a_restarted_server_replaces_its_old_instance(discovery):
         assert registrar.wait_registered(2)
         registrar.add(record(instance="i2", address="tcp://127.0.0.1:5999"))
         assert registrar.wait_registered(2)
-        assert resolver.lookup("pm100-a")["instance"] == "i2"
+        assert resolver.lookup("pm100-a")["instance"] == instance_tag("i2")
         assert resolver.resolve("pm100-a") == "tcp://127.0.0.1:5999"
     resolver.close()
 
@@ -538,3 +543,21 @@ def test_stop_releases_every_port():
         assert json.loads(http_get(again.http_url + "/health")[2])["status"] == "ok"
     finally:
         again.stop()
+
+
+def test_nothing_a_lookup_returns_lets_a_stranger_remove_or_take_the_name(discovery, dealer):
+    """Issue 15's hijack: lookup used to return the instance id, and that id was all deregister
+    needed; a stranger then registered the name at its own address."""
+    ask(dealer, {"type": "register", "record": record().to_dict()})
+    found = ask(dealer, {"type": "lookup", "name": "pm100-a"})["result"]
+    assert found["instance"] == instance_tag("i1") != "i1"
+    listed = ask(dealer, {"type": "list"})["result"][0]
+    assert listed["instance"] == found["instance"]
+    stolen = {"type": "deregister", "name": "pm100-a", "instance": found["instance"]}
+    assert ask(dealer, stolen)["result"]["removed"] == []
+    attacker = record(instance=found["instance"], address="tcp://127.0.0.9:6666", host="evil")
+    taken = ask(dealer, {"type": "register", "record": attacker.to_dict()})
+    assert taken["type"] == "NameTakenError"
+    assert ask(dealer, {"type": "lookup", "name": "pm100-a"})["result"]["address"] == (
+        "tcp://127.0.0.1:5555"
+    )

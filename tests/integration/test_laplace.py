@@ -924,3 +924,60 @@ def test_qt_signals_reach_slots_in_the_gui_thread(monkeypatch):
         ]
     finally:
         server.stop()
+
+
+def test_state_changing_commands_respect_locks_like_set(stage_server):
+    """SAVE, OPT, SCAN, SET ACT, SET DIAG and UPDATE ACT POS carry no session: like SET, they
+    run only while nobody holds the device's resources (issue 15: they used to pass locks)."""
+    adapter = stage_server.core.envelope
+    ran = []
+    for name in ("on_saving_path_changed", "on_opt", "on_scan", "on_set_actuators"):
+        setattr(adapter, name, lambda value, name=name: ran.append(name))
+    sock = client_socket(stage_server.address)
+    with build_client(stage_server.address, resources=["x", "y"], connect_kwargs={"name": "exp"}):
+        for cmd, payload in (
+            ("SAVE", {"path": "run-7"}),
+            ("OPT", {"data": {}}),
+            ("SCAN", {"data": {}}),
+            ("SET ACT", {"actuators": {"a": 1}}),
+            ("SET DIAG", {"diagnostics": {"d": 1}}),
+            ("UPDATE ACT POS", {"actuators": {"a": 1}}),
+        ):
+            reply = ask(sock, req(cmd, payload))
+            assert reply["error_msg"] and "resource locked" in reply["error_msg"], (cmd, reply)
+        assert ran == []
+    assert ask(sock, req("SAVE", {"path": "run-7"}))["error_msg"] is None  # free again
+    assert wait_until(lambda: ran == ["on_saving_path_changed"])
+
+
+@pytest.mark.parametrize(
+    ("path", "refusal"),
+    [
+        ("../../../../etc/cron.d/x", "climbs up with '..'"),
+        ("runs/../../x", "climbs up with '..'"),
+        ("..\\..\\windows\\x", "climbs up with '..'"),
+        ("/etc/cron.d/x", "is absolute; paths must be under '/data'"),
+        ("", "must be a non-empty string"),
+    ],
+)
+def test_save_paths_cannot_climb_out(path, refusal):
+    stage = MotorStage(("x",), name="saver")
+    adapter = LaplaceAdapter(save_root="/data")
+    seen = []
+    adapter.on_saving_path_changed = seen.append
+    server = DeviceServer(stage, address="tcp://127.0.0.1:0", laplace=adapter).start()
+    try:
+        sock = client_socket(server.address)
+        reply = ask(sock, req("SAVE", {"path": path}))
+        assert refusal in (reply["error_msg"] or ""), reply
+        assert ask(sock, req("SAVE", {"path": "/data/run-7"}))["error_msg"] is None
+        assert ask(sock, req("SAVE", {"path": "run-8"}))["error_msg"] is None
+        assert wait_until(lambda: seen == ["/data/run-7", "run-8"])
+    finally:
+        server.stop()
+
+
+def test_without_a_save_root_only_relative_paths_are_saved(stage_server):
+    sock = client_socket(stage_server.address)
+    reply = ask(sock, req("SAVE", {"path": "/tmp/x"}))
+    assert "relative (this server has no save_root)" in reply["error_msg"]

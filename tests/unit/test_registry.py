@@ -19,6 +19,7 @@ from labmesh.discovery.registry import (
     NameTakenError,
     Registry,
     UnknownDeviceError,
+    instance_tag,
 )
 from labmesh.discovery.resolver import normalize_endpoint, parse_endpoints
 
@@ -119,8 +120,9 @@ def test_a_second_live_claimant_is_refused_naming_the_holder():
     assert info.value.details["holder"] == {
         "address": "tcp://10.0.0.5:5555",
         "host": "lab-pc-3",
-        "instance": "i1",
+        "instance": instance_tag("i1"),  # never the id itself: it would remove the record
     }
+    assert "i1" not in message.replace(instance_tag("i1"), "")
     assert reg.lookup("pm100-a", 6.0).instance == "i1"  # the holder is untouched
     # once the holder's record has expired, the name is free
     reg.register(record(instance="i2", address="tcp://10.0.0.9:5555"), 14.0)
@@ -226,7 +228,7 @@ def test_views_carry_ttl_bookkeeping():
     assert view["registered_for_s"] == 6.0
     assert view["last_seen_s"] == 2.0
     assert view["expires_in_s"] == 8.0
-    assert view["instance"] == "i1"
+    assert view["instance"] == instance_tag("i1") != "i1"
 
 
 def test_ttl_must_be_positive():

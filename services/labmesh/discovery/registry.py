@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import hashlib
 import math
 import re
 from collections import OrderedDict, deque
@@ -47,6 +48,12 @@ class InvalidRecordError(LabmeshError, ValueError):
     wire_type = "ValueError"
 
 
+def instance_tag(instance: str) -> str:
+    """A public stand-in for a secret instance id: the same for one server start, useless for
+    renewing or removing its record."""
+    return "tag-" + hashlib.sha256(instance.encode()).hexdigest()[:12]
+
+
 @dataclass(slots=True)
 class DeviceRecord:
     """What a device server tells discovery about one device.
@@ -80,7 +87,16 @@ class DeviceRecord:
     version: str = ""
     started: float = 0.0
 
+    def public_dict(self) -> dict[str, Any]:
+        """The record as anyone may see it (lookup, list, the change feed, /devices): the
+        instance id, which renews and removes the record, is replaced by a tag of it, so
+        nothing a lookup returns lets a stranger deregister or take over the name."""
+        out = self.to_dict()
+        out["instance"] = instance_tag(self.instance)
+        return out
+
     def to_dict(self) -> dict[str, Any]:
+        """The record as its registrar sends it (with the secret instance id)."""
         return {
             "name": self.name,
             "kind": self.kind,
@@ -215,7 +231,7 @@ class Registration:
     def view(self, now: float) -> dict[str, Any]:
         """The record as the API and /devices show it, with its age and remaining TTL."""
         return {
-            **self.record.to_dict(),
+            **self.record.public_dict(),
             "registered_for_s": round(now - self.registered_at, 3),
             "last_seen_s": round(now - self.last_seen, 3),
             "expires_in_s": round(max(0.0, self.expires_at - now), 3),
@@ -244,7 +260,7 @@ class Change:
             "event": self.event,
             "reason": self.reason,
             "name": self.record.name,
-            "record": self.record.to_dict(),
+            "record": self.record.public_dict(),
         }
 
 
@@ -299,13 +315,14 @@ class Registry:
             raise NameTakenError(
                 f"device name {record.name!r} is already registered by the server at "
                 f"{holder.address} on host {holder.host or '(unnamed)'} (instance "
-                f"{holder.instance}, last heartbeat {now - entry.last_seen:.1f} s ago); stop "
+                f"{instance_tag(holder.instance)}, last heartbeat {now - entry.last_seen:.1f} s "
+                "ago); stop "
                 "that server or give this device another name (if that server is gone, its "
                 f"registration expires in {entry.expires_at - now:.1f} s)",
                 holder={
                     "address": holder.address,
                     "host": holder.host,
-                    "instance": holder.instance,
+                    "instance": instance_tag(holder.instance),
                 },
             )
         entry.last_seen = now

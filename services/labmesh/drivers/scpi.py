@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from labmesh.device import Parameter
-from labmesh.drivers.visa import VisaDevice, load_sim_definition, scpi_text
+from labmesh.drivers.visa import VisaDevice, load_sim_definition, scpi_quoted, scpi_text
 
 #: Parameter maps shipped with labmesh.
 MAPS_DIR = Path(__file__).resolve().parent / "maps"
@@ -60,13 +60,34 @@ class ScpiTemplate(string.Formatter):
     """Fills a write template such as `VOLT {value}` or `VOLT {value:.3f}`.
 
     A bare `{value}` gets SCPI text (booleans 1/0, numbers compact); a format spec formats the
-    value itself (a bool as 0/1), so `{value:.3f}` writes `5.000`.
+    value itself (a bool as 0/1), so `{value:.3f}` writes `5.000`. A string value between
+    quotes in the template (`DISP:TEXT '{value}'`) has that quote doubled, as SCPI escapes it,
+    and control characters refused; a string anywhere else must be a plain mnemonic. Either
+    way nothing a client sends can end the command and start another (`x';VOLT 1000;OUTP 1`).
     """
 
     def format_field(self, value: Any, format_spec: str) -> str:
         if not format_spec:
             return scpi_text(value)
         return format(int(value) if isinstance(value, bool) else value, format_spec)
+
+    def fill(self, template: str, value: Any) -> str:
+        """The command for `value` (ParameterValueError if it cannot be sent safely)."""
+        if not isinstance(value, str):
+            return self.format(template, value=value)
+        parts = list(self.parse(template))
+        out = []
+        for i, (literal, field, spec, _conversion) in enumerate(parts):
+            out.append(literal)
+            if field is None:
+                continue
+            before = literal[-1:]
+            after = parts[i + 1][0][:1] if i + 1 < len(parts) else ""
+            if before in ("'", '"') and after == before and not spec:
+                out.append(scpi_quoted(value, before))
+            else:
+                out.append(self.format_field(value, spec or ""))
+        return "".join(out)
 
 
 _TEMPLATE = ScpiTemplate()
@@ -343,5 +364,5 @@ class ScpiDevice(VisaDevice):
     def _write_(self, name: str, value: Any) -> bool:
         template = self.map.commands[name].write
         assert template is not None  # read-only parameters are refused before this
-        self.send(_TEMPLATE.format(template, value=value))
+        self.send(_TEMPLATE.fill(template, value))
         return True

@@ -22,7 +22,7 @@ from pyvisa import constants, rname
 from pyvisa.errors import VisaIOError
 
 from labmesh.device import Device, operation
-from labmesh.protocol.errors import LabmeshError
+from labmesh.protocol.errors import LabmeshError, ParameterValueError
 
 log = logging.getLogger("labmesh.drivers")
 
@@ -77,13 +77,39 @@ def connection_hint(resource: str) -> str:
     return "is the instrument on and connected?"
 
 
+#: What a string sent unquoted into an SCPI command may hold: a mnemonic or a number, nothing
+#: that ends the command (`;`, a newline), starts another parameter (`,`, a space) or a string.
+_BARE_SCPI = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.+-:*/")
+
+
 def scpi_text(value: Any) -> str:
-    """A validated parameter value as SCPI text: booleans as 1/0, numbers compact (1064, 5e-09)."""
+    """A validated parameter value as SCPI text: booleans as 1/0, numbers compact (1064, 5e-09),
+    strings as they are if they are a plain mnemonic, else refused (ParameterValueError): a
+    string that could end the command or start another one never reaches the instrument."""
     if isinstance(value, bool):
         return "1" if value else "0"
     if isinstance(value, float):
         return f"{value:.10g}"
-    return str(value)
+    text = str(value)
+    if isinstance(value, str) and not set(text) <= _BARE_SCPI:
+        bad = sorted(set(text) - _BARE_SCPI)
+        raise ParameterValueError(
+            f"{text[:40]!r} cannot be sent unquoted to an SCPI instrument: it holds "
+            f"{''.join(bad)[:10]!r} (letters, digits and _.+-:*/ only); a parameter map that "
+            "sends free text must quote it, e.g. write: \"DISP:TEXT '{value}'\""
+        )
+    return text
+
+
+def scpi_quoted(value: str, quote: str) -> str:
+    """`value` for inside an SCPI string delimited by `quote`: the quote doubled, as SCPI
+    escapes it; control characters (a newline would end the command) refused."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ParameterValueError(
+            f"{value[:40]!r} holds a control character (a newline or another terminator would "
+            "end the SCPI command): send printable text only"
+        )
+    return value.replace(quote, quote * 2)
 
 
 def error_code(owner: str, command: str, entry: str) -> int:

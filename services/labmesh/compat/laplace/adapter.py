@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import PurePath, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any
 
 from labmesh.device.base import task_function
@@ -131,6 +132,8 @@ class LaplaceAdapter:
         versions: accepted protocol versions; error replies carry the first.
         allow_stop: honour a remote STOP (it stops the whole server); otherwise it is refused.
         data: serve this application data on GET instead of reading the device.
+        save_root: absolute SAVE paths are accepted only under this directory (none: only
+            relative paths); a path with `..` is always refused.
     """
 
     metric_type = "laplace"
@@ -146,6 +149,7 @@ class LaplaceAdapter:
         versions: Sequence[str] = envelope.DEFAULT_VERSIONS,
         allow_stop: bool = False,
         data: ApplicationData | None = None,
+        save_root: str | None = None,
     ) -> None:
         if kind is not None and kind not in envelope.DEVICE_KINDS:
             raise ValueError(
@@ -155,6 +159,7 @@ class LaplaceAdapter:
             _check_freedom(freedom)
         self.versions = envelope.check_versions(versions)
         self.allow_stop = allow_stop
+        self.save_root = PurePath(save_root) if save_root else None
         self._kind = kind
         self._freedom = freedom
         self._name_list = tuple(name_list) if name_list is not None else None
@@ -411,6 +416,7 @@ class LaplaceAdapter:
         return tuple(out)
 
     def _on_save(self, message: envelope.Message, busy: bool) -> LaplaceAnswer:
+        self._check_save_path(message.value)
         self.save_path = message.value
         return self._callback(message, "on_saving_path_changed", message.value)
 
@@ -437,6 +443,7 @@ class LaplaceAdapter:
     def _on_update_actuator_positions(self, message: envelope.Message, busy: bool) -> LaplaceAnswer:
         """As ServerLHC: `on_set_actuators(whole message)`; then, labmesh's addition,
         `on_update_actuator_positions(actuators)`, each when set, one after the other."""
+        touches = self._locked_for_everyone(message)
         calls = [
             (func, argument)
             for func, argument in (
@@ -457,10 +464,44 @@ class LaplaceAdapter:
                 return envelope.ok_reply(self.name, message)
             return self._job_error(message, job)
 
-        return self._queued(message, Job(run, label="LAPLACE UPDATE ACT POS"), done)
+        return self._queued(message, Job(run, label="LAPLACE UPDATE ACT POS"), done, touches)
+
+    def _check_save_path(self, path: Any) -> None:
+        """SAVE paths reach the application's callback only when they cannot climb out of
+        where it saves: no `..`; absolute only under `save_root`."""
+        if not isinstance(path, str) or not path or "\0" in path:
+            raise ProtocolError(f"SAVE refused: the path must be a non-empty string, got {path!r}")
+        parts = path.replace("\\", "/").split("/")
+        if ".." in parts:
+            raise ProtocolError(
+                f"SAVE refused: {path[:200]!r} climbs up with '..'; send a path without it"
+            )
+        absolute = PurePosixPath(path).is_absolute() or PureWindowsPath(path).is_absolute()
+        if absolute:
+            root = self.save_root
+            if root is None or not (
+                PurePath(path).is_relative_to(root) or PureWindowsPath(path).is_relative_to(root)
+            ):
+                where = (
+                    f"under {str(root)!r}" if root else "relative (this server has no save_root)"
+                )
+                raise ProtocolError(
+                    f"SAVE refused: {path[:200]!r} is absolute; paths must be {where}"
+                )
+
+    def _locked_for_everyone(self, message: envelope.Message) -> tuple[str, ...]:
+        """What a LAPLACE command that changes state touches (a LAPLACE message carries no
+        session: it may run only while nobody holds any of the device's resources)."""
+        server = self._server
+        assert server is not None
+        touches = server.touches("call", f"LAPLACE {message.cmd}")
+        server.check_unlocked(touches)
+        return touches
 
     def _callback(self, message: envelope.Message, name: str, argument: Any) -> LaplaceAnswer:
-        """Run callback `name(argument)` on the device's turn, then reply (at once if unset)."""
+        """Run callback `name(argument)` on the device's turn, then reply (at once if unset).
+        Like SET, refused while someone holds the device's resources."""
+        touches = self._locked_for_everyone(message)
         func = getattr(self, name)
         if func is None:
             return LaplaceAnswer(message.cmd, now=envelope.ok_reply(self.name, message))
@@ -470,15 +511,20 @@ class LaplaceAdapter:
                 return envelope.ok_reply(self.name, message)
             return self._job_error(message, job)
 
-        return self._queued(message, Job(func, (argument,), label=f"LAPLACE {name}"), done)
+        job = Job(func, (argument,), label=f"LAPLACE {name}")
+        return self._queued(message, job, done, touches)
 
     def _queued(
-        self, message: envelope.Message, job: Job, done: Callable[[Job], dict[str, Any]]
+        self,
+        message: envelope.Message,
+        job: Job,
+        done: Callable[[Job], dict[str, Any]],
+        touches: tuple[str, ...] = (),
     ) -> LaplaceAnswer:
         def fail(text: str) -> dict[str, Any]:
             return self._error(message.fields, f"{self.name}: {message.cmd} failed: {text}")
 
-        return LaplaceAnswer(message.cmd, job=job, done=done, fail=fail)
+        return LaplaceAnswer(message.cmd, job=job, done=done, fail=fail, touches=touches)
 
     def _job_error(self, message: envelope.Message, job: Job) -> dict[str, Any]:
         exc = job.error

@@ -58,6 +58,9 @@ class LaplaceServer:
         name_list, plottables_list: INFO's lists.
         versions: accepted protocol versions (error replies carry the first).
         allow_stop: let a remote STOP stop the server.
+        save_root: SAVE paths with `..` are always refused; absolute ones are accepted under
+            this directory. The default "/" keeps ServerLHC programs working (their masters
+            send absolute paths); give the data directory to confine them.
 
     Attributes:
         adapter: the LaplaceAdapter answering LAPLACE (callbacks, `save_path`, `last_error`).
@@ -81,6 +84,7 @@ class LaplaceServer:
         versions: Sequence[str] = envelope.DEFAULT_VERSIONS,
         allow_stop: bool = False,
         context: zmq.Context | None = None,
+        save_root: str | None = "/",
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
@@ -107,6 +111,7 @@ class LaplaceServer:
             versions=versions,
             allow_stop=allow_stop,
             data=self.store,
+            save_root=save_root,
         )
         self.server = DeviceServer(
             _DataOnly(name, device),
