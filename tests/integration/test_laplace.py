@@ -977,7 +977,13 @@ def test_save_paths_cannot_climb_out(path, refusal):
         server.stop()
 
 
-def test_without_a_save_root_only_relative_paths_are_saved(stage_server):
-    sock = client_socket(stage_server.address)
-    reply = ask(sock, req("SAVE", {"path": "/tmp/x"}))
-    assert "relative (this server has no save_root)" in reply["error_msg"]
+def test_with_save_root_none_only_relative_paths_are_saved():
+    adapter = LaplaceAdapter(save_root=None)
+    server = DeviceServer(MotorStage(("x",)), address="tcp://127.0.0.1:0", laplace=adapter).start()
+    try:
+        sock = client_socket(server.address)
+        reply = ask(sock, req("SAVE", {"path": "/tmp/x"}))
+        assert "relative (this server has no save_root)" in reply["error_msg"]
+        assert ask(sock, req("SAVE", {"path": "runs/x"}))["error_msg"] is None
+    finally:
+        server.stop()

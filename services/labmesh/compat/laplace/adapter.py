@@ -132,8 +132,10 @@ class LaplaceAdapter:
         versions: accepted protocol versions; error replies carry the first.
         allow_stop: honour a remote STOP (it stops the whole server); otherwise it is refused.
         data: serve this application data on GET instead of reading the device.
-        save_root: absolute SAVE paths are accepted only under this directory (none: only
-            relative paths); a path with `..` is always refused.
+        save_root: absolute SAVE paths are accepted only under this directory (None: only
+            relative paths); a path with `..` is always refused. The default "/" accepts the
+            absolute paths deployed LAPLACE masters send (`/data/laplace/run-001`); give the
+            data directory to confine them.
     """
 
     metric_type = "laplace"
@@ -149,7 +151,7 @@ class LaplaceAdapter:
         versions: Sequence[str] = envelope.DEFAULT_VERSIONS,
         allow_stop: bool = False,
         data: ApplicationData | None = None,
-        save_root: str | None = None,
+        save_root: str | None = "/",
     ) -> None:
         if kind is not None and kind not in envelope.DEVICE_KINDS:
             raise ValueError(
