@@ -359,6 +359,34 @@ def _print_update(args: argparse.Namespace, device: str, update: Any, unit: str)
     print(f"{device:<16} {update.name:<20} {when}{fraction} {value} {unit}".rstrip(), flush=True)
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from labmesh import keys
+
+    directory = Path(args.dir) if args.dir else keys.default_directory()
+    try:
+        if args.action == "new":
+            public, secret = keys.new_key_pair(directory, args.name)
+            key = keys.public_key(str(public), directory)
+            _emit(
+                args,
+                {
+                    "name": args.name,
+                    "public_key": key,
+                    "public": str(public),
+                    "secret": str(secret),
+                },
+                f"{args.name}: public key {key}\n  public  {public}  (give this one out)\n"
+                f"  secret  {secret}  (keep it: readable by you only)",
+            )
+        else:
+            _emit(args, keys.public_key(args.name, directory))
+    except keys.KeyFileError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    return EXIT_OK
+
+
 def cmd_task(args: argparse.Namespace) -> int:
     with _client(args, args.name) as client:
         payload = {"type": "task_status", "task": args.task}
@@ -471,6 +499,13 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("task", nargs="?", help="task id (from call --detach)")
     task.add_argument("--cancel", action="store_true", help="stop it")
     device_command("describe", "parameters, operations and resources of a device", cmd_describe)
+    keys = sub.add_parser("keys", help="CurveZMQ key pairs: `keys new NAME`, `keys show NAME`")
+    keys.add_argument("action", choices=("new", "show"))
+    keys.add_argument("name", help="key name (new), or key name or .key file (show)")
+    keys.add_argument(
+        "--dir", help="keys directory (default: $LABMESH_KEYS or ~/.config/labmesh/keys)"
+    )
+    keys.set_defaults(func=cmd_keys)
     locks = sub.add_parser("locks", help="who holds which resource (of one device, or all)")
     locks.add_argument("name", nargs="?", help="device name or address (default: every device)")
     locks.set_defaults(func=cmd_locks)

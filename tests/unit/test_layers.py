@@ -72,6 +72,7 @@ LAYERS: dict[str, int] = {
     "labmesh.laplace_qt": 4,
     # one process per instrument PC
     "labmesh.config": 5,
+    "labmesh.keys": 5,
     "labmesh.host": 5,
     "labmesh.prometheus_config": 5,
     # commands
