@@ -35,7 +35,7 @@ from labmesh.protocol.exchange import (
     attempts_for,
     result,
 )
-from labmesh.server.subscriptions import Filter
+from labmesh.protocol.topics import Filter
 from labmesh.transport import dealer_socket
 from labmesh.updates import (
     AsyncReceiver,

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 import zmq.asyncio
 
-from labmesh.server.subscriptions import Filter, topic_of
+from labmesh.protocol.topics import Filter, topic_of
 
 if TYPE_CHECKING:
     from labmesh.client import AsyncDeviceClient, DeviceClient
@@ -85,6 +85,40 @@ def dispatch(subs: list[Any] | None, topic: bytes, body: bytes) -> None:
         accepted = sub._accept(text, name, value, ts, seq)
         if accepted is not None:
             sub._hand(accepted)
+
+
+class _TopicIndex:
+    """Which subscriptions of one client want each topic (both receivers keep one)."""
+
+    def __init__(self) -> None:
+        self.by_topic: dict[bytes, list[Any]] = {}
+
+    def add(self, sub: Any) -> list[bytes]:
+        """Index `sub`; the topics nobody wanted before (to subscribe the SUB to)."""
+        new = []
+        for topic in sub.topics:
+            key = topic.encode()
+            subs = self.by_topic.setdefault(key, [])
+            if sub in subs:  # subscribing again after a reconnect
+                continue
+            if not subs:
+                new.append(key)
+            subs.append(sub)
+        return new
+
+    def remove(self, sub: Any) -> list[bytes]:
+        """Forget `sub`; the topics nobody wants any more (to unsubscribe the SUB from)."""
+        gone = []
+        for topic in sub.topics:
+            key = topic.encode()
+            subs = self.by_topic.get(key)
+            if subs is None or sub not in subs:
+                continue
+            subs.remove(sub)
+            if not subs:
+                del self.by_topic[key]
+                gone.append(key)
+        return gone
 
 
 class _Stream:
@@ -244,7 +278,7 @@ class Receiver:
     def __init__(self, context: zmq.Context, endpoint: str) -> None:
         self.endpoint = endpoint
         self._ctx = context
-        self._by_topic: dict[bytes, list[Subscription]] = {}
+        self._topics = _TopicIndex()
         self._lock = threading.Lock()
         address = f"inproc://labmesh-sub-{id(self)}"
         self._cmd = context.socket(zmq.PAIR)
@@ -265,25 +299,13 @@ class Receiver:
         if threading.current_thread() is not self._thread:
             self._linked.wait(LINK_WAIT_S)
         with self._lock:
-            for topic in sub.topics:
-                key = topic.encode()
-                subs = self._by_topic.setdefault(key, [])
-                if sub in subs:  # subscribing again after a reconnect
-                    continue
-                if not subs:
-                    self._command(b"+", key)
-                subs.append(sub)
+            for key in self._topics.add(sub):
+                self._command(b"+", key)
 
     def remove(self, sub: Subscription) -> None:
         with self._lock:
-            for topic in sub.topics:
-                key = topic.encode()
-                subs = self._by_topic.get(key, [])
-                if sub in subs:
-                    subs.remove(sub)
-                if not subs:
-                    self._by_topic.pop(key, None)
-                    self._command(b"-", key)
+            for key in self._topics.remove(sub):
+                self._command(b"-", key)
 
     def reconnect(self, endpoint: str) -> None:
         """The server moved its PUB (it restarted): connect there instead."""
@@ -357,7 +379,7 @@ class Receiver:
                             break
                         except ValueError:  # not two frames: not ours
                             continue
-                        dispatch(self._by_topic.get(topic), topic, body)
+                        dispatch(self._topics.by_topic.get(topic), topic, body)
         finally:
             with contextlib.suppress(zmq.ZMQError):
                 sub.disable_monitor()
@@ -439,7 +461,7 @@ class AsyncReceiver:
         self._sub.setsockopt(zmq.RCVHWM, 100_000)
         self._events = self._sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self._sub.connect(endpoint)
-        self._by_topic: dict[bytes, list[AsyncSubscription]] = {}
+        self._topics = _TopicIndex()
         #: set once the SUB's connection to the server is up (as Receiver._linked)
         self.linked = asyncio.Event()
         self._task = asyncio.create_task(self._run())
@@ -456,25 +478,13 @@ class AsyncReceiver:
             await asyncio.wait_for(self.linked.wait(), LINK_WAIT_S)
 
     def add(self, sub: AsyncSubscription) -> None:
-        for topic in sub.topics:
-            key = topic.encode()
-            subs = self._by_topic.setdefault(key, [])
-            if sub in subs:  # subscribing again after a reconnect
-                continue
-            if not subs:
-                self._sub.setsockopt(zmq.SUBSCRIBE, key)
-            subs.append(sub)
+        for key in self._topics.add(sub):
+            self._sub.setsockopt(zmq.SUBSCRIBE, key)
 
     def remove(self, sub: AsyncSubscription) -> None:
-        for topic in sub.topics:
-            key = topic.encode()
-            subs = self._by_topic.get(key, [])
-            if sub in subs:
-                subs.remove(sub)
-            if not subs:
-                self._by_topic.pop(key, None)
-                with contextlib.suppress(zmq.ZMQError):
-                    self._sub.setsockopt(zmq.UNSUBSCRIBE, key)
+        for key in self._topics.remove(sub):
+            with contextlib.suppress(zmq.ZMQError):
+                self._sub.setsockopt(zmq.UNSUBSCRIBE, key)
 
     def reconnect(self, endpoint: str) -> None:
         if endpoint != self.endpoint:
@@ -500,4 +510,4 @@ class AsyncReceiver:
             if len(frames) != 2:
                 continue
             topic, body = frames
-            dispatch(self._by_topic.get(topic), topic, body)
+            dispatch(self._topics.by_topic.get(topic), topic, body)

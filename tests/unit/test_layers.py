@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "labmesh.protocol.native": 0,
     "labmesh.protocol.laplace": 0,
     "labmesh.protocol.exchange": 0,
+    "labmesh.protocol.topics": 0,
     # device contract, locks, registry: pure
     "labmesh.device": 1,
     "labmesh.device.parameters": 1,

@@ -559,3 +559,31 @@ def test_a_client_that_uses_its_token_keeps_its_grant_when_its_first_connection_
     h.core.peer_gone(1, h.now)  # its socket was reset; the token goes on
     assert h.ask(b"lab~1", write, conn=2)["status"] == "ok"
     assert h.core.locks.holder(LINE0).session == token
+
+
+def test_subscription_and_task_status_bounds_refuse_naming_the_bound_and_count_it():
+    h = Harness(max_streams_per_session=2, max_streams=3, max_status_waiters=1)
+    session = h.ask(b"s", {"type": "connect", "lease": 10})["result"]["session"]
+    ok = h.ask(b"s", {"type": "subscribe", "params": ["POWER", "MODE"], "session": session})
+    assert set(ok["result"]["topics"]) == {"POWER", "MODE"}
+    actions = h.send(b"s", {"type": "subscribe", "params": ["AVERAGING"], "session": session})
+    refused = one_reply(actions)
+    assert refused["type"] == "BusyError" and refused["bound"] == "max_streams_per_session"
+    assert "max_streams_per_session=2 for this session" in refused["error"]
+    assert Count("refused", ("max_streams_per_session",)) in actions
+    # the refused request took nothing away: the session still has its two streams
+    assert len(h.core.subs.topics_of(session)) == 2
+    other = h.ask(b"o", {"type": "connect", "lease": 10})["result"]["session"]
+    h.ask(b"o", {"type": "subscribe", "params": ["AUTORANGE"], "session": other})
+    full = one_reply(
+        h.send(b"o", {"type": "subscribe", "params": ["WAVELENGTH"], "session": other})
+    )
+    assert full["bound"] == "max_streams" and "in all" in full["error"]
+
+    # one waiter per task here: the second wait is refused at once
+    started = h.send(b"s", {"type": "call", "func": "sleep", "args": [0], "task": True})
+    task = one_reply(started)["result"]["task"]
+    assert h.send(b"s", {"type": "task_status", "task": task, "wait": 5}) == []
+    second = one_reply(h.send(b"o", {"type": "task_status", "task": task, "wait": 5}))
+    assert second["bound"] == "max_status_waiters"
+    assert [a for a in h.run_all() if isinstance(a, Send)]  # the waiter is answered at the end

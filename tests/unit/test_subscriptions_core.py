@@ -8,7 +8,8 @@ import math
 
 import pytest
 
-from labmesh.server.subscriptions import Filter, Subscriptions, topic_of
+from labmesh.protocol.topics import Filter, topic_of
+from labmesh.server.subscriptions import Subscriptions
 from labmesh.updates import Subscription, pub_endpoint
 
 pytestmark = pytest.mark.unit

@@ -116,11 +116,6 @@ class TaskRun:
             return Step(False, None, yielded.seconds, yielded.progress)
         return Step(False, None, 0.0, yielded)
 
-    def close(self) -> None:
-        """Abandon the task (server shutting down): its `finally` blocks run."""
-        if self._gen is not None:
-            self._gen.close()
-
 
 def run_to_end(gen: Generator[Any, Any, Any], sleep: Callable[[float], None] = time.sleep) -> Any:
     """Run a task generator here and now (a driver used without a server): its result.

@@ -56,7 +56,8 @@ from labmesh.protocol.errors import (
     UnknownTaskError,
     wire_type_of,
 )
-from labmesh.server.subscriptions import Filter, Subscriptions
+from labmesh.protocol.topics import Filter
+from labmesh.server.subscriptions import Subscriptions
 from labmesh.server.tasks import Task, TaskTable
 
 CAPABILITIES = [

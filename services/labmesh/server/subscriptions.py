@@ -22,35 +22,7 @@ from typing import Any
 
 from labmesh.protocol import native
 from labmesh.protocol.errors import SerializationError
-
-#: The longest name a subscription may ask for.
-MAX_NAME_CHARS = 256
-
-
-@dataclass(frozen=True, slots=True)
-class Filter:
-    """What a subscriber asks of a stream (None: no such filter)."""
-
-    every_s: float | None = None
-    deadband: float | None = None
-    max_rate_hz: float | None = None
-
-    @property
-    def spec(self) -> str:
-        parts = []
-        if self.every_s is not None:
-            parts.append(f"every={self.every_s:g}")
-        if self.deadband is not None:
-            parts.append(f"deadband={self.deadband:g}")
-        if self.max_rate_hz is not None:
-            parts.append(f"rate={self.max_rate_hz:g}")
-        return "&".join(parts)
-
-
-def topic_of(name: str, flt: Filter) -> str:
-    """The PUB topic of a stream: `name`, NUL, the filter, NUL (the trailing NUL keeps one
-    topic from being a prefix of another; ZeroMQ subscriptions match prefixes)."""
-    return f"{name}\0{flt.spec}\0"
+from labmesh.protocol.topics import Filter, topic_of
 
 
 @dataclass(slots=True, eq=False)
@@ -158,10 +130,6 @@ class Subscriptions:
         """Read `name` every `period_s` whoever subscribes (cached for metrics)."""
         self.pinned[name] = period_s
         self._next_poll.setdefault(name, now)
-
-    @property
-    def subscriber_count(self) -> int:
-        return len(self._by_subscriber)
 
     def subscribed(self, name: str) -> bool:
         return name in self._by_name
