@@ -90,6 +90,8 @@ def _client(args: argparse.Namespace, name: str, **options: Any) -> Any:
     from labmesh.client import build_client
 
     options.setdefault("lease_s", None)
+    if getattr(args, "server_key", None):
+        options.setdefault("server_key", args.server_key)
     return build_client(name, timeout=args.timeout, discovery=_resolver(args), **options)
 
 
@@ -119,9 +121,13 @@ def _device_status(args: argparse.Namespace, record: dict[str, Any]) -> dict[str
     row.update(up=False, healthy=False, holders=[])
     try:
         client = build_client(
-            record["address"], timeout=min(args.timeout, 1500), retries=0, lease_s=None
+            record["address"],
+            timeout=min(args.timeout, 1500),
+            retries=0,
+            lease_s=None,
+            server_key=record.get("server_key"),
         )
-    except (TimeoutError, RemoteError) as exc:
+    except (OSError, RemoteError, LabmeshError) as exc:
         row["error"] = str(exc)
         return row
     try:
@@ -133,7 +139,7 @@ def _device_status(args: argparse.Namespace, record: dict[str, Any]) -> dict[str
             busy=pong.get("busy", False),
             holders=locks.get("holders", []),
         )
-    except (TimeoutError, RemoteError) as exc:
+    except (OSError, RemoteError) as exc:
         row["error"] = str(exc)
     finally:
         client.close()
@@ -169,8 +175,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_watch(args: argparse.Namespace) -> int:
     import zmq
 
+    from labmesh.discovery.resolver import discovery_curve
+
     info = _resolver(args).watch()
     sock = zmq.Context.instance().socket(zmq.SUB)
+    curve = discovery_curve(None, None)  # the feed is as secured as the API
+    if curve is not None:
+        curve.apply(sock)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SUBSCRIBE, b"device:")
     sock.connect(info["pub"])
@@ -205,7 +216,20 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 def cmd_discovery(args: argparse.Namespace) -> int:
     from labmesh.discovery import BeaconSettings, DiscoveryService
+    from labmesh.security import Keyring, ServerSecurity, load_key_pair
 
+    security = None
+    if args.key:
+        if not args.clients:
+            raise CliError(
+                "--key needs --clients DIR: the directory of NAME.key files of the hosts and "
+                "users discovery accepts",
+                EXIT_USAGE,
+            )
+        roles = dict(role.split("=", 1) for role in args.role) if args.role else {}
+        security = ServerSecurity(load_key_pair(args.key), Keyring(directories=args.clients), roles)
+    elif args.clients:
+        raise CliError("--clients needs --key (discovery's own key pair)", EXIT_USAGE)
     service = DiscoveryService(
         args.address,
         args.pub,
@@ -213,12 +237,15 @@ def cmd_discovery(args: argparse.Namespace) -> int:
         http_port=args.http_port,
         ttl_s=args.ttl,
         beacon=None if args.no_beacon else BeaconSettings(),
+        security=security,
     ).start()
     print(
         f"labmesh discovery: API {service.address}, changes {service.pub_address}, "
         f"HTTP {service.http_url}; Ctrl+C stops",
         flush=True,
     )
+    if service.server_key:
+        print(f"  CurveZMQ: LABMESH_DISCOVERY_KEY={service.server_key}", flush=True)
     try:
         wait_for_signal()
     finally:
@@ -437,12 +464,40 @@ def cmd_locks(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_unlock(args: argparse.Namespace) -> int:
+    with _client(args, args.name) as client:
+        released = client.force_release(args.resources)["released"]
+    lines = [f"freed {', '.join(r['resources'])} held by {r['holder']}" for r in released]
+    _emit(args, released, "\n".join(lines) or "nothing of that was held")
+    return EXIT_OK
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from labmesh import audit
+
+    path = Path(args.file) if args.file else audit.default_path()
+    if not path.exists() and not args.follow:
+        raise CliError(
+            f"no audit trail at {path}: `labmesh serve` writes it there (host file `audit:`, "
+            f"or ${audit.ENV_VAR}); give the file as an argument",
+            EXIT_USAGE,
+        )
+    try:
+        for line in audit.follow(path, lines=args.lines, forever=args.follow):
+            print(line if args.json else audit.describe_line(line), flush=True)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from labmesh import demo
     from labmesh.config import ConfigError
 
     try:
-        return demo.run(args.base_port, args.metrics_port, args.prometheus)
+        return demo.run(args.base_port, args.metrics_port, args.prometheus, secure=args.secure)
     except ConfigError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
 
@@ -462,6 +517,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--timeout", type=int, default=5000, metavar="MS", help="reply timeout (default 5000)"
+    )
+    parser.add_argument(
+        "--server-key",
+        metavar="KEY",
+        help="a secured server's public key, for a tcp:// address (names get it from discovery)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -499,6 +559,15 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("task", nargs="?", help="task id (from call --detach)")
     task.add_argument("--cancel", action="store_true", help="stop it")
     device_command("describe", "parameters, operations and resources of a device", cmd_describe)
+    unlock = device_command(
+        "unlock", "force-release locks another session holds (admin role)", cmd_unlock
+    )
+    unlock.add_argument("resources", nargs="+", metavar="RESOURCE")
+    audit = sub.add_parser("audit", help="print (and follow) a host's audit trail")
+    audit.add_argument("file", nargs="?", help="the trail (default: $LABMESH_AUDIT or ~/.local)")
+    audit.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    audit.add_argument("-n", "--lines", type=int, default=20, help="last N lines first (20)")
+    audit.set_defaults(func=cmd_audit)
     keys = sub.add_parser("keys", help="CurveZMQ key pairs: `keys new NAME`, `keys show NAME`")
     keys.add_argument("action", choices=("new", "show"))
     keys.add_argument("name", help="key name (new), or key name or .key file (show)")
@@ -523,6 +592,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also run Prometheus (binary on PATH) with the shipped config",
     )
+    demo.add_argument(
+        "--secure",
+        action="store_true",
+        help="a secured lab: CurveZMQ keys, roles, an audit trail (prints what to export)",
+    )
     demo.set_defaults(func=cmd_demo)
 
     disc = sub.add_parser("discovery", help="run the discovery service")
@@ -532,6 +606,16 @@ def build_parser() -> argparse.ArgumentParser:
     disc.add_argument("--http-port", type=int, default=5552, help="HTTP port (/targets, ...)")
     disc.add_argument("--ttl", type=float, default=10.0, help="registration lifetime (s)")
     disc.add_argument("--no-beacon", action="store_true", help="no LAN multicast beacon")
+    disc.add_argument("--key", help="serve with CurveZMQ: discovery's key pair (name or path)")
+    disc.add_argument(
+        "--clients", action="append", help="directory of accepted NAME.key files (repeatable)"
+    )
+    disc.add_argument(
+        "--role",
+        action="append",
+        metavar="NAME=ROLE",
+        help="operator registers devices, observer only looks up (default: *=operator)",
+    )
     disc.set_defaults(func=cmd_discovery)
 
     serve = sub.add_parser("serve", help="serve the instruments of one host file")

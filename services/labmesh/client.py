@@ -36,7 +36,8 @@ from labmesh.protocol.exchange import (
     result,
 )
 from labmesh.protocol.topics import Filter
-from labmesh.transport import dealer_socket
+from labmesh.security import ClientCurve, KeyPair, client_security
+from labmesh.transport import dealer_socket, handshake_failure, handshake_monitor
 from labmesh.updates import (
     AsyncReceiver,
     AsyncSubscription,
@@ -55,6 +56,10 @@ CLOSE_TIMEOUT_MS = 1000
 HEARTBEAT_WAIT_MS = 500
 #: The lease a labmesh client asks for at connect (s); renewed every third of it.
 DEFAULT_LEASE_S = 10.0
+
+
+def _is_async(context: Any) -> bool:
+    return isinstance(context, zmq.asyncio.Context)
 
 
 def resolver_for(discovery: Any) -> Resolver:
@@ -83,6 +88,8 @@ class _ClientCore:
         wait_s: float | None,
         reacquire: bool,
         discovery: Any,
+        key: KeyPair | str | None = None,
+        server_key: str | bytes | None = None,
     ) -> None:
         #: the device name when `address` had no scheme (resolved through discovery), else None
         self.device_name = None if "://" in address else address
@@ -111,6 +118,11 @@ class _ClientCore:
         self._connected = False
         self._subscriptions: list[Any] = []
         self._receiver: Any = None
+        self._key = key
+        self._server_key = server_key
+        #: the CurveZMQ settings of the connection (None: plaintext)
+        self.curve: ClientCurve | None = None
+        self._monitor: Any = None
 
     # ---- requests -------------------------------------------------------------------------
     def _exchange(
@@ -166,6 +178,26 @@ class _ClientCore:
     def _connect_wait_ms(self) -> int:
         return self.default_timeout + int((self.wait_s or 0) * 1000)
 
+    def _secure(self) -> None:
+        """Pick the CurveZMQ settings for the address now known: the server key given, or the
+        one discovery published for the device name (a server that registered a key)."""
+        server_key = self._server_key
+        if server_key is None and self._resolver is not None and self.device_name is not None:
+            server_key = self._resolver.server_key(self.device_name)
+        self.curve = client_security(server_key, self._key, repr(self.device_name or self.address))
+
+    def _dealer(self) -> Any:
+        sock = dealer_socket(self._ctx, self.address, self._routing_id(), self.curve)
+        if self.curve is not None and not _is_async(self._ctx):
+            # (the asyncio client's timeouts stay plain: its monitor would need the loop)
+            self._monitor = handshake_monitor(sock)
+        return sock
+
+    def _why_no_reply(self, error: BaseException) -> BaseException:
+        """A timeout of a secured connection whose handshakes failed says why."""
+        failure = handshake_failure(self._monitor)
+        return failure if failure is not None else error
+
     def _re_resolve(self) -> None:
         """After a failed exchange: ask discovery again (the device may have moved). Blocking:
         the asyncio client runs it in a worker thread."""
@@ -183,6 +215,7 @@ class _ClientCore:
             if self.address is not None:
                 log.warning("%s moved from %s to %s", self.device_name, self.address, address)
             self.address = self._channel.peer = address
+        self._secure()
 
     @property
     def heartbeat_interval_s(self) -> float | None:
@@ -404,6 +437,10 @@ class DeviceClient(_ClientCore):
             raising LeaseExpiredError.
         discovery: discovery endpoints or a Resolver (default: LABMESH_DISCOVERY).
         context: the ZeroMQ context (default: the process-wide one).
+        key: this client's CurveZMQ key pair (a KeyPair, or a name/path of one; default
+            $LABMESH_KEY), used when the server is secured.
+        server_key: the server's public key (Z85 text, a name or a `.key` path) for a server
+            given by address; for a device name, discovery supplies it.
     """
 
     def __init__(
@@ -420,6 +457,8 @@ class DeviceClient(_ClientCore):
         reacquire: bool = False,
         discovery: Any = None,
         context: zmq.Context | None = None,
+        key: KeyPair | str | None = None,
+        server_key: str | bytes | None = None,
     ) -> None:
         super().__init__(
             address,
@@ -432,6 +471,8 @@ class DeviceClient(_ClientCore):
             wait_s,
             reacquire,
             discovery,
+            key,
+            server_key,
         )
         self._ctx = context or zmq.Context.instance()
         self._lock = threading.RLock()
@@ -444,7 +485,8 @@ class DeviceClient(_ClientCore):
             if self.address is None:  # a device name not seen before: ask discovery
                 assert self._resolver is not None and self.device_name is not None
                 self.address = self._channel.peer = self._resolver.resolve(self.device_name)
-            self._socket = dealer_socket(self._ctx, self.address, self._routing_id())
+            self._secure()
+            self._socket = self._dealer()
             self.connect()
         except BaseException:
             self._close_socket()
@@ -518,7 +560,7 @@ class DeviceClient(_ClientCore):
         endpoint = self._pub_endpoint()
         with self._receiver_lock:
             if self._receiver is None:
-                self._receiver = Receiver(self._ctx, endpoint)
+                self._receiver = Receiver(self._ctx, endpoint, self.curve)
         self._receiver.reconnect(endpoint)
         return self._receiver
 
@@ -560,13 +602,16 @@ class DeviceClient(_ClientCore):
         """Replace the socket after a timeout so nothing stale can arrive on it."""
         self._close_socket()
         self._re_resolve()
-        self._socket = dealer_socket(self._ctx, self.address, self._routing_id())
+        self._socket = self._dealer()
         self._rcvtimeo = -1
 
     def _close_socket(self) -> None:
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+            self._monitor = None
 
     def _request(
         self, payload: dict[str, Any], attempts: int | None = None, wait_ms: int | None = None
@@ -592,8 +637,9 @@ class DeviceClient(_ClientCore):
                     self._handshake()
                     action = exchange.reconnected(self.session, time.monotonic())
                 else:
+                    error = self._why_no_reply(action.error)
                     self._reset_socket()
-                    raise action.error
+                    raise error
 
     def _receive(self, wait_ms: int) -> bytes | None:
         sock = self._socket
@@ -644,6 +690,11 @@ class DeviceClient(_ClientCore):
     def locks(self) -> dict[str, Any]:
         """Who holds which resource of the device."""
         return self._request({"type": "locks"})
+
+    def force_release(self, resources: Any) -> dict[str, Any]:
+        """Free locks another session holds (admin role on a secured device): every session
+        holding one of `resources` ends. Returns `{"released": [{holder, resources}, ...]}`."""
+        return self._request({"type": "force_release", "resources": resources}, attempts=1)
 
     def _make_proxy(self, name: str, info: dict[str, Any] | None) -> Callable[..., Any]:
         def proxy(*args: Any, **kwargs: Any) -> Any:
@@ -719,6 +770,8 @@ class AsyncDeviceClient(_ClientCore):
         reacquire: bool = False,
         discovery: Any = None,
         context: zmq.asyncio.Context | None = None,
+        key: KeyPair | str | None = None,
+        server_key: str | bytes | None = None,
     ) -> None:
         super().__init__(
             address,
@@ -731,6 +784,8 @@ class AsyncDeviceClient(_ClientCore):
             wait_s,
             reacquire,
             discovery,
+            key,
+            server_key,
         )
         self._heartbeat: asyncio.Task | None = None
         self._ctx = context or zmq.asyncio.Context.instance()
@@ -746,7 +801,8 @@ class AsyncDeviceClient(_ClientCore):
                 self.address = self._channel.peer = await asyncio.to_thread(
                     self._resolver.resolve, self.device_name
                 )
-            self._socket = dealer_socket(self._ctx, self.address, self._routing_id())
+            self._secure()
+            self._socket = self._dealer()
             await self._handshake()
             self._described(await self.describe())
         except BaseException:
@@ -806,7 +862,7 @@ class AsyncDeviceClient(_ClientCore):
     async def _start_subscription(self, sub: AsyncSubscription) -> None:
         endpoint = self._pub_endpoint()
         if self._receiver is None:
-            self._receiver = AsyncReceiver(self._ctx, endpoint)
+            self._receiver = AsyncReceiver(self._ctx, endpoint, self.curve)
         else:
             self._receiver.reconnect(endpoint)
         await self._receiver.wait_linked()  # a new connection: subscriptions reach the server
@@ -844,12 +900,15 @@ class AsyncDeviceClient(_ClientCore):
     async def _reset_socket(self) -> None:
         self._close_socket()
         await asyncio.to_thread(self._re_resolve)
-        self._socket = dealer_socket(self._ctx, self.address, self._routing_id())
+        self._socket = self._dealer()
 
     def _close_socket(self) -> None:
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+            self._monitor = None
 
     async def _request(
         self, payload: dict[str, Any], attempts: int | None = None, wait_ms: int | None = None
@@ -923,6 +982,9 @@ class AsyncDeviceClient(_ClientCore):
 
     async def locks(self) -> dict[str, Any]:
         return await self._request({"type": "locks"})
+
+    async def force_release(self, resources: Any) -> dict[str, Any]:
+        return await self._request({"type": "force_release", "resources": resources}, 1)
 
     def _make_proxy(self, name: str, info: dict[str, Any] | None) -> Callable[..., Any]:
         async def proxy(*args: Any, **kwargs: Any) -> Any:

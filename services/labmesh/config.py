@@ -6,6 +6,13 @@ discovery: tcp://lab-core:5550    # optional: endpoint(s) or auto; default $LABM
 metrics_port: 9105                # Prometheus /metrics of this process (default; null: off)
 lock_idle_limit_s: 600            # optional: reclaim locks of silent PLESTY clients
 limits: {max_queue_per_session: 50}   # optional: server bounds (labmesh.server.ServerLimits)
+security:                         # optional: CurveZMQ and roles (docs/security.md)
+  key: lab-pc-3                   # this host's key pair (name in $LABMESH_KEYS, or a path)
+  clients: /etc/labmesh/clients   # directory of NAME.key files (reloaded), or a list of them
+  keys: {alice: "Z85 public key"} # optional: more named public keys
+  discovery_key: lab-core         # discovery's public key (default $LABMESH_DISCOVERY_KEY)
+  roles: {alice: operator, "*": observer}   # roles on every device of this host
+audit: stdout                     # optional: off | stdout | a file | {file, stdout, ...}
 devices:
   - name: pm100-a
     driver: powermeter            # powermeter | scpi | nidaq | motor | package.module:Class
@@ -14,6 +21,8 @@ devices:
     sim: false
     fixed_threading: true
     options: {sensor_type: S155C}
+    roles: {bob: operator}        # optional, secured host: this device's roles over the host's
+    plaintext: {port: 5565, role: observer}   # optional, secured host: for PLESTY/LAPLACE
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from typing import Any
 
 import yaml
 
+from labmesh.access import ROLES, role_rank
 from labmesh.discovery.registry import NAME_PATTERN
 from labmesh.locks import DEFAULT_IDLE_LIMIT_S
 from labmesh.protocol.errors import LabmeshError
@@ -54,7 +64,20 @@ _HOST_KEYS = {
     "metrics_port": "TCP port of this process's Prometheus /metrics (default 9105; null: off)",
     "lock_idle_limit_s": "seconds after which a silent PLESTY client's locks are reclaimed",
     "limits": "bounds on what one peer can make a device server hold (ServerLimits fields)",
+    "security": "CurveZMQ: key, clients, keys, discovery_key, roles (docs/security.md)",
+    "audit": "the audit trail: off, stdout, a file path, or {file, stdout, max_bytes, backups}",
     "devices": "the list of instruments this host serves",
+}
+_SECURITY_KEYS = {
+    "key": "this host's key pair: a name in the keys directory or a .key_secret path",
+    "clients": "a directory of NAME.key files (re-read when it changes), or a list of them",
+    "keys": "a mapping of names to public keys (Z85 text or .key paths)",
+    "discovery_key": "discovery's public key (Z85 text, a key name or a .key path)",
+    "roles": "key name -> observer | operator | admin on every device ('*': any known key)",
+}
+_PLAINTEXT_KEYS = {
+    "port": "TCP port of the plaintext listener (for PLESTY and LAPLACE clients)",
+    "role": "the role its peers get: none | observer | operator | admin (default observer)",
 }
 _DEVICE_KEYS = {
     "name": "the device's unique name in the lab",
@@ -68,6 +91,8 @@ _DEVICE_KEYS = {
     "resources": "override the driver's lockable resources (list or tree)",
     "laplace": "serve LAPLACE clients too (mapping of LAPLACE options)",
     "metrics": "parameters exported as labmesh_parameter_value: a list, or {name: period_s}",
+    "roles": "secured host: key name -> role on this device, over the host's roles",
+    "plaintext": "secured host: {port, role} of a plaintext listener for PLESTY/LAPLACE clients",
 }
 
 
@@ -92,6 +117,10 @@ class DeviceSpec:
     laplace: dict[str, Any] | None = None
     #: parameters read every period (s) and exported to Prometheus
     metrics: dict[str, float] = field(default_factory=dict)
+    #: secured host: this device's roles (over the host's), and its plaintext listener
+    roles: dict[str, str] = field(default_factory=dict)
+    plaintext_port: int | None = None
+    plaintext_role: str = "none"
     where: str = ""
 
     def driver_class(self) -> type:
@@ -141,6 +170,21 @@ class HostConfig:
     lock_idle_limit_s: float = DEFAULT_IDLE_LIMIT_S
     limits: ServerLimits = field(default_factory=ServerLimits)
     path: str = ""
+    security: SecuritySpec | None = None
+    #: the `audit:` value as written (None: the default, see labmesh.audit.from_settings)
+    audit: Any = None
+
+
+@dataclass
+class SecuritySpec:
+    """A host file's `security:` mapping, validated (keys are loaded by the host)."""
+
+    key: str
+    clients: list[str] = field(default_factory=list)
+    keys: dict[str, str] = field(default_factory=dict)
+    discovery_key: str | None = None
+    roles: dict[str, str] = field(default_factory=dict)
+    where: str = ""
 
 
 def _limits(doc: _Located, raw: Any) -> ServerLimits:
@@ -281,6 +325,14 @@ def parse_host_config(text: str, path: str = "<string>") -> HostConfig:
     if isinstance(idle, bool) or not isinstance(idle, (int, float)) or idle <= 0:
         raise _fail(doc, ("lock_idle_limit_s",), f"expected a positive number, got {idle!r}")
     limits = _limits(doc, data.get("limits"))
+    security = _security(doc, data.get("security"))
+    audit_setting = data.get("audit")
+    if audit_setting is not None and not (
+        isinstance(audit_setting, (str, dict)) or audit_setting is False
+    ):
+        raise _fail(
+            doc, ("audit",), f"expected off, stdout, a path or a mapping, got {audit_setting!r}"
+        )
     devices_raw = data.get("devices")
     if not isinstance(devices_raw, list) or not devices_raw:
         raise _fail(doc, ("devices",), "expected a non-empty list of devices")
@@ -310,14 +362,102 @@ def parse_host_config(text: str, path: str = "<string>") -> HostConfig:
                 ("devices", i, "pub_port"),
                 f"port {spec.pub_port} is already used by {used}",
             )
+        if spec.plaintext_port is not None:
+            if security is None:
+                raise _fail(
+                    doc,
+                    ("devices", i, "plaintext"),
+                    "a plaintext listener is for secured hosts (add a security: section); "
+                    "without one every port is plaintext already",
+                )
+            if spec.plaintext_port in ports | {spec.port: ""}:
+                raise _fail(
+                    doc,
+                    ("devices", i, "plaintext", "port"),
+                    f"port {spec.plaintext_port} is already used",
+                )
+            ports[spec.plaintext_port] = f"device {spec.name} (plaintext)"
+        if spec.roles and security is None:
+            raise _fail(
+                doc, ("devices", i, "roles"), "roles need a security: section (keys to name)"
+            )
         names[spec.name] = spec.where
         ports[spec.port] = f"device {spec.name}"
         if spec.pub_port is not None:
             ports[spec.pub_port] = f"device {spec.name} (pub_port)"
         devices.append(spec)
     return HostConfig(
-        host, devices, bind, advertise, discovery, metrics_port, float(idle), limits, path
+        host,
+        devices,
+        bind,
+        advertise,
+        discovery,
+        metrics_port,
+        float(idle),
+        limits,
+        path,
+        security,
+        audit_setting,
     )
+
+
+def _roles(doc: _Located, key: tuple, raw: Any) -> dict[str, str]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise _fail(doc, key, f"expected a mapping of key names to roles, got {raw!r}")
+    for name, role in raw.items():
+        try:
+            role_rank(role, "role")
+        except ValueError:
+            raise _fail(
+                doc, (*key, name), f"unknown role {role!r}; roles are {', '.join(ROLES)}"
+            ) from None
+    return {str(k): str(v).lower() for k, v in raw.items()}
+
+
+def _security(doc: _Located, raw: Any) -> SecuritySpec | None:
+    if raw is None:
+        return None
+    key = ("security",)
+    if not isinstance(raw, dict):
+        raise _fail(doc, key, f"expected a mapping ({', '.join(_SECURITY_KEYS)}), got {raw!r}")
+    _unknown_keys(doc, key, raw, _SECURITY_KEYS)
+    if not isinstance(raw.get("key"), str):
+        raise _fail(doc, key, f"missing 'key' ({_SECURITY_KEYS['key']})")
+    clients = raw.get("clients") or []
+    if isinstance(clients, str):
+        clients = [clients]
+    if not isinstance(clients, list) or not all(isinstance(c, str) for c in clients):
+        raise _fail(doc, (*key, "clients"), f"expected a directory or a list, got {clients!r}")
+    keys = raw.get("keys") or {}
+    if not isinstance(keys, dict) or not all(isinstance(v, str) for v in keys.values()):
+        raise _fail(doc, (*key, "keys"), f"expected a mapping of names to keys, got {keys!r}")
+    discovery_key = raw.get("discovery_key")
+    if discovery_key is not None and not isinstance(discovery_key, str):
+        raise _fail(doc, (*key, "discovery_key"), f"expected a key, got {discovery_key!r}")
+    base = Path(doc.path).parent if doc.path and not doc.path.startswith("<") else Path(".")
+    return SecuritySpec(
+        key=raw["key"],
+        clients=[str(base / c) for c in clients],
+        keys={str(k): v for k, v in keys.items()},
+        discovery_key=discovery_key,
+        roles=_roles(doc, (*key, "roles"), raw.get("roles")),
+        where=doc.at(key),
+    )
+
+
+def _plaintext(doc: _Located, key: tuple, raw: Any) -> tuple[int | None, str]:
+    if raw is None:
+        return None, "none"
+    if not isinstance(raw, dict):
+        raise _fail(doc, key, f"expected {{port, role}}, got {raw!r}")
+    _unknown_keys(doc, key, raw, _PLAINTEXT_KEYS)
+    if "port" not in raw:
+        raise _fail(doc, key, f"missing 'port' ({_PLAINTEXT_KEYS['port']})")
+    port = _port(doc, (*key, "port"), raw["port"])
+    role = _roles(doc, key, {"role": raw.get("role", "observer")})["role"]
+    return port, role
 
 
 def _device(doc: _Located, key: tuple, raw: Any) -> DeviceSpec:
@@ -360,6 +500,7 @@ def _device(doc: _Located, key: tuple, raw: Any) -> DeviceSpec:
     if laplace is not None and not isinstance(laplace, dict):
         raise _fail(doc, (*key, "laplace"), f"expected a mapping, got {laplace!r}")
     exported = _exported(doc, (*key, "metrics"), raw.get("metrics"))
+    plaintext_port, plaintext_role = _plaintext(doc, (*key, "plaintext"), raw.get("plaintext"))
     return DeviceSpec(
         name=name,
         driver=driver,
@@ -374,6 +515,9 @@ def _device(doc: _Located, key: tuple, raw: Any) -> DeviceSpec:
         resources=resources,
         laplace=laplace,
         metrics=exported,
+        roles=_roles(doc, (*key, "roles"), raw.get("roles")),
+        plaintext_port=plaintext_port,
+        plaintext_role=plaintext_role,
         where=doc.at(key),
     )
 

@@ -66,6 +66,19 @@ HOSTS = {
         """,
 }
 DEVICES = ("pm100-a", "daq-1", "stage")
+#: `--secure`: the key pairs made for the lab (hosts register, people use the devices), the
+#: roles people get on every device, and pm100-a's plaintext listener (for PLESTY clients).
+SECURE_HOSTS = ("optics-pc", "daq-pc")
+SECURE_PEOPLE = {"operator": "operator", "observer": "observer", "admin": "admin"}
+PM100_PLAINTEXT = 8
+SECURITY_BLOCK = """\
+security:
+  key: {key}
+  clients: {clients}
+  discovery_key: '{discovery_key}'
+  roles: {roles}
+audit: {audit}
+"""
 
 
 @dataclass
@@ -78,6 +91,9 @@ class Demo:
     hosts: dict[str, subprocess.Popen] = field(default_factory=dict)
     prometheus: subprocess.Popen | None = None
     prometheus_url: str | None = None
+    #: --secure: where the keys are, discovery's public key
+    keys: Path | None = None
+    discovery_key: str | None = None
 
     @property
     def endpoint(self) -> str:
@@ -98,10 +114,42 @@ def _check_free(ports: list[int]) -> None:
                 ) from None
 
 
+def _secure_lab(demo: Demo, ports: dict) -> object:
+    """Make the secured demo's keys; return discovery's ServerSecurity (hosts register,
+    people look up) and fill the host files' `security:` blocks into `ports`."""
+    from labmesh.keys import new_key_pair
+    from labmesh.security import Keyring, ServerSecurity, load_key_pair
+
+    keys = demo.keys = demo.workdir / "keys"
+    clients = keys / "clients"
+    clients.mkdir(parents=True)
+    new_key_pair(keys, "lab-core")
+    for name in (*SECURE_HOSTS, *SECURE_PEOPLE):
+        public, _secret = new_key_pair(keys, name)
+        (clients / public.name).write_text(public.read_text())
+    pair = load_key_pair(keys / "lab-core.key_secret")
+    demo.discovery_key = pair.public.decode()
+    roles = {**SECURE_PEOPLE, "*": "none"}
+    for host in SECURE_HOSTS:
+        ports[f"security_{host}"] = SECURITY_BLOCK.format(
+            key=keys / f"{host}.key_secret",
+            clients=clients,
+            discovery_key=demo.discovery_key,
+            roles="{" + ", ".join(f"{k!r}: {v}" for k, v in roles.items()) + "}",
+            audit=demo.workdir / f"audit-{host}.jsonl",
+        )
+    registrars = {**dict.fromkeys(SECURE_HOSTS, "operator"), "*": "observer"}
+    return ServerSecurity(pair, Keyring(directories=[clients]), registrars)
+
+
 def start(
-    base_port: int = 5550, metrics_port: int = OPTICS_METRICS, timeout_s: float = 15.0
+    base_port: int = 5550,
+    metrics_port: int = OPTICS_METRICS,
+    timeout_s: float = 15.0,
+    secure: bool = False,
 ) -> Demo:
-    """Start the demo lab; returns once every device is registered (or raises)."""
+    """Start the demo lab; returns once every device is registered (or raises). `secure`:
+    with CurveZMQ keys, roles and an audit trail (docs/security.md)."""
     from labmesh.discovery import DiscoveryService
 
     ports = {
@@ -122,22 +170,35 @@ def start(
                 PM100_PORT,
                 DAQ_PORT,
                 STAGE_PORT,
+                *((PM100_PLAINTEXT,) if secure else ()),
             )
         ]
         + [metrics_port, metrics_port + 1]
     )
     demo = Demo(base_port, Path(tempfile.mkdtemp(prefix="labmesh-demo-")))
     try:
+        security = None
+        if secure:
+            security = _secure_lab(demo, ports)
         demo.discovery = DiscoveryService(
             f"tcp://127.0.0.1:{base_port + DISCOVERY_API}",
             f"tcp://127.0.0.1:{base_port + DISCOVERY_PUB}",
             http_host="127.0.0.1",
             http_port=base_port + DISCOVERY_HTTP,
             beacon=None,
+            security=security,
         ).start()
         for host, template in HOSTS.items():
             path = demo.workdir / f"{host}.yaml"
-            path.write_text(textwrap.dedent(template).format(**ports))
+            text = textwrap.dedent(template).format(**ports)
+            if secure:
+                text = text.replace("devices:\n", ports[f"security_{host}"] + "devices:\n", 1)
+                listener = f"{{port: {base_port + PM100_PLAINTEXT}, role: observer}}"
+                text = text.replace(
+                    "    metrics: [POWER, WAVELENGTH]\n",
+                    f"    metrics: [POWER, WAVELENGTH]\n    plaintext: {listener}\n",
+                )
+            path.write_text(text)
             demo.hosts[host] = subprocess.Popen(
                 [sys.executable, "-m", "labmesh.cli", "serve", str(path), "--sim"],
                 stdout=subprocess.DEVNULL,
@@ -231,6 +292,26 @@ def banner(demo: Demo) -> str:
         )
     if demo.prometheus_url:
         lines.append(f"  prometheus    {demo.prometheus_url}")
+    if demo.keys is not None:
+        plaintext = demo.base_port + PM100_PLAINTEXT
+        lines += [
+            "",
+            f"Secured with CurveZMQ: keys in {demo.keys} (roles: operator, observer, admin);",
+            f"pm100-a also listens in plaintext for PLESTY clients on tcp://127.0.0.1:{plaintext}"
+            " (observer: read only).",
+            "",
+            "In another terminal:",
+            f"  export LABMESH_DISCOVERY={demo.endpoint}",
+            f"  export LABMESH_DISCOVERY_KEY='{demo.discovery_key}'",
+            f"  export LABMESH_KEY={demo.keys / 'operator.key_secret'}",
+            "  labmesh ls; labmesh set pm100-a WAVELENGTH 1064; labmesh get pm100-a POWER",
+            f"  LABMESH_KEY={demo.keys / 'observer.key_secret'} labmesh set pm100-a "
+            "WAVELENGTH 800   # PermissionError",
+            f"  labmesh audit {demo.workdir / 'audit-optics-pc.jsonl'} --follow",
+            "",
+            "Ctrl+C stops the lab.",
+        ]
+        return "\n".join(lines)
     lines += [
         "",
         "In another terminal:",
@@ -252,11 +333,15 @@ def banner(demo: Demo) -> str:
 
 
 def run(
-    base_port: int, metrics_port: int, prometheus: bool, wait: threading.Event | None = None
+    base_port: int,
+    metrics_port: int,
+    prometheus: bool,
+    wait: threading.Event | None = None,
+    secure: bool = False,
 ) -> int:
     """Start, print, serve until a signal (or `wait` is set), stop."""
     t0 = time.monotonic()
-    demo = start(base_port, metrics_port)
+    demo = start(base_port, metrics_port, secure=secure)
     try:
         if prometheus:
             start_prometheus(demo)

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from labmesh import __version__, metrics
+from labmesh.audit import AuditLog, from_settings
 from labmesh.config import ConfigError, DeviceSpec, HostConfig
 from labmesh.discovery import DeviceRecord, Registrar, advertised_address
 from labmesh.protocol.native import PROTOCOL_NAME
+from labmesh.security import KeyPair, Keyring, ServerSecurity, load_key_pair
 from labmesh.server import DeviceServer
 
 log = logging.getLogger("labmesh.host")
@@ -63,10 +65,39 @@ class HostServer:
         config: the validated host file.
         sim: simulate every device (as `labmesh serve --sim`).
         bind: override the file's `bind` interface (e.g. 127.0.0.1 in tests).
+        audit: where audit lines go (default: the host file's `audit:`, else $LABMESH_AUDIT,
+            else the default file of labmesh.audit).
+
+    Raises KeyFileError (a ConfigError's sibling) when the `security:` keys cannot be read.
     """
 
-    def __init__(self, config: HostConfig, *, sim: bool = False, bind: str | None = None):
+    def __init__(
+        self,
+        config: HostConfig,
+        *,
+        sim: bool = False,
+        bind: str | None = None,
+        audit: AuditLog | None = None,
+    ):
         self.config = config
+        self.audit = audit or from_settings(config.audit, f"{config.path}: audit")
+        self.key: KeyPair | None = None
+        self.keyring: Keyring | None = None
+        security = config.security
+        if security is not None:
+            self.key = load_key_pair(security.key)
+            self.keyring = Keyring(security.keys, security.clients)
+            log.info(
+                "CurveZMQ: host key %s (%s...), %d known client keys",
+                self.key.name,
+                self.key.public.decode()[:8],
+                len(self.keyring.names()),
+            )
+        else:
+            log.warning(
+                "no security: section: these devices listen in plaintext and anyone who "
+                "reaches their ports may drive them (docs/security.md: `labmesh keys new`)"
+            )
         self.sim = sim
         self.bind = bind or config.bind
         self.devices = {
@@ -77,7 +108,11 @@ class HostServer:
         self._threads: list[threading.Thread] = []
         self._ready = {name: threading.Event() for name in self.devices}
         # the host file's discovery endpoints, else LABMESH_DISCOVERY (what containers set)
-        registrar = Registrar(config.discovery or None)
+        registrar = Registrar(
+            config.discovery or None,
+            server_key=security.discovery_key if security is not None else None,
+            key=self.key,
+        )
         self.registrar = registrar if (registrar.auto or registrar.endpoints) else None
         self.metrics_url: str | None = None
         self._metrics_http: Any = None
@@ -145,6 +180,8 @@ class HostServer:
                     pub_address=(
                         f"tcp://{self.bind}:{spec.pub_port}" if spec.pub_port is not None else None
                     ),
+                    security=self._security_of(spec),
+                    audit=self.audit,
                 )
                 server.start()
             except Exception as exc:
@@ -166,6 +203,22 @@ class HostServer:
             server.stop()
             break
         state.state = "stopped" if state.state != "failed" else state.state
+
+    def _security_of(self, spec: DeviceSpec) -> ServerSecurity | None:
+        """A device's CurveZMQ settings: the host's key and keyring, the host's roles with
+        the device's over them, and its plaintext listener if it has one."""
+        if self.key is None or self.keyring is None or self.config.security is None:
+            return None
+        plaintext = (
+            f"tcp://{self.bind}:{spec.plaintext_port}" if spec.plaintext_port is not None else None
+        )
+        return ServerSecurity(
+            self.key,
+            self.keyring,
+            {**self.config.security.roles, **spec.roles},
+            spec.plaintext_role if plaintext else "none",
+            plaintext,
+        )
 
     def _register(self, server: DeviceServer) -> None:
         """Tell discovery where this device is served (an address others can reach)."""
@@ -191,6 +244,7 @@ class HostServer:
                 protocols=[PROTOCOL_NAME],
                 version=__version__,
                 started=time.time(),
+                server_key=server.server_key,
             )
         )
 
@@ -206,6 +260,7 @@ class HostServer:
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
+        self.audit.close()
 
     def status(self) -> list[dict[str, Any]]:
         return [state.row() for state in self.devices.values()]

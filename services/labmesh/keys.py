@@ -14,21 +14,10 @@ from pathlib import Path
 import zmq.auth
 
 from labmesh.discovery.registry import NAME_PATTERN
-from labmesh.protocol.errors import LabmeshError
+from labmesh.security import KEYS_ENV as ENV_VAR
+from labmesh.security import Z85_KEY_CHARS, KeyFileError, default_directory, public_key_of
 
-#: Where keys live unless told otherwise: $LABMESH_KEYS, else ~/.config/labmesh/keys.
-ENV_VAR = "LABMESH_KEYS"
-
-
-class KeyFileError(LabmeshError):
-    """A key pair that cannot be made or read; the message says why and what to do."""
-
-    wire_type = "KeyFileError"
-
-
-def default_directory() -> Path:
-    configured = os.environ.get(ENV_VAR)
-    return Path(configured) if configured else Path.home() / ".config" / "labmesh" / "keys"
+__all__ = ["ENV_VAR", "KeyFileError", "default_directory", "new_key_pair", "public_key"]
 
 
 def new_key_pair(directory: Path, name: str) -> tuple[Path, Path]:
@@ -53,16 +42,6 @@ def new_key_pair(directory: Path, name: str) -> tuple[Path, Path]:
 
 def public_key(name_or_path: str, directory: Path) -> str:
     """The public key (Z85) of a key file path, or of NAME in `directory`."""
-    path = Path(name_or_path)
-    if not path.exists():
-        path = directory / f"{name_or_path}.key"
-    if not path.exists():
-        raise KeyFileError(
-            f"no key {name_or_path!r}: neither a file nor {path}; make one with "
-            f"`labmesh keys new {name_or_path}` (keys directory: {directory})"
-        )
-    try:
-        public, _secret = zmq.auth.load_certificate(path)
-    except (OSError, ValueError) as exc:
-        raise KeyFileError(f"{path} is not a ZeroMQ certificate file: {exc}") from None
-    return public.decode()
+    if len(name_or_path) == Z85_KEY_CHARS and not Path(name_or_path).exists():
+        name_or_path = str(directory / f"{name_or_path}.key")  # a name, never a key here
+    return public_key_of(name_or_path, directory).decode()

@@ -167,6 +167,15 @@ SERVER_INFO = Gauge(
 )
 
 
+AUDIT_EVENTS = Counter(
+    "labmesh_audit_events_total",
+    "Audit events (writes, calls, lock grants, releases, expiries and force-releases, refused "
+    "permissions) by device, event and outcome (ok, started, denied, error).",
+    ["device", "event", "outcome"],
+    registry=REGISTRY,
+)
+
+
 class DeviceMetrics:
     """The metrics of one device server, with labelled children cached for the hot path.
 
@@ -214,6 +223,11 @@ class DeviceMetrics:
 
     def reply_dropped(self, reason: str) -> None:
         REPLIES_DROPPED.labels(self.device, reason).inc()
+
+    def audited(self, event: str, outcome: str) -> None:
+        if outcome not in ("ok", "started", "denied"):
+            outcome = "error"  # the line has the error type; the label stays a small set
+        AUDIT_EVENTS.labels(self.device, event, outcome).inc()
 
 
 class _ServerCollector:

@@ -6,9 +6,12 @@ tuning are applied in one place, without touching the protocol or the server log
 
 from __future__ import annotations
 
+import struct
+
 import zmq
 
 from labmesh.protocol.native import ZMQ_CUT_FACTOR
+from labmesh.security import ClientCurve, KeyPair, server_curve, server_plaintext
 
 #: How quickly a DEALER reconnects after its server went away (ms), and the cap of its backoff.
 RECONNECT_IVL_MS = 100
@@ -20,7 +23,13 @@ ROUTER_RCVHWM = 1000
 
 
 def router_socket(
-    ctx: zmq.Context, address: str, max_message_bytes: int, max_replies_queued_per_peer: int = 512
+    ctx: zmq.Context,
+    address: str,
+    max_message_bytes: int,
+    max_replies_queued_per_peer: int = 512,
+    *,
+    curve: KeyPair | None = None,
+    domain: str = "labmesh",
 ) -> zmq.Socket:
     """The device server's ROUTER, bound to `address` (e.g. `tcp://127.0.0.1:5555`).
 
@@ -32,6 +41,10 @@ def router_socket(
     ZeroMQ's own size cut (MAXMSGSIZE) sits
     at ZMQ_CUT_FACTOR times `max_message_bytes`, so any request up to there gets a readable
     ProtocolError reply; beyond it ZeroMQ drops the connection unread.
+
+    With `curve` (the server's key pair) `address` is a CurveZMQ endpoint whose handshakes the
+    context's ZAP handler checks in `domain` (labmesh.security.authenticate); a plaintext
+    endpoint can be added to the same socket with bind_plaintext.
     """
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -39,7 +52,23 @@ def router_socket(
     sock.setsockopt(zmq.MAXMSGSIZE, ZMQ_CUT_FACTOR * max_message_bytes + 1024)
     sock.setsockopt(zmq.SNDHWM, max_replies_queued_per_peer)
     sock.setsockopt(zmq.RCVHWM, ROUTER_RCVHWM)
+    if curve is not None:
+        server_curve(sock, curve, domain)
     return _bind(sock, address, "listen")
+
+
+def bind_plaintext(sock: zmq.Socket, address: str) -> str:
+    """Add a plaintext endpoint to a CurveZMQ server socket (libzmq takes each endpoint's
+    security options at bind time); its peers get the plaintext role. The bound endpoint."""
+    server_plaintext(sock)
+    try:
+        sock.bind(address)
+    except zmq.ZMQError as exc:
+        raise OSError(
+            f"cannot listen (plaintext) on {address}: {exc} (is another server on that port? "
+            "choose another port or stop the other server)"
+        ) from None
+    return bound_address(sock)
 
 
 #: Connection events the monitor of a server socket can hold before libzmq drops them: a burst
@@ -59,12 +88,22 @@ def connection_monitor(sock: zmq.Socket) -> zmq.Socket:
     return pair
 
 
-def pub_socket(ctx: zmq.Context, address: str, hwm: int = 10000) -> zmq.Socket:
+def pub_socket(
+    ctx: zmq.Context,
+    address: str,
+    hwm: int = 10000,
+    *,
+    curve: KeyPair | None = None,
+    domain: str = "labmesh-pub",
+) -> zmq.Socket:
     """A PUB socket bound to `address` (discovery's change feed, a device's updates); a
-    subscriber that does not read loses what passes `hwm` messages queued for it."""
+    subscriber that does not read loses what passes `hwm` messages queued for it. `curve` and
+    `curve` and `domain` as for router_socket."""
     sock = ctx.socket(zmq.PUB)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, hwm)
+    if curve is not None:
+        server_curve(sock, curve, domain)
     return _bind(sock, address, "publish")
 
 
@@ -72,7 +111,7 @@ def _bind(sock: zmq.Socket, address: str, what: str) -> zmq.Socket:
     try:
         sock.bind(address)
     except zmq.ZMQError as exc:
-        sock.close()
+        sock.close(linger=0)
         raise OSError(
             f"cannot {what} on {address}: {exc} (is another server on that port? "
             "choose another port or stop the other server)"
@@ -80,15 +119,53 @@ def _bind(sock: zmq.Socket, address: str, what: str) -> zmq.Socket:
     return sock
 
 
-def dealer_socket(ctx: zmq.Context, address: str, identity: bytes) -> zmq.Socket:
-    """A client's DEALER connected to `address`, with `identity` as its routing id."""
+def dealer_socket(
+    ctx: zmq.Context, address: str, identity: bytes, curve: ClientCurve | None = None
+) -> zmq.Socket:
+    """A client's DEALER connected to `address`, with `identity` as its routing id (a CurveZMQ
+    client with `curve`)."""
     sock = ctx.socket(zmq.DEALER)
+    if curve is not None:
+        curve.apply(sock)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IDENTITY, identity)
     sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
     sock.connect(address)
     return sock
+
+
+def handshake_failure(monitor: zmq.Socket | None) -> OSError | None:
+    """Why a secured client's handshakes failed, from its socket's monitor (None: no failure
+    seen): a timeout then says "the server refused our key" instead of only "no reply"."""
+    if monitor is None:
+        return None
+    why: OSError | None = None
+    while True:
+        try:
+            frames = monitor.recv_multipart(zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return why
+        event, value = struct.unpack("=hi", frames[0][:6])
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            why = PermissionError(
+                f"the server refused this client's CurveZMQ key (ZAP status {value}): it does "
+                "not know the key; give the lab's admin your NAME.key file (`labmesh keys show`)"
+            )
+        elif why is None:
+            why = ConnectionRefusedError(
+                "the CurveZMQ handshake failed: the server's key is not the one this client "
+                "was given (or the server does not speak CURVE on that port)"
+            )
+
+
+def handshake_monitor(sock: zmq.Socket) -> zmq.Socket:
+    """A PAIR socket receiving `sock`'s handshake failures (read by handshake_failure)."""
+    return sock.get_monitor_socket(
+        zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+        | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    )
 
 
 def bound_address(sock: zmq.Socket) -> str:

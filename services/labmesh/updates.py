@@ -275,9 +275,10 @@ class Receiver:
     client's lock while they wait here, so a callback may use the client.
     """
 
-    def __init__(self, context: zmq.Context, endpoint: str) -> None:
+    def __init__(self, context: zmq.Context, endpoint: str, curve: Any = None) -> None:
         self.endpoint = endpoint
         self._ctx = context
+        self._curve = curve  # labmesh.security.ClientCurve of a secured server
         self._topics = _TopicIndex()
         self._lock = threading.Lock()
         address = f"inproc://labmesh-sub-{id(self)}"
@@ -350,6 +351,8 @@ class Receiver:
         cmd.setsockopt(zmq.LINGER, 0)
         cmd.connect(address)
         sub = self._sub = self._ctx.socket(zmq.SUB)
+        if self._curve is not None:
+            self._curve.apply(sub)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, 100_000)
         events_of_sub = sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
@@ -454,9 +457,11 @@ class AsyncSubscription(_SubscriptionBase):
 class AsyncReceiver:
     """An asyncio client's SUB socket, read by one task (only that loop touches it)."""
 
-    def __init__(self, context: zmq.asyncio.Context, endpoint: str) -> None:
+    def __init__(self, context: zmq.asyncio.Context, endpoint: str, curve: Any = None) -> None:
         self.endpoint = endpoint
         self._sub = context.socket(zmq.SUB)
+        if curve is not None:
+            curve.apply(self._sub)
         self._sub.setsockopt(zmq.LINGER, 0)
         self._sub.setsockopt(zmq.RCVHWM, 100_000)
         self._events = self._sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)

@@ -38,6 +38,7 @@ LAYERS: dict[str, int] = {
     "labmesh.device.executor": 1,
     "labmesh.device.tasks": 1,
     "labmesh.locks": 1,
+    "labmesh.access": 1,
     "labmesh.discovery.registry": 1,
     "labmesh.compat": 1,
     "labmesh.compat.plesty": 1,
@@ -46,6 +47,8 @@ LAYERS: dict[str, int] = {
     "labmesh.server.tasks": 2,
     "labmesh.server.subscriptions": 2,
     "labmesh.transport": 2,
+    "labmesh.security": 2,
+    "labmesh.audit": 2,
     "labmesh.metrics": 2,
     "labmesh.signals": 2,
     # transport: sockets, threads, asyncio; drivers

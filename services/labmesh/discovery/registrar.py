@@ -34,8 +34,10 @@ from labmesh.discovery.resolver import (
     DiscoveryConnection,
     DiscoveryUnavailableError,
     beacon_endpoints,
+    discovery_curve,
     parse_endpoints,
 )
+from labmesh.security import KeyPair
 
 log = logging.getLogger("labmesh.discovery.registrar")
 
@@ -63,6 +65,9 @@ class Registrar:
         context: ZeroMQ context (default: the process-wide one).
         beacon: multicast settings for `auto`.
         beacon_timeout_s: how long `auto` listens per attempt.
+        server_key: discovery's CurveZMQ public key (default: $LABMESH_DISCOVERY_KEY).
+        key: the host's key pair, which registers (and so owns) the records (default:
+            $LABMESH_KEY); needed when discovery is secured.
     """
 
     def __init__(
@@ -74,8 +79,11 @@ class Registrar:
         context: zmq.Context | None = None,
         beacon: BeaconSettings | None = None,
         beacon_timeout_s: float = DEFAULT_BEACON_TIMEOUT_S,
+        server_key: str | bytes | None = None,
+        key: KeyPair | str | None = None,
     ) -> None:
         self.auto, configured = parse_endpoints(endpoints)
+        self._curve = discovery_curve(server_key, key) if self.auto or configured else None
         self.ttl_s = float(ttl_s)
         self.timeout_s = timeout_s
         self.beacon = beacon
@@ -251,7 +259,7 @@ class _EndpointWorker:
 
     def _run(self) -> None:
         owner = self.owner
-        connection = DiscoveryConnection(self.endpoint, owner._ctx, "registrar")
+        connection = DiscoveryConnection(self.endpoint, owner._ctx, "registrar", owner._curve)
         try:
             while not owner._stopping:
                 generation, wanted = owner._snapshot()

@@ -73,6 +73,11 @@ class DeviceRecord:
         started: when the server started (wall-clock epoch seconds, for display).
         instance: a fresh random id per server start; only this instance may renew or remove
             the registration.
+        server_key: the server's CurveZMQ public key (Z85 text), for clients connecting by
+            name; on a secured discovery service it is the key that registered the record.
+        owner: the CurveZMQ key that registered the record (set by a secured discovery service
+            from the handshake, never from the wire; None on a plaintext one). Only that key
+            renews, changes or removes it.
     """
 
     name: str
@@ -86,6 +91,8 @@ class DeviceRecord:
     protocols: list[str] = field(default_factory=list)
     version: str = ""
     started: float = 0.0
+    server_key: str | None = None
+    owner: str | None = None
 
     def public_dict(self) -> dict[str, Any]:
         """The record as anyone may see it (lookup, list, the change feed, /devices): the
@@ -109,6 +116,7 @@ class DeviceRecord:
             "version": self.version,
             "started": self.started,
             "instance": self.instance,
+            "server_key": self.server_key,
         }
 
     @classmethod
@@ -150,6 +158,14 @@ class DeviceRecord:
         metrics_url = obj.get("metrics_url")
         if metrics_url is not None:
             metrics_url = _checked_metrics_url(metrics_url, where)
+        server_key = obj.get("server_key")
+        if server_key is not None and not (
+            isinstance(server_key, str) and _Z85_KEY.fullmatch(server_key)
+        ):
+            raise InvalidRecordError(
+                f"{where}: 'server_key' must be a CurveZMQ public key (40 Z85 characters) or "
+                f"null, got {_clip_text(server_key)}"
+            )
         return cls(
             name=name,
             address=_checked_address(obj.get("address"), where),
@@ -162,11 +178,20 @@ class DeviceRecord:
             protocols=list(protocols),
             version=_text(obj, "version", where),
             started=float(started),
+            server_key=server_key,
         )
 
     def describe(self) -> str:
         """`pm100-a at tcp://10.0.0.5:5555 on lab-pc-3`, for messages."""
         return f"{self.name} at {self.address}" + (f" on {self.host}" if self.host else "")
+
+
+_Z85_KEY = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
+
+
+def _clip_text(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
 
 
 def _text(obj: dict[str, Any], key: str, where: str) -> str:
@@ -311,6 +336,15 @@ class Registry:
             self._log("added", "registered", record)
             return entry
         holder = entry.record
+        if (
+            holder.instance != record.instance
+            and holder.owner is not None
+            and (holder.owner == record.owner)
+        ):
+            # the same key, a new server start (the host restarted after a crash): its own
+            # stale record must not lock it out for a TTL
+            self._remove(entry, now, "replaced")
+            return self.register(record, now)
         if holder.instance != record.instance:
             raise NameTakenError(
                 f"device name {record.name!r} is already registered by the server at "
@@ -332,7 +366,7 @@ class Registry:
             self._log("updated", "changed", record)
         return entry
 
-    def heartbeat(self, name: str, instance: str, now: float) -> bool:
+    def heartbeat(self, name: str, instance: str, now: float, owner: str | None = None) -> bool:
         """Renew a registration; False if this instance holds no live record of `name`.
 
         False tells the server to register again (discovery restarted, or the record
@@ -340,16 +374,24 @@ class Registry:
         follows is refused with NameTakenError.
         """
         entry = self._entries.get(name)
-        if entry is None or entry.record.instance != instance or entry.expires_at <= now:
+        if (
+            entry is None
+            or entry.record.instance != instance
+            or entry.record.owner != owner
+            or entry.expires_at <= now
+        ):
             return False
         entry.last_seen = now
         entry.expires_at = now + self.ttl_s
         return True
 
-    def deregister(self, name: str, instance: str, now: float) -> DeviceRecord | None:
-        """Remove `name` if `instance` holds it; returns the removed record, or None."""
+    def deregister(
+        self, name: str, instance: str, now: float, owner: str | None = None
+    ) -> DeviceRecord | None:
+        """Remove `name` if `instance` (registered by `owner`) holds it; the removed record, or
+        None."""
         entry = self._entries.get(name)
-        if entry is None or entry.record.instance != instance:
+        if entry is None or entry.record.instance != instance or entry.record.owner != owner:
             return None
         self._remove(entry, now, "deregistered")
         return entry.record

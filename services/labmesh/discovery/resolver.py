@@ -25,7 +25,13 @@ from labmesh.discovery.beacon import BeaconSettings, find_discovery
 from labmesh.discovery.registry import InvalidRecordError, NameTakenError, UnknownDeviceError
 from labmesh.protocol.errors import LabmeshError
 from labmesh.protocol.exchange import Action, Channel, Done, Send, Wait, result
-from labmesh.transport import dealer_socket
+from labmesh.security import (
+    ClientCurve,
+    KeyPair,
+    client_security,
+    discovery_key_from_environment,
+)
+from labmesh.transport import dealer_socket, handshake_failure, handshake_monitor
 
 log = logging.getLogger("labmesh.discovery")
 
@@ -105,10 +111,18 @@ class DiscoveryConnection:
         role: a word for the socket identity (`resolver`, `registrar`), seen in service logs.
     """
 
-    def __init__(self, endpoint: str, context: zmq.Context, role: str = "client") -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        context: zmq.Context,
+        role: str = "client",
+        curve: ClientCurve | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self._ctx = context
         self._role = role
+        self._curve = curve
+        self._monitor: zmq.Socket | None = None
         self._sock: zmq.Socket | None = None
         self._channel = Channel(endpoint, log)
 
@@ -116,7 +130,9 @@ class DiscoveryConnection:
         """Send one request and return its result; raise the error it was answered with."""
         if self._sock is None:
             identity = f"{self._role}-{secrets.token_hex(6)}".encode()
-            self._sock = dealer_socket(self._ctx, self.endpoint, identity)
+            self._sock = dealer_socket(self._ctx, self.endpoint, identity, self._curve)
+            if self._curve is not None:
+                self._monitor = handshake_monitor(self._sock)
         exchange = self._channel.exchange(payload, wait_ms=max(1, int(timeout_s * 1000)))
         action: Action = exchange.start(time.monotonic())
         while True:
@@ -135,9 +151,11 @@ class DiscoveryConnection:
             elif isinstance(action, Done):
                 return result(action.reply, _LOCAL_ERRORS)
             else:  # GiveUp (one attempt; a discovery request never reconnects)
+                failure = handshake_failure(self._monitor)
                 self.close()
+                why = f": {failure}" if failure is not None else ""
                 raise DiscoveryUnavailableError(
-                    f"discovery at {self.endpoint} did not answer within {timeout_s:g} s"
+                    f"discovery at {self.endpoint} did not answer within {timeout_s:g} s{why}"
                 ) from None
 
     def _receive(self, wait_ms: int) -> bytes | None:
@@ -154,6 +172,19 @@ class DiscoveryConnection:
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+            self._monitor = None
+
+
+def discovery_curve(
+    server_key: str | bytes | None, key: KeyPair | str | None
+) -> ClientCurve | None:
+    """The CurveZMQ settings for talking to discovery: its key given, else
+    $LABMESH_DISCOVERY_KEY (None: plaintext)."""
+    if server_key is None:
+        server_key = discovery_key_from_environment()
+    return client_security(server_key, key, "discovery")
 
 
 _default: Resolver | None = None
@@ -181,6 +212,9 @@ class Resolver:
         context: ZeroMQ context (default: the process-wide one).
         beacon: multicast group, port and interface for `auto`.
         beacon_timeout_s: how long `auto` listens for an announcement.
+        server_key: discovery's CurveZMQ public key (default: $LABMESH_DISCOVERY_KEY; None
+            there too: plaintext).
+        key: this process's key pair for a secured discovery (default: $LABMESH_KEY).
     """
 
     def __init__(
@@ -191,8 +225,13 @@ class Resolver:
         context: zmq.Context | None = None,
         beacon: BeaconSettings | None = None,
         beacon_timeout_s: float = DEFAULT_BEACON_TIMEOUT_S,
+        server_key: str | bytes | None = None,
+        key: KeyPair | str | None = None,
     ) -> None:
         self.auto, self._configured = parse_endpoints(endpoints)
+        self._server_key = server_key
+        self._key = key
+        self._curve: ClientCurve | bool | None = False  # worked out on first use
         self.timeout_s = timeout_s
         self.beacon = beacon
         self.beacon_timeout_s = beacon_timeout_s
@@ -203,6 +242,7 @@ class Resolver:
         self._request_lock = threading.Lock()  # one request at a time over the sockets
         self._cache_lock = threading.Lock()
         self._cache: dict[str, str] = {}
+        self._keys: dict[str, str | None] = {}
         self._stale: set[str] = set()
 
     @property
@@ -246,6 +286,12 @@ class Resolver:
         with self._cache_lock:
             if name in self._cache:
                 self._stale.add(name)
+
+    def server_key(self, name: str) -> str | None:
+        """The CurveZMQ public key discovery published for `name` (None: a plaintext server,
+        or never looked up)."""
+        with self._cache_lock:
+            return self._keys.get(name)
 
     def cached(self, name: str) -> str | None:
         """The last known address of `name`, without asking anyone."""
@@ -298,6 +344,7 @@ class Resolver:
         with self._cache_lock:
             for record in records:
                 self._cache[record["name"]] = record["address"]
+                self._keys[record["name"]] = record.get("server_key")
                 self._stale.discard(record["name"])
 
     def _ask(self, payload: dict[str, Any]) -> Any:
@@ -316,7 +363,11 @@ class Resolver:
             for endpoint in endpoints:
                 connection = self._connections.get(endpoint)
                 if connection is None:
-                    connection = DiscoveryConnection(endpoint, self._ctx, "resolver")
+                    if self._curve is False:
+                        self._curve = discovery_curve(self._server_key, self._key)
+                    connection = DiscoveryConnection(
+                        endpoint, self._ctx, "resolver", self._curve or None
+                    )
                     self._connections[endpoint] = connection
                 try:
                     result = connection.request(payload, self.timeout_s)

@@ -51,18 +51,20 @@ from urllib.parse import parse_qs, urlsplit
 
 import zmq
 
-from labmesh import logbudget, metrics
+from labmesh import access, logbudget, metrics
 from labmesh.discovery.beacon import BeaconAnnouncer, BeaconSettings, encode_announcement
 from labmesh.discovery.registry import (
     DEFAULT_TTL_S,
     Change,
     DeviceRecord,
+    InvalidRecordError,
     NameTakenError,
     Registry,
     UnknownDeviceError,
 )
 from labmesh.protocol import native
 from labmesh.protocol.errors import InternalError, LabmeshError, ProtocolError
+from labmesh.security import ServerSecurity, authenticate, stop_authenticating
 from labmesh.transport import bound_address, pub_socket, router_socket
 
 log = logging.getLogger("labmesh.discovery")
@@ -112,6 +114,10 @@ class DiscoveryService:
         log_burst: log lines a peer can cause per cause ("malformed request", "record
             expired", ...) per `log_interval_s`; the rest are counted in one summary line.
         log_interval_s: the interval of `log_burst`.
+        security: serve the API and the change feed with CurveZMQ (labmesh.security.
+            ServerSecurity): only known keys connect; `roles` decide who registers (operator;
+            default: every known key) and who only looks up (observer); a record belongs to
+            the key that registered it. None: plaintext, records owned by their instance id.
     """
 
     def __init__(
@@ -127,8 +133,14 @@ class DiscoveryService:
         clock: Callable[[], float] = time.monotonic,
         log_burst: int = logbudget.DEFAULT_BURST,
         log_interval_s: float = logbudget.DEFAULT_INTERVAL_S,
+        security: ServerSecurity | None = None,
     ) -> None:
         metrics.enable_discovery_metrics()
+        self.security = security
+        self._access: access.AccessPolicy | None = None
+        #: the discovery service's public key (Z85 text) when it runs with CurveZMQ
+        self.server_key: str | None = None
+        self._owner: str | None = None  # the key of the request being handled
         self._registry = Registry(ttl_s)  # touched only under self._lock
         self.ttl_s = self._registry.ttl_s
         self.instance = secrets.token_hex(6)
@@ -143,9 +155,22 @@ class DiscoveryService:
         self._router: zmq.Socket | None = None
         self._pub: zmq.Socket | None = None
         self._httpd: ThreadingHTTPServer | None = None
+        curve = None
+        if security is not None:
+            curve = security.pair
+            self.server_key = curve.public.decode()
+            self._access = access.AccessPolicy(
+                security.roles or {"*": "operator"}, "none", security.keyring.name_of
+            )
+            authenticate(
+                self._ctx,
+                {_DOMAIN: self._access.may_connect, _PUB_DOMAIN: self._access.may_connect},
+            )
         try:
-            self._router = router_socket(self._ctx, address, max_message_bytes)
-            self._pub = pub_socket(self._ctx, pub_address)
+            self._router = router_socket(
+                self._ctx, address, max_message_bytes, curve=curve, domain=_DOMAIN
+            )
+            self._pub = pub_socket(self._ctx, pub_address, curve=curve, domain=_PUB_DOMAIN)
             if http_port is not None:
                 self._httpd = _http_server(self, http_host, http_port)
         except BaseException:
@@ -252,6 +277,8 @@ class DiscoveryService:
         return bool(self._threads) and all(t.is_alive() for t in self._threads)
 
     def _close_zmq(self) -> None:
+        if self._access is not None:
+            stop_authenticating(self._ctx, (_DOMAIN, _PUB_DOMAIN))
         for sock in (self._router, self._pub):
             if sock is not None:
                 sock.close(linger=0)
@@ -279,9 +306,15 @@ class DiscoveryService:
                     log.error("discovery: poll failed: %s", exc)
                     continue
                 if router in events:
+                    secured = self._access is not None
                     for _ in range(256):
                         try:
-                            frames = router.recv_multipart(_NOBLOCK)
+                            if secured:
+                                parts = router.recv_multipart(_NOBLOCK, copy=False)
+                                self._owner = parts[0].get("User-Id")
+                                frames = [part.bytes for part in parts]
+                            else:
+                                frames = router.recv_multipart(_NOBLOCK)
                         except zmq.Again:
                             break
                         self._handle(frames)
@@ -332,6 +365,11 @@ class DiscoveryService:
         status = "error"
         try:
             request = _parse_request(native.decode_body(parts, self.max_message_bytes))
+            if self._access is not None:
+                who = self._access.principal(self._owner)
+                need = access.OPERATOR if request.type in _REGISTRAR_TYPES else access.OBSERVER
+                if who.rank < need:  # counted with the errors: requests_total{status="error"}
+                    access.check(who, need, "discovery", request.type)
             result = self._handlers[request.type](request.fields, self.clock())
             reply = native.ok_reply(result, request)
             status = "ok"
@@ -392,6 +430,13 @@ class DiscoveryService:
     # ---- request handlers: (fields, now) -> result ----------------------------------------
     def _on_register(self, fields: dict[str, Any], now: float) -> dict[str, Any]:
         record = DeviceRecord.from_dict(fields.get("record"))
+        if self._access is not None:
+            record.owner = self._owner
+            if record.server_key is not None and record.server_key != self._owner:
+                raise InvalidRecordError(
+                    f"record {record.name!r}: its server_key must be the key it is registered "
+                    "with (the host's own key), so clients can trust what discovery hands out"
+                )
         try:
             with self._lock:
                 self._registry.register(record, now)
@@ -409,7 +454,8 @@ class DiscoveryService:
     def _on_heartbeat(self, fields: dict[str, Any], now: float) -> dict[str, Any]:
         pairs = _name_instance_pairs(fields, "heartbeat")
         with self._lock:
-            unknown = [n for n, i in pairs if not self._registry.heartbeat(n, i, now)]
+            owner = self._owner if self._access is not None else None
+            unknown = [n for n, i in pairs if not self._registry.heartbeat(n, i, now, owner)]
         _HEARTBEATS_KNOWN.inc(len(pairs) - len(unknown))
         if unknown:
             _HEARTBEATS_UNKNOWN.inc(len(unknown))
@@ -418,7 +464,10 @@ class DiscoveryService:
     def _on_deregister(self, fields: dict[str, Any], now: float) -> dict[str, Any]:
         pairs = _name_instance_pairs(fields, "deregister")
         with self._lock:
-            removed = [n for n, i in pairs if self._registry.deregister(n, i, now) is not None]
+            owner = self._owner if self._access is not None else None
+            removed = [
+                n for n, i in pairs if self._registry.deregister(n, i, now, owner) is not None
+            ]
         return {"removed": removed}
 
     def _on_lookup(self, fields: dict[str, Any], now: float) -> dict[str, Any]:
@@ -592,6 +641,11 @@ def _url_host(host: str) -> str:
 
 
 #: The level of each cause of a peer-caused log line (its summary line is written at it too).
+#: Requests only an operator key may send to a secured discovery service.
+_REGISTRAR_TYPES = frozenset({"register", "heartbeat", "deregister"})
+_DOMAIN = "labmesh/discovery"
+_PUB_DOMAIN = "labmesh-pub/discovery"
+
 _CAUSE_LEVELS = {
     "malformed request": logging.WARNING,
     "registration refused": logging.WARNING,

@@ -35,6 +35,7 @@ CONTROL_TYPES = frozenset(
         "task_cancel",
         "subscribe",
         "unsubscribe",
+        "force_release",
     }
 )
 #: Request types that run on the device's executor.
@@ -249,6 +250,13 @@ def _parse_fields(obj: dict[str, Any], req_id: Any, has_id: bool) -> Request:
         if resources is not None and not isinstance(resources, (str, list, dict)):
             raise ProtocolError(
                 "connect 'resources' must be a string, a list or a nested object tree"
+            )
+    if rtype == "force_release":
+        resources = obj.get("resources")
+        if not resources or not isinstance(resources, (str, list, dict)):
+            raise ProtocolError(
+                "force_release needs 'resources': the locked resources to free (a string, a "
+                "list or a tree), as `locks` shows them"
             )
     if rtype == "heartbeat" and session is None:
         raise ProtocolError("heartbeat needs the 'session' token returned by connect")

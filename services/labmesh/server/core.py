@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import labmesh.server.tasks as task_states
+from labmesh import access
 from labmesh.compat.plesty import PlestySessions
 from labmesh.device.base import describe_device, task_function, touched_resources
 from labmesh.device.executor import RUNNING, Job
@@ -197,7 +198,24 @@ class Publish:
     body: bytes
 
 
-Action = Send | Run | Count | Log | LocksChanged | Publish
+@dataclass(slots=True)
+class Audit:
+    """One audit event (docs/security.md): a write or call and its outcome, a lock granted,
+    released, expired or force-released, a refused permission. `value` is already bounded."""
+
+    event: str
+    client: str
+    peer: str | None
+    target: str
+    value: Any
+    outcome: str
+    at: float
+
+
+Action = Send | Run | Count | Log | LocksChanged | Publish | Audit
+
+#: Longest text of a value or arguments an audit event carries.
+AUDIT_VALUE_CHARS = 200
 
 
 @dataclass(slots=True)
@@ -223,6 +241,8 @@ class _Pending:
     reads: tuple[str, ...] = ()
     #: the subscribe request answered once those reads are done (their streams)
     streams: tuple[Any, ...] = ()
+    #: who sent an audited request (write, call): (client, peer address)
+    audit: tuple[str, str | None] | None = None
 
 
 #: Whether a device's calls all run on one dedicated thread, unless a server is told otherwise
@@ -296,6 +316,9 @@ class EnvelopeHandler(Protocol):
         """Fields added to the native error reply to a body that is not JSON at all, so this
         protocol's clients can read it too."""
 
+    def needed(self, obj: Any) -> int:
+        """The role rank (labmesh.access) a message needs on a secured device."""
+
     def error_type(self, reply: dict[str, Any]) -> str | None:
         """The error type metrics count a reply in this protocol's shape under (None: ok)."""
 
@@ -309,6 +332,8 @@ class ServerCore:
         limits: the bounds (ServerLimits).
         idle_limit_s: how long a grant without a lease survives silence.
         envelope: a second protocol answered on the same socket (EnvelopeHandler).
+        access: the device's roles (labmesh.access.AccessPolicy); None: every peer may do
+            everything (a server without CurveZMQ keys).
     """
 
     def __init__(
@@ -319,8 +344,13 @@ class ServerCore:
         limits: ServerLimits | None = None,
         idle_limit_s: float = DEFAULT_IDLE_LIMIT_S,
         envelope: EnvelopeHandler | None = None,
+        access: access.AccessPolicy | None = None,
     ) -> None:
         self.device = device
+        self.access = access
+        #: who sent the message being handled (a secured server), and where its address is read
+        self._who: access.Principal | None = None
+        self._peer_source: Any = None
         self.name = name
         self.limits = limits or ServerLimits()
         self.epoch = secrets.token_hex(6)
@@ -351,6 +381,8 @@ class ServerCore:
         self.exported: dict[str, str] = {}
         #: set by the loop: where updates are published, and wall time minus the core's clock
         self.pub_endpoint: str | None = None
+        #: a secured server's plaintext update feed (for peers of its plaintext listener)
+        self.plaintext_pub_endpoint: str | None = None
         self.wall_offset = 0.0
         self._step_due = False
         self._between_steps_queued = 0
@@ -435,17 +467,30 @@ class ServerCore:
 
     # ---- events ---------------------------------------------------------------------------
     def receive(
-        self, identity: bytes, frames: list[bytes], now: float, conn: Any = None
+        self,
+        identity: bytes,
+        frames: list[bytes],
+        now: float,
+        conn: Any = None,
+        user: str | None = None,
+        peer: Any = None,
     ) -> list[Action]:
         """One message from a peer: `frames` are the frames after its routing identity.
 
         `conn` identifies the connection it came on: a value, or a function returning it, which
         is called only when a rule needs the connection (PLESTY sessions, connects, requests
         without a session token), so the hot path of token-carrying requests never pays for it.
+        `user` is what the ZAP handler proved about the peer (a secured server: its public key,
+        checked against `access`), `peer` a function returning its network address (read only
+        for audited requests).
         """
         out: list[Action] = []
         self._conn_source = conn
         self._conn_value = _UNRESOLVED
+        self._peer_source = peer
+        policy = self.access
+        if policy is not None:
+            self._who = policy.principal(user)
         if frames and frames[0] == b"" and len(frames) >= 2:
             route = [identity, b""]
             body = frames[1:]
@@ -460,10 +505,28 @@ class ServerCore:
             obj = native.decode_body(native.Frames(route, body), self.limits.max_message_bytes)
             if self.envelope is not None and self.envelope.claims(obj):
                 observe.rtype = self.envelope.metric_type
+                if policy is not None:
+                    need = self.envelope.needed(obj)
+                    if self._who.rank < need:
+                        try:
+                            self._authorize(
+                                need,
+                                self.envelope.metric_type,
+                                _short(str(obj.get("cmd")), 60),
+                                now,
+                                out,
+                            )
+                        except access.PermissionDeniedError as exc:
+                            self._reply(out, route, self.envelope.refuse(obj, str(exc)), observe)
+                            return out
                 self._on_envelope(route, obj, now, observe, out)
                 return out
             request = native.parse_request(obj)
             observe.rtype = request.type
+            if policy is not None:
+                need = access.needed(request.type, request.fields)
+                if self._who.rank < need:
+                    self._authorize(need, request.type, _target(request), now, out, request)
             handler = self._handlers[request.type]
             handler(self, route, request, now, observe, out)
         except ProtocolError as exc:
@@ -488,6 +551,14 @@ class ServerCore:
         except LabmeshError as exc:
             if isinstance(exc, BusyError):
                 out.append(Count("refused", (exc.details.get("bound", ""),)))
+            if (
+                request is not None
+                and request.type in _AUDITED
+                and exc.wire_type != (access.PermissionDeniedError.wire_type)
+            ):
+                # refused before it ran (locked, busy, ...): the audit trail shows it too
+                who, peer = self._audit_who(identity)
+                self._audit(out, request.type, who, peer, request, exc.wire_type, now)
             self._reply(
                 out, route, _error(request, str(exc), exc.wire_type, **_details(exc)), observe
             )
@@ -692,6 +763,66 @@ class ServerCore:
             self._plan_wakeup()  # a summary is now due
 
     # ---- control requests ------------------------------------------------------------------
+    # ---- roles and the audit trail -----------------------------------------------------------
+    def _authorize(self, need, rtype, target, now, out, request=None) -> None:
+        """Raise PermissionDeniedError (counted, audited) unless the sender has rank `need`."""
+        who = self._who
+        assert who is not None
+        if who.rank >= need:
+            return
+        peer = self._peer_address()
+        value = (
+            _bounded(request.fields.get("value", request.fields.get("args"))) if request else None
+        )
+        out.append(Audit(rtype, who.name, peer, target, value, "denied", now))
+        self._log(
+            out,
+            "permission denied",
+            now,
+            _WARNING,
+            f"{_short(who.name)} ({who.role}) from {peer or '?'} refused: "
+            f"{f'{rtype} {_short(target, 80)}'.strip()} needs {access.ROLES[need]}",
+        )
+        access.check(who, need, self.name, f"{rtype} {target}".strip())
+
+    def _pub_for_sender(self) -> str | None:
+        """The update feed the sender can use: a plaintext peer of a secured server gets the
+        plaintext one (None if it has none)."""
+        who = self._who
+        if who is not None and who.key is None:
+            return self.plaintext_pub_endpoint
+        return self.pub_endpoint
+
+    def _peer_address(self) -> str | None:
+        source = self._peer_source
+        try:
+            return source() if callable(source) else source
+        except Exception:  # an address is for the record only; never fail a request over it
+            return None
+
+    def _audit_who(self, identity: bytes) -> tuple[str, str | None]:
+        """(client, peer address) of the message being handled, for the audit trail: the key's
+        name on a secured server, else the client id."""
+        who = self._who
+        name = (
+            who.name if who is not None and who.key is not None else native.client_id_of(identity)
+        )
+        return name, self._peer_address()
+
+    def _audit(self, out, event, who, peer, request, outcome, now) -> None:
+        fields = request.fields
+        value = (
+            fields.get("value")
+            if event == "write"
+            else [fields.get("args", []), fields.get("kwargs", {})]
+        )
+        out.append(Audit(event, who, peer, _target(request), _bounded(value), outcome, now))
+
+    def _audit_lock(self, out, event, grant: Grant, leaves, now, by: str | None = None) -> None:
+        client = by or grant.metadata.get("key") or grant.client_id
+        where = _short(",".join(leaves), AUDIT_VALUE_CHARS)
+        out.append(Audit(event, str(client), None, where, grant.describe_holder(), "ok", now))
+
     def _conn(self) -> Any:
         """The connection of the message being handled (resolved once, on first need)."""
         value = self._conn_value
@@ -724,6 +855,11 @@ class ServerCore:
                     f"{self.limits.max_metadata_bytes} (max_metadata_bytes): send a short "
                     "experiment name, not data"
                 )
+        who = self._who
+        if who is not None:  # a secured server: the key is its word, never the client's
+            metadata.pop("key", None)
+            if who.key is not None:
+                metadata["key"] = who.name  # shown in `locks` and the audit trail
         lease = request.get("lease")
         if lease is not None:
             # no lease outlives the idle limit: a client cannot hold a lock "forever"
@@ -813,6 +949,7 @@ class ServerCore:
             if replaced is not None:
                 self._end_session(replaced, now, out, "connected again")
         if grant.leaves:
+            self._audit_lock(out, "lock_grant", grant, grant.leaves, now)
             self._log(
                 out,
                 "lock granted",
@@ -828,7 +965,7 @@ class ServerCore:
             "session": grant.session,
             "lease": grant.lease_s,
             "epoch": self.epoch,
-            "pub": self.pub_endpoint,
+            "pub": self._pub_for_sender(),
         }
         self._reply(
             out,
@@ -838,8 +975,11 @@ class ServerCore:
             grant.session if grant.leaves else None,
         )
 
-    def _end_session(self, session: str, now: float, out: list[Action], why: str) -> None:
-        """End a session: its wait is refused, its grant released (the next waiter served)."""
+    def _end_session(
+        self, session: str, now: float, out: list[Action], why: str, by: str | None = None
+    ) -> None:
+        """End a session: its wait is refused, its grant released (the next waiter served);
+        `by`: the admin who force-released it."""
         waiter = self.locks.drop_waiter(session)
         if waiter is not None:
             self._unindex_waiter(waiter.token[3], session)
@@ -852,6 +992,8 @@ class ServerCore:
             self._cancel_tasks_of(session, f"its session {why}")
         grant = self.locks.release(session)
         if grant is not None and grant.leaves:
+            event = "force_release" if by is not None else "lock_release"
+            self._audit_lock(out, event, grant, grant.leaves, now, by)
             self._log(
                 out,
                 "lock released",
@@ -939,6 +1081,24 @@ class ServerCore:
         )
         self._serve_waiters(now, out)
 
+    def _on_force_release(self, route, request, now, observe, out) -> None:
+        """An admin frees locks another session holds (that session ends: its waits are
+        refused, its task stopped, its next request gets LeaseExpiredError)."""
+        leaves = self.locks.expand(request.get("resources"), self.limits.max_connect_paths)
+        sessions: dict[str, Grant] = {}
+        for leaf in leaves:
+            grant = self.locks.holder(leaf)
+            if grant is not None:
+                sessions[grant.session] = grant
+        who, _peer = self._audit_who(route[0])
+        released = []
+        for session, grant in sessions.items():
+            released.append({"holder": grant.describe_holder(), "resources": list(grant.leaves)})
+            self._end_session(session, now, out, f"was force-released by {who}", by=who)
+        if released:
+            self._locks_changed(now, out)
+        self._reply(out, route, native.ok_reply({"released": released}, request), observe)
+
     def _on_describe(self, route, request, now, observe, out) -> None:
         result = {
             **self.description,
@@ -984,6 +1144,8 @@ class ServerCore:
         expired = self.locks.expire(now, alive)
         for grant in expired:
             out.append(Count("lease_expired"))
+            if grant.leaves:
+                self._audit_lock(out, "lock_expiry", grant, grant.leaves, now)
             self._plesty.forget(grant.session)
             self.subs.unsubscribe(grant.session)
             if grant.leaves:
@@ -1089,6 +1251,8 @@ class ServerCore:
             # a preempting call started as a task is a task: it waits like any other
             between_steps=task is None and (request.type == "query" or func in self.preempts),
         )
+        if request.type in _AUDITED:
+            pending.audit = self._audit_who(identity)
         if deadline is not None:
             deadlines = self._deadlines
             if len(deadlines) > 2 * len(self._pending) + 64:
@@ -1102,6 +1266,8 @@ class ServerCore:
         self._enqueue(job, queue_key, size)
         if task is not None and task.detached:
             pending.answered = True  # answered now; task_status tells the rest
+            who, peer = pending.audit or ("?", None)
+            self._audit(out, "call", who, peer, request, "started", now)
             result = {"task": task.id, "operation": task.operation, "state": task.state}
             self._reply(out, route, native.ok_reply(result, request), observe)
 
@@ -1253,6 +1419,9 @@ class ServerCore:
             if grant is not None:
                 grant.last_seen = now
         observe = pending.observe
+        if pending.audit is not None:
+            outcome = "ok" if job.ok else wire_type_of(job.error)
+            self._audit(out, request.type, *pending.audit, request, outcome, now)
         if pending.answer is not None:
             reply = pending.answer.reply(job)
             if reply is not None:
@@ -1653,7 +1822,7 @@ class ServerCore:
 
     def _subscribed(self, streams) -> dict[str, Any]:
         return {
-            "pub": self.pub_endpoint,
+            "pub": self._pub_for_sender(),
             "topics": {s.name: s.topic for s in streams},
             "current": {s.name: self.subs.current(s) for s in streams},
         }
@@ -1806,10 +1975,37 @@ class ServerCore:
         "task_cancel": _on_task_cancel,
         "subscribe": _on_subscribe,
         "unsubscribe": _on_unsubscribe,
+        "force_release": _on_force_release,
         "query": _on_device_request,
         "write": _on_device_request,
         "call": _on_device_request,
     }
+
+
+#: Requests that leave a line in the audit trail.
+_AUDITED = frozenset({"write", "call"})
+
+
+def _target(request: native.Request) -> str:
+    """The parameter or operation a request is about ('' for neither)."""
+    fields = request.fields
+    target = fields.get("param") or fields.get("func") or ""
+    if not target and request.type == "force_release":
+        target = str(fields.get("resources"))
+    return _short(str(target), 120)
+
+
+def _bounded(value: Any) -> Any:
+    """A value as the audit trail keeps it: itself when short, else its JSON text, cut."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    try:
+        text = native.encode(value).decode()
+    except Exception:
+        text = repr(value)
+    if len(text) <= AUDIT_VALUE_CHARS:
+        return value if isinstance(value, str) else text
+    return text[:AUDIT_VALUE_CHARS] + f"... ({len(text)} chars)"
 
 
 #: task_status / task_cancel without a task id while no task runs

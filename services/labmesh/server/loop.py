@@ -33,13 +33,16 @@ from typing import TYPE_CHECKING, Any
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from labmesh import metrics
+from labmesh import access, metrics
+from labmesh.audit import AuditLog
 from labmesh.device.base import describe_device
 from labmesh.device.executor import RUNNING, TAKEOVER_AFTER_S, Job, Watchdog
 from labmesh.locks import DEFAULT_IDLE_LIMIT_S, LeaseTable
 from labmesh.protocol import native
+from labmesh.security import ServerSecurity, authenticate, stop_authenticating
 from labmesh.server.core import (
     DEFAULT_FIXED_THREADING,
+    Audit,
     Count,
     LocksChanged,
     Log,
@@ -50,7 +53,13 @@ from labmesh.server.core import (
     ServerLimits,
 )
 from labmesh.signals import install_stop_signals
-from labmesh.transport import bound_address, connection_monitor, pub_socket, router_socket
+from labmesh.transport import (
+    bind_plaintext,
+    bound_address,
+    connection_monitor,
+    pub_socket,
+    router_socket,
+)
 from labmesh.version import __version__
 
 if TYPE_CHECKING:
@@ -66,6 +75,9 @@ _POLLIN = int(zmq.POLLIN)
 _SRCFD = int(zmq.SRCFD)
 _ACCEPTED = int(zmq.EVENT_ACCEPTED)
 _DISCONNECTED = int(zmq.EVENT_DISCONNECTED)
+#: Message properties: the public key the ZAP handler proved, and the peer's IP address.
+_USER_ID = "User-Id"
+_PEER_ADDRESS = "Peer-Address"
 #: How long an idle server waits in one receive before looking at its other duties (ms).
 _IDLE_RECV_MS = 100
 _IDLE_RECV_S = _IDLE_RECV_MS / 1000
@@ -108,6 +120,10 @@ class DeviceServer:
             `version`, no `type`) on this same socket (docs/protocol.md section 5).
         limits: the bounds on what a peer can make the server hold (`ServerLimits`); single
             fields can also be given as keywords, e.g. `max_waiters=100`.
+        security: listen with CurveZMQ (`address` and the update feed), give each known key
+            its role, and optionally a plaintext listener (labmesh.security.ServerSecurity;
+            docs/security.md). None: plaintext, every peer may do everything.
+        audit: where audit lines go (labmesh.audit.AuditLog; events are counted either way).
     """
 
     def __init__(
@@ -126,6 +142,8 @@ class DeviceServer:
         limits: ServerLimits | None = None,
         pub_address: str | None = None,
         export: dict[str, float] | None = None,
+        security: ServerSecurity | None = None,
+        audit: AuditLog | None = None,
         **limit_fields: Any,
     ) -> None:
         limits = limits or ServerLimits()
@@ -145,8 +163,20 @@ class DeviceServer:
         self.max_message_bytes = limits.max_message_bytes
         self.connect_timeout_s = connect_timeout_s
         self.clock = clock
+        self.security = security
+        self.audit = audit
+        policy = None
+        if security is not None:
+            policy = access.AccessPolicy(
+                security.roles, security.plaintext_role, security.keyring.name_of
+            )
         self.core = ServerCore(
-            device, self.name, limits=limits, idle_limit_s=idle_limit_s, envelope=laplace
+            device,
+            self.name,
+            limits=limits,
+            idle_limit_s=idle_limit_s,
+            envelope=laplace,
+            access=policy,
         )
         self.core.export(export or {}, self.clock())
         self._new_metrics()
@@ -158,13 +188,35 @@ class DeviceServer:
         # when stop() returns (a socket close alone finishes asynchronously).
         self._own_ctx = context is None
         self._ctx = context or zmq.Context(io_threads=1)
+        self._domains: tuple[str, ...] = ()
+        curve = plaintext = plaintext_pub = None
+        #: the server's public key (Z85 text) when it listens with CurveZMQ
+        self.server_key: str | None = None
+        if security is not None and policy is not None:
+            curve = security.pair
+            self.server_key = curve.public.decode()
+            plaintext = security.plaintext_address
+            if (
+                plaintext is not None
+                and access.role_rank(security.plaintext_role, "plaintext") >= access.OBSERVER
+            ):
+                plaintext_pub = _pub_address_for(plaintext)
+            self._domains = (f"labmesh/{self.name}", f"labmesh-pub/{self.name}")
+            authenticate(
+                self._ctx,
+                {self._domains[0]: policy.may_connect, self._domains[1]: policy.may_subscribe},
+            )
         try:
             self._sock = router_socket(
-                self._ctx, address, limits.max_message_bytes, limits.max_replies_queued_per_peer
+                self._ctx,
+                address,
+                limits.max_message_bytes,
+                limits.max_replies_queued_per_peer,
+                curve=curve,
+                domain=self._domains[0] if curve else "",
             )
         except OSError:
-            if self._own_ctx:
-                self._ctx.term()
+            self._end_context()
             raise
         self.address = bound_address(self._sock)
         try:
@@ -172,14 +224,27 @@ class DeviceServer:
                 self._ctx,
                 pub_address or _pub_address_for(address),
                 limits.max_updates_queued_per_subscriber,
+                curve=curve,
+                domain=self._domains[1] if curve else "",
             )
         except OSError:
             self._sock.close(linger=0)
-            if self._own_ctx:
-                self._ctx.term()
+            self._end_context()
             raise
         #: where value updates are published (subscribe replies tell clients)
         self.pub_address = self.core.pub_endpoint = bound_address(self._pub)
+        #: a secured server's plaintext listener (None: none)
+        self.plaintext_address: str | None = None
+        try:
+            if plaintext is not None:
+                self.plaintext_address = bind_plaintext(self._sock, plaintext)
+            if plaintext_pub is not None:
+                self.core.plaintext_pub_endpoint = bind_plaintext(self._pub, plaintext_pub)
+        except OSError:
+            self._sock.close(linger=0)
+            self._pub.close(linger=0)
+            self._end_context()
+            raise
         self.core.wall_offset = time.time() - self.clock()
         self._published: collections.deque[tuple[str, Any]] = collections.deque(
             maxlen=_MAX_PUBLISHED_PENDING
@@ -556,6 +621,7 @@ class DeviceServer:
         start now runs right away. False if the socket was handed over meanwhile."""
         sock = self._sock
         core = self.core
+        secured = self.security is not None
         flags = 0 if block else _NOBLOCK
         now = self.clock()
         if now >= self._next_monitor_check:  # under steady load there is never an idle moment
@@ -578,7 +644,24 @@ class DeviceServer:
             else:
                 frames = []
             self._head = head
-            actions = core.receive(head.bytes, frames, self.clock(), self._conn_of_message)
+            if secured:
+                actions = core.receive(
+                    head.bytes,
+                    frames,
+                    self.clock(),
+                    self._conn_of_message,
+                    head.get(_USER_ID),
+                    self._peer_of_message,
+                )
+            else:
+                actions = core.receive(
+                    head.bytes,
+                    frames,
+                    self.clock(),
+                    self._conn_of_message,
+                    None,
+                    self._peer_of_message,
+                )
             if actions:
                 self._execute(actions)
             if self._gone:
@@ -588,6 +671,14 @@ class DeviceServer:
             if not sock.get(_EVENTS) & _POLLIN:
                 return True
         return True
+
+    def _peer_of_message(self) -> str | None:
+        """The network address of the peer whose message is being handled (for the audit
+        trail; None where the transport has none, e.g. inproc)."""
+        try:
+            return self._head.get(_PEER_ADDRESS)
+        except zmq.ZMQError:
+            return None
 
     def _conn_of_message(self) -> int | None:
         """The connection the message being handled came on (the core asks only when a rule
@@ -703,6 +794,10 @@ class DeviceServer:
             elif kind is Publish:
                 with contextlib.suppress(zmq.ZMQError):  # PUB drops, never blocks
                     self._pub.send_multipart((action.topic, action.body), _NOBLOCK)
+            elif kind is Audit:
+                self.metrics.audited(action.event, action.outcome)
+                if self.audit is not None:
+                    self.audit.write(self.name, action, action.at + self.core.wall_offset)
             elif kind is LocksChanged:
                 # a fresh list, so a scrape never sees one half-built; wall-clock `since`
                 offset = time.time() - self.clock()
@@ -743,6 +838,12 @@ class DeviceServer:
         self._monitor.close(linger=0)
         self._sock.close(linger=0)
         self._pub.close(linger=0)
+        self._end_context()
+
+    def _end_context(self) -> None:
+        if self._domains:
+            stop_authenticating(self._ctx, self._domains)
+            self._domains = ()
         if self._own_ctx:
             self._ctx.term()
 

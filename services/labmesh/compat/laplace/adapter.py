@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import PurePath, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any
 
+from labmesh import access
 from labmesh.device.base import task_function
 from labmesh.device.executor import Job
 from labmesh.protocol import laplace as envelope
@@ -216,6 +217,14 @@ class LaplaceAdapter:
     def claims(self, obj: Any) -> bool:
         """Whether a decoded message is a LAPLACE envelope (it has a `cmd`)."""
         return envelope.is_envelope(obj)
+
+    def needed(self, obj: Any) -> int:
+        """The role a LAPLACE message needs on a secured device: INFO, PING and GET observe,
+        STOP needs admin, every other command (SET, SAVE, OPT, SCAN, ...) operator."""
+        cmd = obj.get("cmd") if isinstance(obj, dict) else None
+        if cmd in (envelope.CMD_INFO, envelope.CMD_PING, envelope.CMD_GET):
+            return access.OBSERVER
+        return access.ADMIN if cmd == envelope.CMD_STOP else access.OPERATOR
 
     def error_type(self, reply: dict[str, Any]) -> str | None:
         """A LAPLACE reply has no status: it failed when it carries an `error_msg`."""
