@@ -125,7 +125,18 @@ def from_settings(setting: Any, where: str) -> AuditLog:
     if setting is None:
         setting = os.environ.get(ENV_VAR, "").strip() or None
     if setting is None:
-        return AuditLog(default_path())
+        path = default_path()
+        try:
+            return AuditLog(path)
+        except OSError as exc:  # a read-only home (a hardened container): the log stream
+            logging.getLogger("labmesh.audit").warning(
+                "cannot write the audit trail to %s (%s); writing it to stdout instead (set "
+                "%s or the host file's audit: to choose)",
+                path,
+                exc,
+                ENV_VAR,
+            )
+            return AuditLog(stdout=True)
     if setting in ("off", False):
         return AuditLog()
     if setting == "stdout":

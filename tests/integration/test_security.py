@@ -28,6 +28,7 @@ from labmesh.security import RELOAD_S, Keyring, ServerSecurity, load_key_pair
 from labmesh.server import DeviceServer
 
 from support import MemoryMeter, serve, wait_until
+from test_cli_demo import free_base
 
 pytestmark = pytest.mark.integration
 
@@ -419,3 +420,99 @@ def test_audit_values_are_bounded(lab, tmp_path):
         assert row["outcome"] == "ValueError" and len(row["value"]) < 300
     finally:
         srv.stop()
+
+
+def test_laplace_commands_that_change_things_leave_audit_lines(tmp_path):
+    trail = tmp_path / "audit.jsonl"
+    stage = MotorStage(("x",), limits={"x": (0, 100)}, speed=1000.0, name="stage-aud")
+    srv = DeviceServer(
+        stage, address="tcp://127.0.0.1:0", laplace=LaplaceAdapter(), audit=AuditLog(trail)
+    ).start()
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 3000)
+    sock.connect(srv.address)
+    try:
+        for cmd, payload in (
+            ("GET", {}),
+            ("SET", {"positions": {"x": 5.0}}),
+            ("SET", {"positions": {"x": 500.0}}),  # past the soft limit: refused
+        ):  # (GET changes nothing: no line)
+            sock.send(json.dumps(env.request(cmd, payload, sender="Master")).encode())
+            sock.recv()
+        assert wait_until(lambda: trail.exists() and len(trail.read_text().splitlines()) == 2)
+        rows = [json.loads(line) for line in trail.read_text().splitlines()]
+        assert [(r["event"], r["target"], r["outcome"]) for r in rows] == [
+            ("laplace", "SET", "ok"),
+            ("laplace", "SET", "LaplaceError"),
+        ]
+        assert rows[0]["value"] == {"positions": {"x": 5.0}}
+    finally:
+        sock.close()
+        srv.stop()
+
+
+def test_the_default_trail_falls_back_to_stdout_where_it_cannot_write(tmp_path, monkeypatch):
+    from labmesh import audit
+
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")  # the state directory cannot be made below a file (even as root)
+    monkeypatch.delenv("LABMESH_AUDIT", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(blocked))
+    trail = audit.from_settings(None, "test")
+    try:
+        assert trail.path is None and trail.enabled  # stdout
+    finally:
+        trail.close()
+    for setting, path in (("off", None), (str(tmp_path / "t.jsonl"), tmp_path / "t.jsonl")):
+        made = audit.from_settings(setting, "test")
+        assert made.path == path and made.enabled == (path is not None)
+        made.close()
+    with pytest.raises(ValueError, match="unknown audit option"):
+        audit.from_settings({"fil": "x"}, "host.yaml: audit")
+
+
+def test_a_secured_host_file_registers_keys_and_serves_by_name(lab, secured_discovery, monkeypatch):
+    from labmesh.config import parse_host_config
+    from labmesh.host import HostServer
+
+    monkeypatch.setenv("LABMESH_KEYS", str(lab.dir))
+    port = free_base(1)
+    text = f"""\
+host: secured-pc
+bind: 127.0.0.1
+discovery: {secured_discovery.address}
+metrics_port: null
+security:
+  key: host-a
+  clients: {lab.clients}
+  discovery_key: lab-core
+  roles: {{alice: operator, "*": observer}}
+audit: off
+devices:
+  - name: stage-s
+    driver: motor
+    port: {port}
+    options: {{axes: [x], limits: {{x: [0, 10]}}, speed: 1000.0}}
+"""
+    host = HostServer(parse_host_config(text, "secured.yaml"), sim=True).start()
+    try:
+        assert host.wait_ready(10)
+        assert wait_until(lambda: secured_discovery.devices(name="stage-s"), 10)
+        record = secured_discovery.devices(name="stage-s")[0]
+        assert record["server_key"] == lab.pair("host-a").public.decode()
+        resolver = Resolver(
+            [secured_discovery.address],
+            server_key=secured_discovery.server_key,
+            key=lab.pair("bob"),
+        )
+        with build_client("stage-s", discovery=resolver, key=lab.pair("alice")) as alice:
+            alice.move_abs("x", 2.0)
+            assert alice.positions()["x"] == 2.0
+        with build_client("stage-s", discovery=resolver, key=lab.pair("bob")) as bob:
+            assert bob.positions()["x"] == 2.0
+            with pytest.raises(PermissionError, match="'bob' has role observer"):
+                bob.move_abs("x", 3.0)
+        resolver.close()
+    finally:
+        host.stop()

@@ -145,11 +145,77 @@ def test_a_good_file():
             "devices:\n  - {name: a, driver: motor, port: 5, metrics: 3}\n",
             r"devices\[0\].metrics: expected a list of parameter names",
         ),
+        (
+            "security: {key: h, rolse: {}}\ndevices:\n  - {name: a, driver: motor, port: 5}\n",
+            r"host.yaml:1: security.rolse: unknown key 'rolse'; did you mean 'roles'\?",
+        ),
+        (
+            "security: {clients: d}\ndevices:\n  - {name: a, driver: motor, port: 5}\n",
+            r"security: missing 'key'",
+        ),
+        (
+            "security: {key: h, roles: {alice: root}}\n"
+            "devices:\n  - {name: a, driver: motor, port: 5}\n",
+            r"security.roles.alice: unknown role 'root'; roles are none, observer, operator, admin",
+        ),
+        (
+            "devices:\n  - {name: a, driver: motor, port: 5, plaintext: {port: 6}}\n",
+            r"devices\[0\].plaintext: a plaintext listener is for secured hosts",
+        ),
+        (
+            "devices:\n  - {name: a, driver: motor, port: 5, roles: {bob: admin}}\n",
+            r"devices\[0\].roles: roles need a security: section",
+        ),
+        (
+            "security: {key: h}\n"
+            "devices:\n  - {name: a, driver: motor, port: 5, plaintext: {port: 5}}\n",
+            r"devices\[0\].plaintext.port: port 5 is already used",
+        ),
+        (
+            "security: {key: h}\n"
+            "devices:\n  - {name: a, driver: motor, port: 5, plaintext: {port: 6, role: god}}\n",
+            r"unknown role 'god'",
+        ),
+        (
+            "audit: 3\ndevices:\n  - {name: a, driver: motor, port: 5}\n",
+            r"host.yaml:1: audit: expected off, stdout, a path or a mapping",
+        ),
     ],
 )
 def test_each_mistake_has_a_clear_message(text, message):
     with pytest.raises(ConfigError, match=message):
         parse(text)
+
+
+def test_a_secured_host_file(tmp_path):
+    path = tmp_path / "host.yaml"
+    path.write_text(
+        textwrap.dedent(
+            """\
+            security:
+              key: lab-pc-3
+              clients: clients
+              keys: {carol: "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"}
+              discovery_key: lab-core
+              roles: {alice: Operator, "*": observer}
+            audit: {file: trail.jsonl, stdout: true}
+            devices:
+              - name: pm100-a
+                driver: powermeter
+                port: 5555
+                roles: {bob: admin}
+                plaintext: {port: 5565}
+            """
+        )
+    )
+    config = load_host_config(path)
+    sec = config.security
+    assert sec.key == "lab-pc-3" and sec.clients == [str(tmp_path / "clients")]
+    assert sec.roles == {"alice": "operator", "*": "observer"} and sec.discovery_key == "lab-core"
+    device = config.devices[0]
+    assert device.roles == {"bob": "admin"}
+    assert (device.plaintext_port, device.plaintext_role) == (5565, "observer")
+    assert config.audit == {"file": "trail.jsonl", "stdout": True}
 
 
 def test_custom_driver_that_cannot_be_imported():

@@ -48,6 +48,8 @@ class OperationSpec:
         preempt: runs while a task runs (between its steps) instead of waiting for it, and
             stops a running task whose resources it touches (a stage's `stop`).
         task: the method is a generator, stepped by the server as a task (labmesh.device.tasks).
+        read_only: it only reads (a position, a channel list): on a secured device the
+            observer role may call it, as it may query parameters.
     """
 
     budget_s: float | None = None
@@ -55,6 +57,7 @@ class OperationSpec:
     resources: tuple[str, ...] | None = None
     preempt: bool = False
     task: bool = False
+    read_only: bool = False
 
 
 @overload
@@ -66,6 +69,7 @@ def operation(
     idempotent: bool = False,
     resources: Iterable[str] | None = None,
     preempt: bool = False,
+    read_only: bool = False,
 ) -> Callable[[F], F]: ...
 
 
@@ -76,6 +80,7 @@ def operation(
     idempotent: bool = False,
     resources: Iterable[str] | None = None,
     preempt: bool = False,
+    read_only: bool = False,
 ) -> Any:
     """Expose a device method to remote clients (`call`), optionally with a time budget.
 
@@ -90,6 +95,7 @@ def operation(
         idempotent,
         tuple(resources) if resources is not None else None,
         bool(preempt),
+        read_only=bool(read_only),
     )
 
     def mark(f: F) -> F:
@@ -246,6 +252,7 @@ def describe_operation(name: str, method: Callable[..., Any], spec: OperationSpe
             "idempotent": spec.idempotent,
             "task": spec.task,
             "preempt": spec.preempt,
+            "read_only": spec.read_only,
         },
         "resources": list(spec.resources) if spec.resources is not None else None,
     }
@@ -405,6 +412,7 @@ def describe_device(device: Any) -> dict[str, Any]:
         "idempotent": sorted(n for n, s in ops.items() if s.idempotent),
         "tasks": sorted(n for n, s in ops.items() if s.task),
         "preempt": sorted(n for n, s in ops.items() if s.preempt),
+        "read_only": sorted(n for n, s in ops.items() if s.read_only),
         "doc": {
             "description": inspect.getdoc(type(device)) or "",
             "parameters": {

@@ -416,17 +416,17 @@ class MotorStage(Device):
         self.backend.stop(axis)
         return {a: self.backend.position(a) for a in axes}
 
-    @operation(idempotent=True, resources=())
+    @operation(idempotent=True, resources=(), read_only=True)
     def position(self, axis: str) -> float:
         """Where `axis` is now."""
         return self.backend.position(self._axis(axis))
 
-    @operation(idempotent=True, resources=())
+    @operation(idempotent=True, resources=(), read_only=True)
     def positions(self) -> dict[str, float]:
         """Where every axis is now."""
         return {a: self.backend.position(a) for a in self.axes}
 
-    @operation(idempotent=True, resources=())
+    @operation(idempotent=True, resources=(), read_only=True)
     def identity(self) -> str:
         """labmesh,MotorStage,<name>,<backend> (the backend's class, e.g. SimulatedMotion)."""
         return f"labmesh,{type(self).__name__},{self.name},{type(self.backend).__name__}"

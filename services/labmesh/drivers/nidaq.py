@@ -459,12 +459,12 @@ class NIDaqDevice(Device):
         """Drive a digital line high (true) or low (false); returns the value written."""
         return self._write_line(self._channel("line", line), value)
 
-    @operation(idempotent=True, resources=())
+    @operation(idempotent=True, resources=(), read_only=True)
     def read_line(self, line: str) -> bool:
         """Read a digital line (a line this driver drives reads back its driven value)."""
         return self.backend.read_line(self._channel("line", line))
 
-    @operation(budget_s=30, idempotent=True, resources=())
+    @operation(budget_s=30, idempotent=True, resources=(), read_only=True)
     def read_ai(self, channel: str, samples: int = 1) -> float | list[float]:
         """Read an analog input in volts: one value, or a list of `samples` software-timed
         values."""
@@ -476,7 +476,7 @@ class NIDaqDevice(Device):
         """Set an analog output to `volts` (within ao_range); returns the value written."""
         return self._write_ao(self._channel("ao", channel), volts)
 
-    @operation(idempotent=True, resources=())
+    @operation(idempotent=True, resources=(), read_only=True)
     def channels(self) -> dict[str, list[str]]:
         """The configured channels: {"lines": [...], "ai": [...], "ao": [...]}."""
         return {
@@ -485,7 +485,7 @@ class NIDaqDevice(Device):
             "ao": list(self._channels["ao"]),
         }
 
-    @operation(idempotent=True, resources=())
+    @operation(idempotent=True, resources=(), read_only=True)
     def identity(self) -> str:
         """NI-DAQmx,<product type>,<card>,<name> (the product type once connected)."""
         return f"NI-DAQmx,{self.product_type or 'not connected'},{self.card},{self.name}"

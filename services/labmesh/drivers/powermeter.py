@@ -258,7 +258,7 @@ class PowermeterDevice(VisaDevice):
             time.sleep(_ZERO_POLL_S)
         return self._number("SENS:CORR:COLL:ZERO:MAGN?", "zero")
 
-    @operation(idempotent=True, resources=())
+    @operation(idempotent=True, resources=(), read_only=True)
     def sensor(self) -> dict:
         """The configured sensor head: model, kind, detector, wavelength_nm and power_w ranges."""
         return self.head.describe()

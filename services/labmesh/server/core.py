@@ -241,8 +241,9 @@ class _Pending:
     reads: tuple[str, ...] = ()
     #: the subscribe request answered once those reads are done (their streams)
     streams: tuple[Any, ...] = ()
-    #: who sent an audited request (write, call): (client, peer address)
-    audit: tuple[str, str | None] | None = None
+    #: who sent an audited request: (client, peer address) of a write or call, (client, peer,
+    #: payload) of a state-changing envelope message
+    audit: tuple[Any, ...] | None = None
 
 
 #: Whether a device's calls all run on one dedicated thread, unless a server is told otherwise
@@ -404,6 +405,7 @@ class ServerCore:
         self.locks.register(description["resources"])
         self.methods = frozenset(description["methods"])
         self.preempts = frozenset(description["preempt"])
+        self.read_only_ops = frozenset(description["read_only"])
         self.budgets: dict[str, float] = description["budgets"]
         self.help_text = help_text(description)
         self.description = description
@@ -525,6 +527,8 @@ class ServerCore:
             observe.rtype = request.type
             if policy is not None:
                 need = access.needed(request.type, request.fields)
+                if need == access.OPERATOR and request.get("func") in self.read_only_ops:
+                    need = access.OBSERVER  # an operation that only reads
                 if self._who.rank < need:
                     self._authorize(need, request.type, _target(request), now, out, request)
             handler = self._handlers[request.type]
@@ -817,6 +821,17 @@ class ServerCore:
             else [fields.get("args", []), fields.get("kwargs", {})]
         )
         out.append(Audit(event, who, peer, _target(request), _bounded(value), outcome, now))
+
+    def _audit_envelope(self, out, audit: tuple, command: str, reply, now) -> None:
+        """An audit line for a state-changing LAPLACE command; `audit` is (client, peer,
+        payload), the outcome is read from the reply."""
+        envelope = self.envelope
+        assert envelope is not None
+        client, peer, payload = audit
+        failed = envelope.error_type(reply)
+        outcome = "ok" if failed is None else failed
+        event = envelope.metric_type
+        out.append(Audit(event, client, peer, _short(command, 60), payload, outcome, now))
 
     def _audit_lock(self, out, event, grant: Grant, leaves, now, by: str | None = None) -> None:
         client = by or grant.metadata.get("key") or grant.client_id
@@ -1419,12 +1434,14 @@ class ServerCore:
             if grant is not None:
                 grant.last_seen = now
         observe = pending.observe
-        if pending.audit is not None:
+        if pending.audit is not None and pending.answer is None:
             outcome = "ok" if job.ok else wire_type_of(job.error)
             self._audit(out, request.type, *pending.audit, request, outcome, now)
         if pending.answer is not None:
             reply = pending.answer.reply(job)
             if reply is not None:
+                if pending.audit is not None and pending.task is None:
+                    self._audit_envelope(out, pending.audit, pending.answer.command, reply, now)
                 self._reply(out, pending.route, reply, observe)
             return
         if job.ok:
@@ -1924,6 +1941,10 @@ class ServerCore:
         busy = self.running is not None or bool(self._queue) or self.tasks.active is not None
         answer = envelope.handle(obj, busy)
         observe.operation = answer.command
+        # a command that changes something leaves an audit line when it is answered
+        audit = None
+        if envelope.needed(obj) >= access.OPERATOR:
+            audit = (*self._audit_who(route[0]), _bounded(obj.get("payload")))
         job = answer.job
         task = None
         if job is not None and answer.as_task:
@@ -1958,9 +1979,12 @@ class ServerCore:
                 size,
                 answer=answer,
                 task=task,
+                audit=audit,
             )
             self._enqueue(job, key, size)
         if answer.now is not None:
+            if audit is not None:
+                self._audit_envelope(out, audit, answer.command, answer.now, now)
             self._reply(out, route, answer.now, observe)
 
     _handlers: dict[str, Callable[..., None]] = {
@@ -1996,7 +2020,8 @@ def _target(request: native.Request) -> str:
 
 
 def _bounded(value: Any) -> Any:
-    """A value as the audit trail keeps it: itself when short, else its JSON text, cut."""
+    """A value as the audit trail keeps it: itself when its JSON is short, else that JSON cut
+    to AUDIT_VALUE_CHARS (a peer's megabytes never reach the trail)."""
     if value is None or isinstance(value, (bool, int, float)):
         return value
     try:
@@ -2004,7 +2029,7 @@ def _bounded(value: Any) -> Any:
     except Exception:
         text = repr(value)
     if len(text) <= AUDIT_VALUE_CHARS:
-        return value if isinstance(value, str) else text
+        return value
     return text[:AUDIT_VALUE_CHARS] + f"... ({len(text)} chars)"
 
 
