@@ -479,3 +479,31 @@ def test_a_simulated_instrument_with_several_devices_must_list_the_resource(tmp_
     device = ScpiDevice("ASRL7::INSTR", "dc_supply", sim=True, sim_yaml=sim, name="psu")
     with pytest.raises(InstrumentConnectionError, match="psu: the simulated instruments list no"):
         device.connect()
+
+
+def test_scpi_injection_through_a_free_text_parameter_is_quoted_or_refused():
+    """Issue 15's attack, through pyvisa (the @py backend) to a socket instrument that records
+    every line: a `;` inside the value stays inside the SCPI string (its quote doubled), a
+    newline is refused before anything is sent, and the supply never sees VOLT 1000."""
+    scpi_map = {
+        "identity": "*IDN?",
+        "parameters": {
+            "VOLTAGE": {"query": "VOLT?", "write": "VOLT {value}", "min": 0, "max": 30},
+            "MESSAGE": {"query": "DISP:TEXT?", "write": "DISP:TEXT '{value}'", "type": "str"},
+            "OUTPUT": {"query": "OUTP?", "write": "OUTP {value}", "type": "bool"},
+        },
+    }
+    replies = {"*IDN?": "ACME,PSU-1,7,1.0", "VOLT?": "0.000", "DISP:TEXT?": "''", "OUTP?": "0"}
+    emulator = ScpiEmulator(replies).start()
+    try:
+        device = ScpiDevice(emulator.resource, scpi_map, visa_library="@py", timeout_ms=SHORT_MS)
+        with served(device) as client:
+            assert client.write("MESSAGE", "x';VOLT 1000;OUTP 1;*RST;'") is True
+            for hostile in ("x\nVOLT 1000", "x\r\nOUTP 1", "x\x00"):
+                with pytest.raises(ValueError, match="control character"):
+                    client.write("MESSAGE", hostile)
+            assert client.query("VOLTAGE") == 0.0
+        sent = [line for line in emulator.received if line.startswith(("DISP", "VOLT ", "OUTP"))]
+        assert sent == ["DISP:TEXT 'x'';VOLT 1000;OUTP 1;*RST;'''"]
+    finally:
+        emulator.stop()

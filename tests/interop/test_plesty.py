@@ -173,6 +173,54 @@ def test_plesty_client_drives_labmesh_server(
         assert observer.locks()["holders"] == []
 
 
+def test_plesty_client_on_a_secured_hosts_plaintext_observer_listener(
+    plesty_client: Callable[..., dict[str, Any]], tmp_path: Path
+) -> None:
+    """PLESTY cannot do CURVE: a secured labmesh server gives its plaintext listener exactly
+    the role the host file says (observer here): reads work, writes and calls are refused with
+    PLESTY's own error shape, and nothing reaches the device."""
+    from labmesh.keys import new_key_pair
+    from labmesh.security import Keyring, ServerSecurity, load_key_pair
+
+    new_key_pair(tmp_path, "host")
+    security = ServerSecurity(
+        load_key_pair("host", tmp_path), Keyring(), {}, "observer", "tcp://127.0.0.1:0"
+    )
+    device = BenchLaser()
+    server = build_server(device, address="tcp://127.0.0.1:0", security=security).start()
+    try:
+        common = ["--param", "WAVELENGTH", "--value", "800", "--bad-value", "2000"]
+        result = plesty_client(
+            server.plaintext_address, *common, "--op", "fire", "--op-args", "[3]"
+        )
+        _ok(result, "connect")
+        assert "fire" in _ok(result, "describe")["methods"]
+        assert _ok(result, "query") == 633.0
+        raised, message = _raised(result, "write")
+        assert raised == "RuntimeError" and message.startswith("PermissionError: "), message
+        assert "needs role operator" in message
+        assert _ok(result, "query_after") == 633.0
+        raised, message = _raised(result, "call")
+        assert message.startswith("PermissionError: "), message
+        assert device.values["WAVELENGTH"] == 633.0 and device.total_shots == 0
+        locked = plesty_client(
+            server.plaintext_address,
+            *common,
+            "--resources",
+            json.dumps([LINE0]),
+            "--op",
+            "fire",
+            "--connect-only",
+        )
+        raised, message = _raised(locked, "connect")
+        assert message.startswith("PermissionError: ") and "needs role operator" in message
+        # the CurveZMQ endpoint does not talk to a plaintext client at all
+        silent = plesty_client(server.address, *common, "--op", "fire", "--timeout-ms", "800")
+        assert _raised(silent, "connect")[0] in ("TimeoutError", "RuntimeError")
+    finally:
+        server.stop()
+
+
 def test_plesty_and_labmesh_servers_grant_resources_alike(
     labmesh_server: Any, plesty_server: Any, plesty_client: Callable[..., dict[str, Any]]
 ) -> None:
