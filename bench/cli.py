@@ -53,6 +53,9 @@ from bench.laplace import (
     laplace_report,
     laplace_targets,
 )
+from bench.security import report as security_report
+from bench.security import run as security_bench
+from bench.security import security_targets
 from bench.subscriptions import QUICK_SUBSCRIPTIONS, subscription_report, subscription_targets
 from bench.subscriptions import run as subscriptions_bench
 from bench.worker import worker_main
@@ -105,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         "--no-subscriptions",
         action="store_true",
         help="skip the subscriptions section (1,000 parameters at 10 Hz into one client)",
+    )
+    parser.add_argument(
+        "--no-security",
+        action="store_true",
+        help="skip the security section (query p50 over CurveZMQ vs plaintext)",
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--heartbeat-load", action="store_true", help=argparse.SUPPRESS)
@@ -182,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
                 if args.no_subscriptions
                 else subscriptions_bench(env, *(QUICK_SUBSCRIPTIONS if args.quick else ()))
             )
+            security = (
+                None
+                if args.no_security
+                else security_bench(env, *((300, 1) if args.quick else (counts.latency_calls,)))
+            )
         finally:
             bench.stop_workers()
         results = [combine(by_key[spec.key]) for spec in specs]
@@ -196,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         targets += laplace_targets(laplace)
     if subscriptions is not None:
         targets += subscription_targets(subscriptions)
+    if security is not None:
+        targets += security_targets(security)
     import zmq
 
     meta = {
@@ -256,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         print()
     if subscriptions is not None:
         print(subscription_report(subscriptions))
+    if security is not None:
+        print()
+        print(security_report(security))
         print()
     print(
         "targets (throughput ones on both tables: 'client library' = the first table, "
@@ -341,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             "discovery": discovery,
             "laplace": laplace,
             "subscriptions": subscriptions,
+            "security": security,
             "targets": targets,
         }
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
@@ -353,5 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     failed_subscriptions = subscriptions is not None and any(
         "error" in run for run in subscriptions["systems"].values()
     )
-    failed = failed_discovery or failed_laplace or failed_subscriptions
+    failed_security = security is not None and any(
+        "error" in run for run in security["systems"].values()
+    )
+    failed = failed_discovery or failed_laplace or failed_subscriptions or failed_security
     return 1 if any(r.error for r in results) or failed else 0

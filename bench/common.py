@@ -121,3 +121,17 @@ def _git_state() -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "?"
     return f"{head or '?'}{' + uncommitted changes in services/' if dirty else ''}"
+
+
+def stop_child(proc: subprocess.Popen | None, wait_s: float = 15.0) -> None:
+    """End a child of the bench: close its stdin (its signal to finish), wait, kill if it
+    overruns (by its PID: only processes the bench started)."""
+    if proc is None:
+        return
+    if proc.stdin:
+        proc.stdin.close()
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)

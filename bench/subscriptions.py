@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO
+from bench.common import REPO, stop_child
 
 #: What the issue measured for the peers on this machine (client CPU %, server CPU %, lost),
 #: printed next to our figures as anchors; not re-measured here (see the report).
@@ -43,6 +43,7 @@ FLOOR, LABMESH = (
     "floor: raw pyzmq PUB/SUB, one JSON message per update",
     "labmesh: Device.publish -> client.subscribe callback",
 )
+LABMESH_CURVE = "labmesh over CurveZMQ (keys, roles): the same"
 PYEPICS, CAPROTO = (
     "pyepics (libca) monitors, caproto server",
     "caproto client monitors, caproto server",
@@ -87,7 +88,7 @@ def serve_floor(params: int) -> None:
     _serve_commands(lambda rate, seconds: _publish_loop(publish, params, rate, seconds))
 
 
-def serve_labmesh(params: int) -> None:
+def serve_labmesh(params: int, curve: bool = False) -> None:
     from labmesh import Device, Parameter, build_server
 
     class Many(Device):
@@ -102,7 +103,16 @@ def serve_labmesh(params: int) -> None:
             return 0.0
 
     device = Many()
-    server = build_server(device, address="tcp://127.0.0.1:0").start()
+    security = None
+    if curve:  # the keys bench.security made for this run
+        from bench.security import CLIENT, _keys
+        from labmesh.security import Keyring, ServerSecurity
+
+        server_pair, _client, directory = _keys()
+        security = ServerSecurity(
+            server_pair, Keyring(directories=[directory]), {CLIENT: "observer"}
+        )
+    server = build_server(device, address="tcp://127.0.0.1:0", security=security).start()
     print("ADDRESS " + server.address, flush=True)
     try:
         _serve_commands(lambda rate, seconds: _publish_loop(device.publish, params, rate, seconds))
@@ -271,7 +281,9 @@ def client_floor(address: str, params: int, expected: int, window: float) -> Non
     print(json.dumps(tally.summary(expected, window)), flush=True)
 
 
-def client_labmesh(address: str, params: int, expected: int, window: float) -> None:
+def client_labmesh(
+    address: str, params: int, expected: int, window: float, curve: bool = False
+) -> None:
     from labmesh import build_client
 
     tally = _Tally()
@@ -282,7 +294,13 @@ def client_labmesh(address: str, params: int, expected: int, window: float) -> N
         if tally.count >= expected:
             done.set()
 
-    with build_client(address, timeout=30_000) as client:
+    keys: dict[str, Any] = {}
+    if curve:
+        from bench.security import _keys
+
+        server_pair, client_pair, _ = _keys()
+        keys = {"key": client_pair, "server_key": server_pair.public}
+    with build_client(address, timeout=30_000, **keys) as client:
         names = [f"p{i:04d}" for i in range(params)]
         ready = []
         sub = client.subscribe(names, lambda u: ready.append(u) if len(ready) < params else None)
@@ -413,15 +431,7 @@ def measure(
         raise RuntimeError(f"{exc} ({tail})") from None
     finally:
         for proc in (client, server):
-            if proc is None:
-                continue
-            if proc.stdin:
-                proc.stdin.close()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+            stop_child(proc)
         logs.close()
 
 
@@ -462,19 +472,27 @@ def run(
     systems = {
         FLOOR: ("floor", "floor", sys.executable),
         LABMESH: ("labmesh", "labmesh", sys.executable),
+        LABMESH_CURVE: ("labmesh-curve", "labmesh-curve", sys.executable),
     }
     epics_python = REPO / ".cache" / "epics-venv" / "bin" / "python"
     if epics_python.exists():
         systems[PYEPICS] = ("caproto", "pyepics", str(epics_python))
         systems[CAPROTO] = ("caproto", "caproto", str(epics_python))
     results = {}
+    keys = tempfile.TemporaryDirectory(prefix="labmesh-bench-keys-")
+    from bench.security import KEYS_ENV, make_keys
+
+    make_keys(Path(keys.name))
     for label, system in systems.items():
         print(f"subscriptions: {label} ...", file=sys.stderr, flush=True)
         system_env = ca_env(env, _free_port_pair()) if system[0] == "caproto" else env
+        if system[0] == "labmesh-curve":
+            system_env = {**env, KEYS_ENV: keys.name}
         try:
             results[label] = measure(system, params, rate, seconds, system_env)
         except Exception as exc:  # reported, not fatal: the other figures stand
             results[label] = {"error": f"{type(exc).__name__}: {exc}"}
+    keys.cleanup()
     return {"params": params, "rate": rate, "seconds": seconds, "systems": results}
 
 
@@ -520,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
         serve_floor(args.params)
     elif args.role == "serve-labmesh":
         serve_labmesh(args.params)
+    elif args.role == "serve-labmesh-curve":
+        serve_labmesh(args.params, curve=True)
     elif args.role == "serve-caproto":
         serve_caproto(args.params)
     elif args.role.startswith("client-"):
@@ -527,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         runner = {
             "client-floor": client_floor,
             "client-labmesh": client_labmesh,
+            "client-labmesh-curve": lambda *a: client_labmesh(*a, curve=True),
             "client-pyepics": client_pyepics,
             "client-caproto": client_caproto,
         }[args.role]

@@ -26,6 +26,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from labmesh.logbudget import LogBudget
 from labmesh.protocol.errors import LabmeshError
 
 log = logging.getLogger("labmesh.security")
@@ -230,16 +231,22 @@ class _Provider:
 
     def __init__(self, allow: Callable[[str], bool]) -> None:
         self._allow = allow
+        # a stranger's handshake storm costs a few lines per interval, then one summary
+        self._logs = LogBudget()
 
     def callback(self, domain: str, key: bytes) -> bool:
         text = key.decode("ascii", "replace") if isinstance(key, bytes) else str(key)
+        now = time.monotonic()
+        for line in self._logs.summaries(now):
+            log.warning("%s: %s", domain, line)
         try:
             allowed = bool(self._allow(text))
         except Exception:  # a bug of ours refuses the handshake, never kills the handler
-            log.exception("ZAP decision for %s failed; refused", domain)
+            if self._logs.allow("ZAP decision failed", now):
+                log.exception("ZAP decision for %s failed; refused", domain)
             return False
-        if not allowed:
-            log.info("refused a CurveZMQ handshake in %s: unknown key %s...", domain, text[:8])
+        if not allowed and self._logs.allow("refused an unknown key", now):
+            log.warning("%s: refused a CurveZMQ handshake: unknown key %s...", domain, text[:8])
         return allowed
 
 

@@ -12,7 +12,6 @@ import sys
 import time
 
 import pytest
-
 from test_cli_demo import free_base
 
 pytestmark = pytest.mark.integration
