@@ -164,7 +164,7 @@ class Keyring:
                 )
         self._clock = clock
         self._lock = threading.Lock()
-        self._stamps: list[tuple[int, int]] = []
+        self._stamps: list[tuple[int, ...]] = []
         self._names: dict[str, str] = dict(self._fixed)
         self._next_check = 0.0
         self._reload(force=True)
@@ -184,13 +184,7 @@ class Keyring:
     def _reload(self, force: bool = False) -> None:
         with self._lock:
             self._next_check = self._clock() + RELOAD_S
-            stamps = []
-            for directory in self.directories:
-                try:
-                    st = directory.stat()
-                    stamps.append((st.st_mtime_ns, st.st_ino))
-                except OSError:
-                    stamps.append((0, 0))
+            stamps = [_stamp(directory) for directory in self.directories]
             if not force and stamps == self._stamps:
                 return
             self._stamps = stamps
@@ -203,6 +197,21 @@ class Keyring:
                     "keyring: %d known keys (reloaded %s)", len(names), _joined(self.directories)
                 )
             self._names = names
+
+
+def _stamp(directory: Path) -> tuple[int, ...]:
+    """What changes when a key file is added, removed or replaced in place: the directory's
+    own change time and inode, and every key file's size and change time."""
+    try:
+        st = directory.stat()
+        files = sorted(directory.glob("*.key"))[:MAX_KEYS_PER_DIRECTORY]
+        stamp = [st.st_mtime_ns, st.st_ino]
+        for path in files:
+            fst = path.stat()
+            stamp += [fst.st_mtime_ns, fst.st_size]
+        return tuple(stamp)
+    except OSError:
+        return (0,)
 
 
 def _read_directory(directory: Path) -> dict[str, str]:

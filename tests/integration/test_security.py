@@ -516,3 +516,27 @@ devices:
         resolver.close()
     finally:
         host.stop()
+
+
+def test_force_release_needs_a_secured_device(tmp_path):
+    srv = serve(MemoryMeter("psu-open"))
+    try:
+        holder = build_client(srv.address, resources="Dev1/port0", timeout=2000)
+        with build_client(srv.address, timeout=2000) as stranger:
+            with pytest.raises(PermissionError, match="needs a secured device"):
+                stranger.force_release("Dev1/port0")
+            assert len(stranger.locks()["holders"]) == 2  # still held
+        holder.close()
+    finally:
+        srv.stop()
+
+
+def test_a_key_file_replaced_in_place_is_noticed(lab):
+    ring = lab.keyring()
+    alice = lab.pair("alice").public.decode()
+    assert ring.name_of(alice) == "alice"
+    # the admin overwrites alice.key with mallory's public key (same file name)
+    shutil.copy(lab.dir / "mallory.key", lab.clients / "alice.key")
+    time.sleep(RELOAD_S + 0.1)
+    assert ring.name_of(alice) is None
+    assert ring.name_of(lab.pair("mallory").public.decode()) == "alice"

@@ -1099,6 +1099,14 @@ class ServerCore:
     def _on_force_release(self, route, request, now, observe, out) -> None:
         """An admin frees locks another session holds (that session ends: its waits are
         refused, its task stopped, its next request gets LeaseExpiredError)."""
+        if self.access is None:
+            # without keys nobody is known to be an admin: no stranger may end a session
+            raise access.PermissionDeniedError(
+                f"force_release on {self.name!r} needs a secured device (an admin's CurveZMQ "
+                "key, docs/security.md); here, ask the holder (`labmesh locks`) or wait for "
+                "its lease to run out",
+                needed="admin",
+            )
         leaves = self.locks.expand(request.get("resources"), self.limits.max_connect_paths)
         sessions: dict[str, Grant] = {}
         for leaf in leaves:
