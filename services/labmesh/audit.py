@@ -15,11 +15,11 @@ counter `labmesh_audit_events_total{device, event, outcome}`.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime as _dt
 import json
 import logging
-import logging.handlers
 import os
 import sys
 import threading
@@ -44,13 +44,24 @@ def default_path() -> Path:
     return Path(state) / "labmesh" / "audit.jsonl"
 
 
+#: How long the writer thread gathers lines before it writes them (s): a trail line is on disk
+#: within about this long, and a busy server costs one write per interval, not one per request.
+BATCH_INTERVAL_S = 0.05
+#: Lines waiting for the writer thread, at most; beyond it (a disk that stalls) lines are
+#: dropped and the trail says how many, so a server thread never waits for a disk.
+MAX_PENDING_LINES = 10_000
+
+
 class AuditLog:
-    """Writes audit lines; thread-safe (every server thread of a host shares one).
+    """Writes audit lines from a thread of its own; thread-safe (every server of a host
+    shares one). `write` only queues: the thread that answers requests never waits for a disk
+    or a pipe; lines are written and flushed in batches, within BATCH_INTERVAL_S.
 
     Parameters:
         path: the rotating file (None: no file).
         stdout: also write each line to standard output.
         max_bytes, backups: the file rotates at `max_bytes`, keeping `backups` old files.
+        stream: write to this text stream instead of stdout (tests).
     """
 
     def __init__(
@@ -63,48 +74,150 @@ class AuditLog:
         stream: TextIO | None = None,
     ) -> None:
         self.path = Path(path) if path is not None else None
-        self._handlers: list[logging.Handler] = []
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self._file: TextIO | None = None
+        self._size = 0
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            handler = logging.handlers.RotatingFileHandler(
-                self.path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
-            )
-            self._handlers.append(handler)
-            with contextlib.suppress(OSError):
-                os.chmod(self.path, 0o640)
-        if stdout or stream is not None:
-            self._handlers.append(logging.StreamHandler(stream or sys.stdout))
-        for handler in self._handlers:
-            handler.setFormatter(logging.Formatter("%(message)s"))
-        self._lock = threading.Lock()
+            self._open()
+        self._stream = stream or (sys.stdout if stdout else None)
+        self._pending: collections.deque[tuple[str, Any, float]] = collections.deque()
+        self._dropped = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        if self.enabled:
+            self._thread = threading.Thread(target=self._run, name="labmesh-audit", daemon=True)
+            self._thread.start()
 
     @property
     def enabled(self) -> bool:
-        return bool(self._handlers)
+        return self._file is not None or self._stream is not None
 
     def write(self, device: str, event: Any, wall_time: float | None = None) -> None:
-        """Write one core `Audit` action of `device` (its `at` is on the server's monotonic
+        """Queue one core `Audit` action of `device` (its `at` is on the server's monotonic
         clock: `wall_time` is the matching wall-clock time, now by default)."""
-        if not self._handlers:
+        if self._thread is None:
             return
-        line = encode_line(device, event, time.time() if wall_time is None else wall_time)
-        record = logging.LogRecord("labmesh.audit", logging.INFO, "", 0, line, None, None)
-        with self._lock:
-            for handler in self._handlers:
-                handler.handle(record)
+        with self._cond:
+            if len(self._pending) >= MAX_PENDING_LINES:
+                self._dropped += 1
+                return
+            self._pending.append((device, event, time.time() if wall_time is None else wall_time))
+            if len(self._pending) == 1:
+                self._cond.notify()  # at most once per batch: the writer then gathers
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every queued line is written (True), or `timeout` passed."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._flushing = True
+            self._cond.notify_all()
+            try:
+                while self._pending or self._busy:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._cond.wait(min(left, 0.05))
+            finally:
+                self._flushing = False
+        return True
 
     def close(self) -> None:
-        with self._lock:
-            for handler in self._handlers:
-                handler.close()
-            self._handlers = []
+        """Write what is queued, then close the file."""
+        if self._thread is not None:
+            self.flush()
+            with self._cond:
+                self._closed = True
+                self._cond.notify_all()
+            self._thread.join(5)
+            self._thread = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    _busy = False
+    _flushing = False
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if not self._pending and self._closed:
+                    return
+                if not self._closed and not self._flushing:
+                    # gather: one wake-up and one write per interval, however busy the server
+                    self._cond.wait(BATCH_INTERVAL_S)
+                batch = list(self._pending)
+                self._pending.clear()
+                dropped, self._dropped = self._dropped, 0
+                self._busy = True
+            try:
+                lines = [encode_line(*item) for item in batch]
+                if dropped:
+                    lines.append(_dropped_line(dropped))
+                self._emit("\n".join(lines) + "\n")
+            except Exception:  # a full disk must not kill the trail's thread
+                logging.getLogger("labmesh.audit").exception("audit lines not written")
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _emit(self, text: str) -> None:
+        if self._file is not None:
+            if self._size + len(text) > self.max_bytes and self._size > 0:
+                self._rotate()
+            self._file.write(text)
+            self._file.flush()
+            self._size += len(text.encode("utf-8"))
+        if self._stream is not None:
+            self._stream.write(text)
+            self._stream.flush()
+
+    def _open(self) -> None:
+        assert self.path is not None
+        self._file = self.path.open("a", encoding="utf-8")
+        with contextlib.suppress(OSError):
+            os.chmod(self.path, 0o640)
+        self._size = self._file.tell()
+
+    def _rotate(self) -> None:
+        """audit.jsonl -> audit.jsonl.1 -> ... -> audit.jsonl.<backups> (the oldest goes)."""
+        assert self.path is not None and self._file is not None
+        self._file.close()
+        for n in range(self.backups, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{n}")
+            newer = self.path.with_name(f"{self.path.name}.{n - 1}") if n > 1 else self.path
+            if newer.exists():
+                if n == self.backups:
+                    older.unlink(missing_ok=True)
+                os.replace(newer, older)
+        if self.backups == 0:
+            self.path.unlink(missing_ok=True)
+        self._open()
+
+
+def _dropped_line(count: int) -> str:
+    stamp = _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return json.dumps(
+        {"time": stamp, "event": "audit_dropped", "value": count, "outcome": "dropped"},
+        separators=(",", ":"),
+    )
+
+
+_encode = json.JSONEncoder(separators=(",", ":"), default=repr).encode
 
 
 def encode_line(device: str, event: Any, wall_time: float) -> str:
-    stamp = _dt.datetime.fromtimestamp(wall_time, _dt.UTC)
-    return json.dumps(
+    """One trail line: UTC time to the millisecond, then the event's fields."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall_time))
+    millis = int(wall_time * 1000) % 1000
+    return _encode(
         {
-            "time": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "time": f"{stamp}.{millis:03d}Z",
             "device": device,
             "event": event.event,
             "client": event.client,
@@ -112,9 +225,7 @@ def encode_line(device: str, event: Any, wall_time: float) -> str:
             "target": event.target,
             "value": event.value,
             "outcome": event.outcome,
-        },
-        separators=(",", ":"),
-        default=repr,
+        }
     )
 
 

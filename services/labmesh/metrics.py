@@ -186,6 +186,7 @@ class DeviceMetrics:
     def __init__(self, device: str, budgeted: frozenset[str] = frozenset()) -> None:
         self.device = device
         self._durations: dict[tuple[str, str, str], Any] = {}
+        self._audits: dict[tuple[str, str], Any] = {}
         # series that alerts rate() exist from the start, so their first event counts
         LEASE_EXPIRIES.labels(device)
         for reason in ("peer_gone", "peer_not_reading"):
@@ -227,7 +228,11 @@ class DeviceMetrics:
     def audited(self, event: str, outcome: str) -> None:
         if outcome not in ("ok", "started", "denied"):
             outcome = "error"  # the line has the error type; the label stays a small set
-        AUDIT_EVENTS.labels(self.device, event, outcome).inc()
+        key = (event, outcome)
+        child = self._audits.get(key)
+        if child is None:
+            child = self._audits[key] = AUDIT_EVENTS.labels(self.device, event, outcome)
+        child.inc()
 
 
 class _ServerCollector:

@@ -95,9 +95,14 @@ def test_the_secured_demo_does_what_its_banner_says(secure_demo):
     plain = f"tcp://127.0.0.1:{secure_demo['base'] + 8}"
     assert json.loads(run(keyless, "--json", "get", plain, "WAVELENGTH").stdout) == 1064.0
     assert "needs role operator" in run(keyless, "set", plain, "WAVELENGTH", "900").stderr
-    trail = run(env, "--json", "audit", secure_demo["trail"])
-    rows = [json.loads(line) for line in trail.stdout.splitlines()]
-    outcomes = [(r["client"], r["target"], r["value"], r["outcome"]) for r in rows]
+    deadline = time.monotonic() + 5  # the host's trail thread writes within milliseconds
+    while True:
+        trail = run(env, "--json", "audit", secure_demo["trail"])
+        rows = [json.loads(line) for line in trail.stdout.splitlines()]
+        outcomes = [(r["client"], r["target"], r["value"], r["outcome"]) for r in rows]
+        if ("plaintext", "WAVELENGTH", 900, "denied") in outcomes or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert ("operator", "WAVELENGTH", 1064, "ok") in outcomes
     assert ("observer", "WAVELENGTH", 800, "denied") in outcomes
     assert ("plaintext", "WAVELENGTH", 900, "denied") in outcomes

@@ -155,6 +155,7 @@ def test_roles_observer_reads_operator_writes_and_refusals_are_named_counted_aud
             assert alice.write("WAVELENGTH", 700.0) is True
             assert bob.query("WAVELENGTH") == 700.0
         assert counted("psu-1", "write", "denied") == denied_before + 1
+        assert srv.audit.flush()
         rows = [json.loads(line) for line in trail.read_text().splitlines()]
         events = [(r["event"], r["client"], r["target"], r["outcome"]) for r in rows]
         assert ("write", "bob", "WAVELENGTH", "denied") in events
@@ -180,6 +181,7 @@ def test_admin_force_releases_a_lock_and_nobody_else_can(lab, tmp_path):
         with pytest.raises(RemoteError, match="session is unknown here"):
             holder.write("AUTORANGE", True)
         holder.close()
+        assert srv.audit.flush()
         rows = [json.loads(line) for line in trail.read_text().splitlines()]
         kinds = [(r["event"], r["client"]) for r in rows]
         assert ("lock_grant", "alice") in kinds
@@ -401,6 +403,8 @@ def test_audit_trail_rotates_within_its_bound(tmp_path):
     trail = AuditLog(tmp_path / "a.jsonl", max_bytes=2000, backups=2)
     for i in range(200):
         trail.write("psu", Audit("write", "alice", "10.0.0.1", "VOLT", i, "ok", 0.0))
+        if i % 10 == 0:
+            trail.flush()  # several batches, so the rotation runs several times
     trail.close()
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["a.jsonl", "a.jsonl.1", "a.jsonl.2"]

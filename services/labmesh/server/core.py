@@ -1442,15 +1442,12 @@ class ServerCore:
             if grant is not None:
                 grant.last_seen = now
         observe = pending.observe
-        if pending.audit is not None and pending.answer is None:
-            outcome = "ok" if job.ok else wire_type_of(job.error)
-            self._audit(out, request.type, *pending.audit, request, outcome, now)
         if pending.answer is not None:
             reply = pending.answer.reply(job)
             if reply is not None:
+                self._reply(out, pending.route, reply, observe)
                 if pending.audit is not None and pending.task is None:
                     self._audit_envelope(out, pending.audit, pending.answer.command, reply, now)
-                self._reply(out, pending.route, reply, observe)
             return
         if job.ok:
             out.append(
@@ -1458,6 +1455,8 @@ class ServerCore:
                     pending.route, native.encode_reply(native.ok_reply(job.value, request)), observe
                 )
             )
+            if pending.audit is not None:  # after the reply: the trail never delays it
+                self._audit(out, request.type, *pending.audit, request, "ok", now)
             return
         exc = job.error
         assert exc is not None
@@ -1482,6 +1481,8 @@ class ServerCore:
             _error(request, message, wire_type_of(exc), **_details(exc)),
             observe,
         )
+        if pending.audit is not None:
+            self._audit(out, request.type, *pending.audit, request, wire_type_of(exc), now)
 
     def _expire_budgets(self, now: float, out: list[Action]) -> None:
         while self._deadlines and self._deadlines[0][0] <= now:
@@ -1991,9 +1992,9 @@ class ServerCore:
             )
             self._enqueue(job, key, size)
         if answer.now is not None:
+            self._reply(out, route, answer.now, observe)
             if audit is not None:
                 self._audit_envelope(out, audit, answer.command, answer.now, now)
-            self._reply(out, route, answer.now, observe)
 
     _handlers: dict[str, Callable[..., None]] = {
         "connect": _on_connect,
