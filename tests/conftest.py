@@ -12,11 +12,15 @@ from labmesh.server import DeviceServer
 
 from support import MemoryMeter, serve
 
-# every `labmesh serve` a test starts (in this process or a child) writes its audit trail here,
-# never into the user's ~/.local/state
-os.environ.setdefault(
-    "LABMESH_AUDIT", os.path.join(tempfile.mkdtemp(prefix="labmesh-test-audit-"), "audit.jsonl")
-)
+# every `labmesh serve` a test starts (in this process or a child) writes its audit trail in a
+# temporary directory, never into the user's ~/.local/state
+_STATE = tempfile.mkdtemp(prefix="labmesh-test-state-")
+os.environ.setdefault("LABMESH_AUDIT", os.path.join(_STATE, "audit.jsonl"))
+# ... and every client remembers the addresses it resolved here, not in ~/.cache
+os.environ.setdefault("LABMESH_ADDRESS_CACHE", os.path.join(_STATE, "addresses.json"))
+# ... and a client with no discovery configured listens for the beacon on loopback only, so no
+# test joins a multicast group on a real interface (beacon tests give their own interface)
+os.environ.setdefault("LABMESH_BEACON", "127.0.0.1")
 
 
 @pytest.fixture

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import random
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -88,6 +94,19 @@ class MemoryMeter(Device):
         return "secret"
 
 
+class UnpluggedMeter(MemoryMeter):
+    """A meter whose instrument is unplugged until the file `plugged_in` exists: opening it
+    fails the way a missing USB instrument does (the host retries it with backoff)."""
+
+    def __init__(self, name: str = "meter", plugged_in: str = "") -> None:
+        super().__init__(name)
+        self.plugged_in = plugged_in
+
+    def connect(self) -> None:
+        if not self.plugged_in or not os.path.exists(self.plugged_in):
+            raise ConnectionError(f"{self.name}: no instrument answers (unplugged?)")
+
+
 def serve(device: Device | None = None, **options) -> DeviceServer:
     options.setdefault("address", "tcp://127.0.0.1:0")
     return build_server(device or MemoryMeter(), **options).start()
@@ -156,3 +175,60 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def free_base(span: int = 8) -> int:
+    """A base port with `span` free ports after it, below the ephemeral range (so client
+    connections made meanwhile cannot take them)."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 32000)
+        socks = []
+        try:
+            for port in range(base, base + span):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no free port range")
+
+
+@contextlib.contextmanager
+def running_demo(*extra: str, ready_within_s: float = 30.0):
+    """`labmesh demo` (with `extra` flags) on free ports, as a subprocess of this test: yields
+    {proc, banner (lines up to "(ready in ...)"), base, endpoint}; Ctrl+C (SIGINT) at the end,
+    by its PID, then a kill if it overruns."""
+    base, metrics = free_base(10), free_base(2)
+    argv = [sys.executable, "-m", "labmesh.cli", "demo", "--base-port", str(base)]
+    proc = subprocess.Popen(
+        [*argv, "--metrics-port", str(metrics), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    banner: list[str] = []
+    try:
+        deadline = time.monotonic() + ready_within_s
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            banner.append(line.rstrip())
+            if line.startswith("(ready in"):
+                break
+        assert banner and banner[-1].startswith("(ready in"), banner
+        yield {"proc": proc, "banner": banner, "base": base, "endpoint": f"tcp://127.0.0.1:{base}"}
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)

@@ -40,12 +40,26 @@ class CliError(LabmeshError):
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from labmesh.config import ConfigError, load_host_config
-    from labmesh.host import HostServer
+    from labmesh.host import HostServer, ports_in_use
 
+    if len(args.config) != 1:
+        raise CliError(
+            f"serve takes one host file, got {len(args.config)}: {', '.join(args.config)}; run "
+            "one `labmesh serve` per host file (each instrument PC has its own)",
+            EXIT_USAGE,
+        )
     try:
-        config = load_host_config(args.config)
+        config = load_host_config(args.config[0])
     except ConfigError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
+    taken = ports_in_use(config, args.bind or config.bind)
+    if taken:
+        raise CliError(
+            f"{config.path}: cannot listen on {', '.join(taken)}: another program (another "
+            "`labmesh serve`?) has it; stop it, or change the port in the host file "
+            "(metrics_port: null turns metrics off)",
+            EXIT_USAGE,
+        )
     host = HostServer(config, sim=args.sim, bind=args.bind).start()
     host.wait_ready(timeout=30)
     for row in host.status():
@@ -71,6 +85,50 @@ def parse_value(text: str) -> Any:
         return json.loads(text)
     except ValueError:
         return text
+
+
+_TRUE_WORDS = {"true", "1", "yes", "on"}
+_FALSE_WORDS = {"false", "0", "no", "off"}
+
+
+def typed_value(text: str, param: dict[str, Any] | None) -> Any:
+    """A command-line value for a parameter of the declared type (describe's `dtype`):
+    bool takes true/false/1/0/yes/no/on/off in any case, int and float take numbers, str takes
+    the text as typed (quotes optional); any other type, or an unknown parameter, gets
+    parse_value. ValueError names the type expected."""
+    dtype = (param or {}).get("dtype")
+    name = (param or {}).get("name", "the parameter")
+    if dtype == "bool":
+        word = text.strip().lower()
+        if word in _TRUE_WORDS or word in _FALSE_WORDS:
+            return word in _TRUE_WORDS
+        raise CliError(
+            f"{name} takes a bool: true or false (also 1/0, yes/no, on/off), got {text!r}",
+            EXIT_USAGE,
+        )
+    if dtype in ("int", "float"):
+        try:
+            number = json.loads(text)
+        except ValueError:
+            number = None
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise CliError(
+                f"{name} takes {'an int' if dtype == 'int' else 'a float'}, got {text!r}",
+                EXIT_USAGE,
+            )
+        return number
+    if dtype == "str":
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+            return text[1:-1]
+        return text
+    return parse_value(text)
+
+
+def _parameter(client: Any, name: str) -> dict[str, Any] | None:
+    for param in (client.description.get("doc") or {}).get("parameters", {}).get("default", []):
+        if param.get("name") == name:
+            return param
+    return None
 
 
 def _emit(args: argparse.Namespace, value: Any, human: str | None = None) -> None:
@@ -160,7 +218,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         _emit(args, rows)
         return EXIT_OK
     if not rows:
-        print("no devices registered")
+        resolver = _resolver(args)
+        print(f"no devices registered at {resolver.source or ', '.join(resolver.endpoints)}")
         return EXIT_OK
     print(f"{'NAME':<18} {'KIND':<11} {'HOST':<14} {'ADDRESS':<26} {'UP':<5} LOCK HOLDERS")
     for row in rows:
@@ -208,7 +267,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
                     flush=True,
                 )
     except KeyboardInterrupt:
-        pass
+        return EXIT_INTERRUPTED
     finally:
         sock.close()
     return EXIT_OK
@@ -262,7 +321,7 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 def cmd_set(args: argparse.Namespace) -> int:
     with _client(args, args.name) as client:
-        ok = client.write(args.param, parse_value(args.value))
+        ok = client.write(args.param, typed_value(args.value, _parameter(client, args.param)))
     _emit(args, ok, "ok" if ok else "refused by the instrument")
     return EXIT_OK if ok else EXIT_FAILED
 
@@ -439,6 +498,8 @@ def cmd_locks(args: argparse.Namespace) -> int:
         if args.json:
             _emit(args, held)
             return EXIT_OK
+        if held:
+            print(f"{'DEVICE':<18} {'RESOURCE':<24} {'HOLDER':<40} {'NAME':<16} SINCE / LEFT")
         for row in held:
             label = row["metadata"].get("name") or ""
             print(
@@ -455,11 +516,38 @@ def cmd_locks(args: argparse.Namespace) -> int:
         return EXIT_OK
     if not locks["holders"]:
         print(f"{args.name}: no locks held (lockable: {', '.join(locks['resources']) or '-'})")
+    else:
+        print(f"{'RESOURCE':<24} {'HOLDER':<40} {'NAME':<16} SINCE / LEFT")
     for row in locks["holders"]:
         label = row["metadata"].get("name") or row["metadata"].get("experiment") or ""
         print(
             f"{row['resource']:<24} {row['client_id']:<40} {label:<16} "
             f"held {row['since_s']:.1f} s, {row['remaining_s']:.1f} s left"
+        )
+    return EXIT_OK
+
+
+def cmd_visa(args: argparse.Namespace) -> int:
+    from labmesh.drivers.visa import SIM_DIR, list_resources
+
+    library = f"{SIM_DIR / 'pm100.yaml'}@sim" if args.sim else "@py"
+    rows, notes = list_resources(library, tcpip=args.tcpip)
+    if args.json:
+        _emit(args, {"resources": rows, "notes": notes})
+        return EXIT_OK
+    for row in rows:
+        what = " ".join(str(row[k]) for k in ("vendor", "product") if row.get(k))
+        serial = f" (serial {row['serial']})" if row.get("serial") else ""
+        print(f"{row['resource']:<48} {what}{serial}".rstrip())
+    if not rows:
+        print("no instruments found" + ("" if args.tcpip else " on USB or serial ports"))
+    for note in notes:
+        print(f"labmesh: {note}", file=sys.stderr)
+    if not args.tcpip:
+        print(
+            "(network instruments: `labmesh visa list --tcpip` asks the LAN; or write "
+            "TCPIP::HOST::INSTR / TCPIP::HOST::5025::SOCKET yourself)",
+            file=sys.stderr,
         )
     return EXIT_OK
 
@@ -502,27 +590,58 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise CliError(str(exc), EXIT_USAGE) from None
 
 
+#: The flags every command takes, before or after its name, and their defaults.
+GLOBAL_DEFAULTS: dict[str, Any] = {
+    "debug": False,
+    "json": False,
+    "discovery": None,
+    "timeout": 5000,
+    "server_key": None,
+}
+
+
+def _common_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    group = parser.add_argument_group("common options (before or after the command)")
+    group.add_argument(
+        "--debug",
+        action="store_true",
+        default=defaults["debug"],
+        help="show tracebacks and debug logs",
+    )
+    group.add_argument(
+        "--json",
+        action="store_true",
+        default=defaults["json"],
+        help="machine-readable output (errors too, as JSON on stderr)",
+    )
+    group.add_argument(
+        "--discovery",
+        default=defaults["discovery"],
+        metavar="ENDPOINTS",
+        help="discovery endpoint(s), comma-separated, or auto (default: $LABMESH_DISCOVERY, "
+        "else this machine, else the LAN beacon)",
+    )
+    group.add_argument(
+        "--timeout",
+        type=int,
+        default=defaults["timeout"],
+        metavar="MS",
+        help="reply timeout in ms (default 5000)",
+    )
+    group.add_argument(
+        "--server-key",
+        default=defaults["server_key"],
+        metavar="KEY",
+        help="a secured server's public key, for a tcp:// address (names get it from discovery)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="labmesh", description="Networked lab instruments over ZeroMQ."
     )
     parser.add_argument("--version", action="version", version=f"labmesh {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument(
-        "--discovery",
-        default=None,
-        metavar="ENDPOINTS",
-        help="discovery endpoint(s), comma-separated, or auto (default: $LABMESH_DISCOVERY)",
-    )
-    parser.add_argument(
-        "--timeout", type=int, default=5000, metavar="MS", help="reply timeout (default 5000)"
-    )
-    parser.add_argument(
-        "--server-key",
-        metavar="KEY",
-        help="a secured server's public key, for a tcp:// address (names get it from discovery)",
-    )
+    _common_flags(parser, GLOBAL_DEFAULTS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def device_command(name: str, helptext: str, func: Any) -> argparse.ArgumentParser:
@@ -563,6 +682,15 @@ def build_parser() -> argparse.ArgumentParser:
         "unlock", "force-release locks another session holds (admin role)", cmd_unlock
     )
     unlock.add_argument("resources", nargs="+", metavar="RESOURCE")
+    visa = sub.add_parser(
+        "visa", help="`visa list`: the VISA resources (instruments) this PC sees, for host files"
+    )
+    visa.add_argument("action", choices=("list",))
+    visa.add_argument(
+        "--tcpip", action="store_true", help="also search the LAN (VXI-11 broadcast, HiSLIP)"
+    )
+    visa.add_argument("--sim", action="store_true", help="list the simulated instruments")
+    visa.set_defaults(func=cmd_visa)
     audit = sub.add_parser("audit", help="print (and follow) a host's audit trail")
     audit.add_argument("file", nargs="?", help="the trail (default: $LABMESH_AUDIT or ~/.local)")
     audit.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
@@ -619,10 +747,14 @@ def build_parser() -> argparse.ArgumentParser:
     disc.set_defaults(func=cmd_discovery)
 
     serve = sub.add_parser("serve", help="serve the instruments of one host file")
-    serve.add_argument("config", help="the host's lab YAML file")
+    serve.add_argument("config", nargs="+", help="the host's lab YAML file (one per process)")
     serve.add_argument("--sim", action="store_true", help="simulate every instrument")
     serve.add_argument("--bind", help="listen on this interface instead of the file's bind")
     serve.set_defaults(func=cmd_serve)
+    # the common flags after the command too (`labmesh ls --json`), listed in its --help;
+    # SUPPRESS keeps one given before the command from being reset by the command's parser
+    for command in sub.choices.values():
+        _common_flags(command, dict.fromkeys(GLOBAL_DEFAULTS, argparse.SUPPRESS))
     return parser
 
 
@@ -643,15 +775,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except CliError as exc:
-        print(f"labmesh: {exc}", file=sys.stderr)
-        return exc.code
+        return _report(args, str(exc), "CliError", exc.code)
     except RemoteError as exc:
         where = getattr(args, "name", "")
-        print(f"labmesh: {where}: {exc.type}: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return _report(args, str(exc), exc.type, EXIT_FAILED, where)
     except TimeoutError as exc:
-        print(f"labmesh: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return _report(args, str(exc), "TimeoutError", EXIT_FAILED)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # e.g. `labmesh describe x | head`
@@ -660,8 +789,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
-        print(f"labmesh: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        code = EXIT_USAGE if type(exc).__name__ in _USAGE_ERRORS else EXIT_FAILED
+        return _report(args, str(exc), type(exc).__name__, code, plain_type=True)
+    finally:
+        _note_discovery(args)
+
+
+def _note_discovery(args: argparse.Namespace) -> None:
+    """Say which discovery answered when none was configured (or that an address came from
+    the address book because none answered)."""
+    resolver = getattr(args, "_resolver", None)
+    if resolver is None or resolver.source is None or getattr(args, "json", False):
+        return
+    if resolver.implicit or "address book" in resolver.source:
+        print(f"labmesh: (discovery: {resolver.source})", file=sys.stderr)
+
+
+#: Local errors that are a setup mistake (exit 2), not a failed operation.
+_USAGE_ERRORS = {"KeyFileError", "ConfigError"}
+
+
+def _report(
+    args: argparse.Namespace,
+    message: str,
+    kind: str,
+    code: int,
+    where: str = "",
+    plain_type: bool = False,
+) -> int:
+    """One error line on stderr (a JSON object with --json), and the exit code."""
+    if getattr(args, "json", False):
+        error = {"error": message, "type": kind, "exit": code}
+        if where:
+            error["device"] = where
+        print(json.dumps(error), file=sys.stderr)
+    elif kind == "CliError":
+        print(f"labmesh: {message}", file=sys.stderr)
+    elif where:
+        print(f"labmesh: {where}: {kind}: {message}", file=sys.stderr)
+    elif plain_type:
+        print(f"labmesh: {kind}: {message}", file=sys.stderr)
+    else:
+        print(f"labmesh: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import contextlib
 import inspect
 import logging
 import math
+import re
 import threading
 import time
 import uuid
@@ -58,6 +59,10 @@ HEARTBEAT_WAIT_MS = 500
 DEFAULT_LEASE_S = 10.0
 
 
+#: `host:port` given where an address is expected (device names never contain a colon).
+_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):[0-9]{1,5}")
+
+
 def _is_async(context: Any) -> bool:
     return isinstance(context, zmq.asyncio.Context)
 
@@ -91,6 +96,8 @@ class _ClientCore:
         key: KeyPair | str | None = None,
         server_key: str | bytes | None = None,
     ) -> None:
+        if "://" not in address and _HOST_PORT.fullmatch(address):
+            address = "tcp://" + address  # `10.0.0.5:5555`: no device name has a colon
         #: the device name when `address` had no scheme (resolved through discovery), else None
         self.device_name = None if "://" in address else address
         self._resolver = resolver_for(discovery) if self.device_name else None

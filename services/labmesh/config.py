@@ -501,7 +501,7 @@ def _device(doc: _Located, key: tuple, raw: Any) -> DeviceSpec:
         raise _fail(doc, (*key, "laplace"), f"expected a mapping, got {laplace!r}")
     exported = _exported(doc, (*key, "metrics"), raw.get("metrics"))
     plaintext_port, plaintext_role = _plaintext(doc, (*key, "plaintext"), raw.get("plaintext"))
-    return DeviceSpec(
+    spec = DeviceSpec(
         name=name,
         driver=driver,
         port=port,
@@ -520,6 +520,69 @@ def _device(doc: _Located, key: tuple, raw: Any) -> DeviceSpec:
         plaintext_role=plaintext_role,
         where=doc.at(key),
     )
+    _check_driver(doc, key, spec)
+    return spec
+
+
+#: Driver arguments the host file sets itself (name:, sim:, resource:), never through options.
+_MANAGED_ARGUMENTS = ("name", "sim", "resource")
+
+
+def _check_driver(doc: _Located, key: tuple, spec: DeviceSpec) -> None:
+    """Everything about a device that can be known without opening it: the driver loads, its
+    options are arguments it takes (with "did you mean"), its required arguments are given,
+    and the driver's own `check_options` (e.g. a known sensor head) accepts them."""
+    try:
+        cls = spec.driver_class()
+    except ConfigError as exc:
+        raise _fail(doc, (*key, "driver"), str(exc).split(": ", 2)[-1]) from None
+    try:
+        signature = inspect.signature(cls)
+    except (TypeError, ValueError):
+        return  # a driver whose signature cannot be read is checked when it is built
+    params = signature.parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    takes = [n for n, p in params.items() if p.kind not in _VARIADIC]
+    options = [n for n in takes if n not in _MANAGED_ARGUMENTS]
+    for option in spec.options:
+        if option in _MANAGED_ARGUMENTS:
+            raise _fail(
+                doc,
+                (*key, "options", option),
+                f"{option!r} is set by the device's own {option}: key, not by options",
+            )
+        if not takes_any and option not in params:
+            close = difflib.get_close_matches(option, options, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise _fail(
+                doc,
+                (*key, "options", option),
+                f"driver {spec.driver!r} takes no option {option!r}{hint} (its options: "
+                f"{', '.join(options) or 'none'})",
+            )
+    if spec.resource is not None and "resource" not in params and not takes_any:
+        raise _fail(doc, (*key, "resource"), f"driver {spec.driver!r} takes no resource")
+    for name, param in params.items():
+        if param.kind in _VARIADIC or param.default is not inspect.Parameter.empty:
+            continue
+        if name == "resource" and spec.resource is None:
+            raise _fail(
+                doc,
+                key,
+                f"missing 'resource' ({_DEVICE_KEYS['resource']}; `labmesh visa list` shows "
+                "the instruments this PC sees)",
+            )
+        if name not in _MANAGED_ARGUMENTS and name not in spec.options:
+            raise _fail(doc, (*key, "options"), f"driver {spec.driver!r} needs option {name!r}")
+    check = getattr(cls, "check_options", None)
+    if callable(check):
+        try:
+            check(dict(spec.options))
+        except (ValueError, TypeError) as exc:
+            raise _fail(doc, (*key, "options"), str(exc)) from None
+
+
+_VARIADIC = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
 
 
 #: How often an exported parameter is read when the host file gives no period (s).

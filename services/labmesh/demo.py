@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from labmesh.config import ConfigError
 from labmesh.signals import wait_for_signal
@@ -89,6 +90,9 @@ class Demo:
     workdir: Path
     discovery: object = None
     hosts: dict[str, subprocess.Popen] = field(default_factory=dict)
+    #: how each host was started (to restart it), and when it crashed
+    commands: dict[str, list[str]] = field(default_factory=dict)
+    crashes: dict[str, list[float]] = field(default_factory=dict)
     prometheus: subprocess.Popen | None = None
     prometheus_url: str | None = None
     #: --secure: where the keys are, discovery's public key
@@ -199,12 +203,8 @@ def start(
                     f"    metrics: [POWER, WAVELENGTH]\n    plaintext: {listener}\n",
                 )
             path.write_text(text)
-            demo.hosts[host] = subprocess.Popen(
-                [sys.executable, "-m", "labmesh.cli", "serve", str(path), "--sim"],
-                stdout=subprocess.DEVNULL,
-                stderr=open(demo.workdir / f"{host}.log", "w"),  # noqa: SIM115
-                start_new_session=True,
-            )
+            demo.commands[host] = [sys.executable, "-m", "labmesh.cli", "serve", str(path), "--sim"]
+            _start_host(demo, host)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             names = {d["name"] for d in demo.discovery.devices()}
@@ -219,6 +219,53 @@ def start(
     except BaseException:
         stop(demo)
         raise
+
+
+def _start_host(demo: Demo, host: str) -> None:
+    demo.hosts[host] = subprocess.Popen(
+        demo.commands[host],
+        stdout=subprocess.DEVNULL,
+        stderr=open(demo.workdir / f"{host}.log", "a"),  # noqa: SIM115
+        start_new_session=True,
+    )
+
+
+#: A host that crashes this many times within CRASH_WINDOW_S ends the demo (exit 1).
+MAX_CRASHES = 3
+CRASH_WINDOW_S = 60.0
+
+
+def supervise(demo: Demo, out: Any = None) -> bool:
+    """Called every half second while the demo runs: a host that exited is reported (its exit
+    status and the end of its log) and started again; False once one has crashed MAX_CRASHES
+    times within CRASH_WINDOW_S (the demo then stops, exit 1)."""
+    out = out or sys.stdout
+    now = time.monotonic()
+    for host, proc in list(demo.hosts.items()):
+        code = proc.poll()
+        if code is None:
+            continue
+        crashes = [t for t in demo.crashes.get(host, []) if now - t < CRASH_WINDOW_S] + [now]
+        demo.crashes[host] = crashes
+        tail = (demo.workdir / f"{host}.log").read_text(errors="replace").strip()
+        last = "\n    ".join(tail.splitlines()[-5:]) or "(no output)"
+        print(
+            f"labmesh demo: host {host} exited with status {code}; its log ends:\n    {last}",
+            file=out,
+            flush=True,
+        )
+        if len(crashes) >= MAX_CRASHES:
+            print(
+                f"labmesh demo: {host} crashed {len(crashes)} times within "
+                f"{CRASH_WINDOW_S:.0f} s; stopping the demo (its log: "
+                f"{demo.workdir / f'{host}.log'})",
+                file=out,
+                flush=True,
+            )
+            return False
+        print(f"labmesh demo: restarting {host}", file=out, flush=True)
+        _start_host(demo, host)
+    return True
 
 
 def start_prometheus(demo: Demo, port: int = 9090) -> str:
@@ -260,8 +307,9 @@ def start_prometheus(demo: Demo, port: int = 9090) -> str:
     return demo.prometheus_url
 
 
-def stop(demo: Demo, timeout_s: float = 5.0) -> None:
-    """Stop every process of the demo (by PID) and the discovery service."""
+def stop(demo: Demo, timeout_s: float = 5.0, keep_workdir: bool = False) -> None:
+    """Stop every process of the demo (by PID) and the discovery service; its folder (host
+    files, logs, keys) goes too unless `keep_workdir` (after a crash: for its logs)."""
     procs = [*demo.hosts.values(), *([demo.prometheus] if demo.prometheus else [])]
     for proc in procs:
         if proc.poll() is None:
@@ -275,7 +323,8 @@ def stop(demo: Demo, timeout_s: float = 5.0) -> None:
             proc.wait(2)
     if demo.discovery is not None:
         demo.discovery.stop()
-    shutil.rmtree(demo.workdir, ignore_errors=True)
+    if not keep_workdir:
+        shutil.rmtree(demo.workdir, ignore_errors=True)
 
 
 def banner(demo: Demo) -> str:
@@ -339,19 +388,22 @@ def run(
     wait: threading.Event | None = None,
     secure: bool = False,
 ) -> int:
-    """Start, print, serve until a signal (or `wait` is set), stop."""
+    """Start, print, serve until a signal (or `wait` is set), restarting a host that crashes,
+    stop. 0, or 1 when a host kept crashing (its log is kept: the message says where)."""
     t0 = time.monotonic()
     demo = start(base_port, metrics_port, secure=secure)
+    healthy = True
     try:
         if prometheus:
             start_prometheus(demo)
         print(banner(demo), flush=True)
         print(f"(ready in {time.monotonic() - t0:.1f} s)", flush=True)
         if wait is not None:
-            wait.wait()
+            while not wait.wait(0.5) and healthy:
+                healthy = supervise(demo)
         else:
-            wait_for_signal()
+            healthy = wait_for_signal(lambda: supervise(demo))
     finally:
-        stop(demo)
+        stop(demo, keep_workdir=not healthy)
     print("labmesh demo: stopped", flush=True)
-    return 0
+    return 0 if healthy else 1

@@ -7,6 +7,7 @@ down; a device whose driver cannot even be built (a config mistake) is reported 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -56,6 +57,31 @@ def _laplace_adapter(spec: DeviceSpec) -> Any:
     from labmesh.compat.laplace import LaplaceAdapter
 
     return LaplaceAdapter(**spec.laplace)
+
+
+def ports_in_use(config: HostConfig, bind: str) -> list[str]:
+    """The host file's ports that another program already listens on, as `5555 (device
+    pm100-a)`: `serve` refuses to start then (exit 2) instead of retrying forever."""
+    wanted: list[tuple[int, str]] = []
+    if config.metrics_port:
+        wanted.append((config.metrics_port, "metrics_port"))
+    for spec in config.devices:
+        wanted.append((spec.port, f"device {spec.name}"))
+        if spec.pub_port is not None:
+            wanted.append((spec.pub_port, f"device {spec.name}'s pub_port"))
+        if spec.plaintext_port is not None:
+            wanted.append((spec.plaintext_port, f"device {spec.name}'s plaintext port"))
+    host = "0.0.0.0" if bind in ("*", "0.0.0.0") else bind
+    taken = []
+    for port, what in wanted:
+        with socket.socket() as sock:
+            # as the servers will bind: a port merely in TIME_WAIT is free, a listener is not
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                taken.append(f"{port} ({what}: {exc.strerror or exc})")
+    return taken
 
 
 class HostServer:

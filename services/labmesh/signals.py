@@ -12,8 +12,9 @@ from typing import Any
 log = logging.getLogger("labmesh.signals")
 
 
-def wait_for_signal() -> None:
-    """Block until SIGINT or SIGTERM."""
+def wait_for_signal(check: Callable[[], bool] | None = None, every_s: float = 0.5) -> bool:
+    """Block until SIGINT or SIGTERM (True), or until `check()`, called every `every_s`,
+    returns False (False)."""
     stop = threading.Event()
 
     def handle(signum: int, _frame: object) -> None:
@@ -22,8 +23,10 @@ def wait_for_signal() -> None:
 
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while not stop.wait(0.5):
-            pass
+        while not stop.wait(every_s):
+            if check is not None and not check():
+                return False
+        return True
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

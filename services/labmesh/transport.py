@@ -108,6 +108,12 @@ def pub_socket(
 
 
 def _bind(sock: zmq.Socket, address: str, what: str) -> zmq.Socket:
+    if "://" not in address:
+        sock.close(linger=0)
+        raise OSError(
+            f"cannot {what} on {address!r}: an endpoint needs its transport, e.g. "
+            f"tcp://{address} (or tcp://*:PORT for every interface)"
+        )
     try:
         sock.bind(address)
     except zmq.ZMQError as exc:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -15,75 +14,15 @@ import pytest
 
 from labmesh.discovery import DeviceRecord, Registrar
 
+from support import running_demo
+
 pytestmark = pytest.mark.integration
-
-
-def free_base(span: int = 8) -> int:
-    """A base port with `span` free ports after it, below the ephemeral range (so client
-    connections made meanwhile cannot take them)."""
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20000, 32000)
-        socks = []
-        try:
-            for port in range(base, base + span):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError("no free port range")
 
 
 @pytest.fixture(scope="module")
 def demo():
-    base, metrics = free_base(), free_base(2)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "labmesh.cli",
-            "demo",
-            "--base-port",
-            str(base),
-            "--metrics-port",
-            str(metrics),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    t0 = time.monotonic()
-    banner = []
-    try:
-        while time.monotonic() - t0 < 20:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            banner.append(line.rstrip())
-            if line.startswith("(ready in"):
-                break
-        assert banner and banner[-1].startswith("(ready in"), banner
-        ready_s = float(banner[-1].split()[2])
-        yield {
-            "endpoint": f"tcp://127.0.0.1:{base}",
-            "banner": banner,
-            "ready_s": ready_s,
-            "proc": proc,
-            "base": base,
-        }
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    with running_demo() as lab:
+        yield {**lab, "ready_s": float(lab["banner"][-1].split()[2])}
 
 
 def cli(demo, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -195,6 +134,79 @@ def test_errors_are_one_line_with_exit_codes(demo):
     assert usage.returncode == 2
     debug = cli(demo, "--debug", "get", "pm100-a", "NOPE")
     assert debug.returncode == 1
+
+
+def test_common_flags_work_after_the_command_too(demo):
+    """Issue 16: `labmesh ls --json`, `get ... --json`, `ls --timeout 500` were refused."""
+    rows = json.loads(cli(demo, "ls", "--json").stdout)
+    assert {r["name"] for r in rows} == {"pm100-a", "daq-1", "stage"}
+    assert json.loads(cli(demo, "get", "pm100-a", "WAVELENGTH", "--json").stdout) > 0
+    assert cli(demo, "ls", "--timeout", "500").returncode == 0
+    helptext = cli(demo, "get", "--help").stdout
+    assert "--json" in helptext and "--timeout" in helptext and "--discovery" in helptext
+    # given before and after: the later one wins, the earlier one is not reset
+    assert cli(demo, "--json", "get", "pm100-a", "WAVELENGTH", "--timeout", "900").returncode == 0
+
+
+def test_values_and_names_are_read_forgivingly_and_unambiguously(demo):
+    for text, expected in (("True", True), ("false", False), ("1", True), ("off", False)):
+        assert cli(demo, "set", "daq-1", "Dev1/port0/line5", text).stdout.strip() == "ok"
+        got = cli(demo, "--json", "get", "daq-1", "Dev1/port0/line5")
+        assert json.loads(got.stdout) is expected
+    bad = cli(demo, "set", "daq-1", "Dev1/port0/line5", "maybe")
+    assert bad.returncode == 2
+    assert "takes a bool: true or false (also 1/0, yes/no, on/off), got 'maybe'" in bad.stderr
+    number = cli(demo, "set", "pm100-a", "WAVELENGTH", "eight hundred")
+    assert (
+        number.returncode == 2 and "WAVELENGTH takes a float, got 'eight hundred'" in number.stderr
+    )
+    lower = cli(demo, "get", "pm100-a", "power")
+    assert lower.returncode == 1
+    assert "did you mean 'POWER'? (parameter names are case-sensitive)" in lower.stderr
+    unit = cli(demo, "set", "pm100-a", "POWER_UNIT", "dbm")
+    assert (
+        unit.returncode == 1 and "did you mean 'DBM'? (options are case-sensitive)" in unit.stderr
+    )
+    op = cli(demo, "call", "stage", "move_absolute", "x", "1")
+    assert "did you mean 'move_abs'?" in op.stderr
+    # host:port is an address (no device name has a colon)
+    address = next(r["address"] for r in json.loads(cli(demo, "--json", "ls").stdout))
+    assert (
+        cli(demo, "ping" if False else "describe", address.removeprefix("tcp://")).returncode == 0
+    )
+
+
+def test_json_errors_are_json_with_the_same_exit_codes(demo):
+    unknown = cli(demo, "get", "nosuch", "X", "--json")
+    error = json.loads(unknown.stderr)
+    assert unknown.returncode == 1 == error["exit"] and error["type"] == "UnknownDeviceError"
+    refused = cli(demo, "--json", "set", "pm100-a", "WAVELENGTH", "5")
+    error = json.loads(refused.stderr)
+    assert refused.returncode == 1 and error["type"] == "ValueError"
+    assert error["device"] == "pm100-a" and "out of range" in error["error"]
+    usage = cli(demo, "--json", "serve", "a.yaml", "b.yaml")
+    assert usage.returncode == 2 and json.loads(usage.stderr)["exit"] == 2
+
+
+def test_describe_is_complete(demo):
+    text = cli(demo, "describe", "pm100-a").stdout
+    assert "AVERAGING: int, >= 1" in text, text
+    stage = cli(demo, "describe", "stage").stdout
+    assert "move_abs(axis: str, position: float" in stage
+    assert "Moving, homing or stopping axis" in stage  # the whole docstring, not its first line
+    assert "home(axis: str | None = None) -> dict[str, float]" in stage
+    daq = cli(demo, "describe", "daq-1").stdout.split("Lockable resources:")[1]
+    assert "\n  Dev1/\n    port0/\n      line0\n" in daq
+
+
+def test_locks_has_a_header(demo):
+    from labmesh import build_client
+
+    with build_client("daq-1", discovery=demo["endpoint"], resources="Dev1/port0/line6"):
+        one = cli(demo, "locks", "daq-1").stdout.splitlines()
+        assert one[0].split()[:3] == ["RESOURCE", "HOLDER", "NAME"]
+        everything = cli(demo, "locks").stdout.splitlines()
+        assert everything[0].split()[:3] == ["DEVICE", "RESOURCE", "HOLDER"]
 
 
 def test_ctrl_c_stops_the_whole_lab(demo):

@@ -6,62 +6,28 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from test_cli_demo import free_base
+
+from support import running_demo
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def secure_demo():
-    base, metrics = free_base(10), free_base(2)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "labmesh.cli",
-            "demo",
-            "--secure",
-            "--base-port",
-            str(base),
-            "--metrics-port",
-            str(metrics),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    banner: list[str] = []
-    try:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < 30:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            banner.append(line.rstrip())
-            if line.startswith("(ready in"):
-                break
-        assert banner and banner[-1].startswith("(ready in"), banner
+    with running_demo("--secure") as lab:
         env = dict(os.environ)
         env.pop("LABMESH_KEY", None)
-        for line in banner:
+        for line in lab["banner"]:
             found = re.match(r"\s*export (\w+)=(.*)$", line)
             if found:
                 env[found[1]] = found[2].strip("'")
-        trail = next(w for line in banner for w in line.split() if w.endswith(".jsonl"))
-        yield {"env": env, "banner": banner, "base": base, "trail": trail, "proc": proc}
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        trail = next(w for line in lab["banner"] for w in line.split() if w.endswith(".jsonl"))
+        yield {**lab, "env": env, "trail": trail}
 
 
 def run(env: dict, *args: str) -> subprocess.CompletedProcess:

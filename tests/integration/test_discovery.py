@@ -390,11 +390,17 @@ def test_resolver_tries_endpoints_in_turn():
 
 def test_resolver_without_configuration_says_what_to_set(monkeypatch):
     monkeypatch.delenv("LABMESH_DISCOVERY", raising=False)
+    monkeypatch.setenv("LABMESH_ADDRESS_CACHE", "off")  # no address remembered by other tests
     with (
         Resolver() as resolver,
-        pytest.raises(DiscoveryUnavailableError, match="set LABMESH_DISCOVERY=tcp://HOST:5550"),
+        pytest.raises(
+            DiscoveryUnavailableError,
+            match=r"looked at tcp://127.0.0.1:5550 on this machine and for the LAN beacon, as "
+            "LABMESH_DISCOVERY is not set; set it to tcp://HOST:5550",
+        ),
     ):
         resolver.resolve("pm100-a")
+    assert resolver.implicit and resolver.endpoints[0] == "tcp://127.0.0.1:5550"
 
 
 def test_resolver_reads_the_environment(monkeypatch, discovery):

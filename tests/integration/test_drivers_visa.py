@@ -88,7 +88,7 @@ def test_seed_example_against_the_simulated_pm100():
             assert isinstance(power, float) and 0.9e-3 < power < 1.1e-3
             described = client.describe()
             assert described["kind"] == "powermeter"
-            assert "WAVELENGTH: float nm [800.0, 1700.0]" in client.help()
+            assert "WAVELENGTH: float nm, 800 to 1700" in client.help()
     finally:
         server.stop()
 
@@ -337,7 +337,7 @@ def test_the_example_map_works_in_sim_over_the_network():
     with served(ScpiDevice("ASRL1::INSTR", MAPS_DIR / "dc_supply.yaml", sim=True)) as client:
         described = client.describe()
         assert described["name"] == "dc_supply" and described["kind"] == "powersupply"
-        assert "VOLTAGE: float V [0, 30]" in client.help()
+        assert "VOLTAGE: float V, 0 to 30" in client.help()
         assert client.identity() == "labmesh,SIM-DC-SUPPLY,0001,1.0"
         assert client.query("VOLTAGE") == 0.0
         assert client.write("VOLTAGE", 12.5) is True

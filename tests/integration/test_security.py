@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
-from test_cli_demo import free_base
 
 from labmesh import RemoteError, build_client, metrics
 from labmesh.audit import AuditLog
@@ -28,7 +27,7 @@ from labmesh.protocol import laplace as env
 from labmesh.security import RELOAD_S, Keyring, ServerSecurity, load_key_pair
 from labmesh.server import DeviceServer
 
-from support import MemoryMeter, serve, wait_until
+from support import MemoryMeter, free_base, serve, wait_until
 
 pytestmark = pytest.mark.integration
 

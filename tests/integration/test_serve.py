@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -63,9 +62,9 @@ def test_serve_two_devices_one_failing_locks_and_sigterm(tmp_path):
             port: {meter_port}
             fixed_threading: false
           - name: broken
-            driver: support:MemoryMeter
+            driver: support:UnpluggedMeter
             port: {broken_port}
-            options: {{no_such_option: 1}}
+            options: {{plugged_in: {tmp_path / "never"}}}
         """)
     )
     proc = start_serve(config)
@@ -73,7 +72,7 @@ def test_serve_two_devices_one_failing_locks_and_sigterm(tmp_path):
         out = read_until(proc, "Ctrl+C stops")
         text = "\n".join(out)
         assert f"tcp://127.0.0.1:{daq_port}" in text and "serving" in text
-        assert "broken" in text and "failed" in text and "no_such_option" in text
+        assert "broken" in text and "retrying" in text and "unplugged?" in text
         a = build_client(
             f"tcp://127.0.0.1:{daq_port}", resources="Dev1/port0", connect_kwargs={"name": "exp-A"}
         )
@@ -116,19 +115,17 @@ def test_serve_two_devices_one_failing_locks_and_sigterm(tmp_path):
 
 def test_serve_retries_a_device_that_cannot_open(tmp_path):
     port = free_port()
-    blocker = socket.socket()
-    blocker.bind(("127.0.0.1", port))
-    blocker.listen()
+    plug = tmp_path / "plugged-in"
     config = tmp_path / "host.yaml"
     config.write_text(
-        f"metrics_port: null\ndevices:\n  - {{name: meter, driver: 'support:MemoryMeter', "
-        f"port: {port}}}\n"
+        f"metrics_port: null\ndevices:\n  - {{name: meter, driver: 'support:UnpluggedMeter', "
+        f"port: {port}, options: {{plugged_in: '{plug}'}}}}\n"
     )
     proc = start_serve(config)
     try:
         out = read_until(proc, "Ctrl+C stops")
         assert any("retrying" in line for line in out), out
-        blocker.close()  # the port frees up: the next attempt (after backoff) succeeds
+        plug.write_text("")  # plugged in: the next attempt (after backoff) succeeds
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -138,11 +135,10 @@ def test_serve_retries_a_device_that_cannot_open(tmp_path):
             except TimeoutError:
                 time.sleep(0.2)
         else:
-            raise AssertionError("device never came up after the port was freed")
+            raise AssertionError("device never came up after it was plugged in")
         proc.send_signal(signal.SIGINT)
         assert proc.wait(10) == 0
     finally:
-        blocker.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)

@@ -48,7 +48,7 @@ def test_every_request_type(server):
         desc = client.describe()
         assert desc["name"] == "meter" and desc["protocol"] == "labmesh/1"
         assert "add" in desc["methods"] and desc["healthy"] is True
-        assert "WAVELENGTH: float nm [400.0, 1100.0]" in client.help()
+        assert "WAVELENGTH: float nm, 400 to 1100" in client.help()
         pong = client.ping()
         assert pong["pong"] is True and pong["healthy"] and pong["connected"]
         hb = client._request({"type": "heartbeat"})

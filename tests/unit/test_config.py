@@ -202,6 +202,7 @@ def test_a_secured_host_file(tmp_path):
             devices:
               - name: pm100-a
                 driver: powermeter
+                resource: USB0::0x1313::0x8078::P0000001::INSTR
                 port: 5555
                 roles: {bob: admin}
                 plaintext: {port: 5565}
@@ -219,13 +220,47 @@ def test_a_secured_host_file(tmp_path):
 
 
 def test_custom_driver_that_cannot_be_imported():
-    cfg = parse("devices:\n  - {name: a, driver: 'nosuch.module:Thing', port: 5}\n")
     with pytest.raises(
         ConfigError,
-        match=r"host.yaml:2: devices\[a\].driver: cannot load "
+        match=r"host.yaml:2: devices\[0\].driver: cannot load "
         r"'nosuch.module:Thing' \(No module named 'nosuch'\)",
     ):
-        cfg.devices[0].build()
+        parse("devices:\n  - {name: a, driver: 'nosuch.module:Thing', port: 5}\n")
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        (
+            "{name: a, driver: motor, port: 5, options: {sped: 3}}",
+            r"devices\[0\].options.sped: driver 'motor' takes no option 'sped'; did you mean "
+            r"'speed'\? \(its options: axes, limits, speed, unit, backend\)",
+        ),
+        (
+            "{name: a, driver: powermeter, port: 5}",
+            r"host.yaml:2: devices\[0\]: missing 'resource' .*`labmesh visa list`",
+        ),
+        (
+            "{name: a, driver: powermeter, port: 5, resource: R, options: {sensor_type: S999X}}",
+            r"devices\[0\].options: unknown Thorlabs sensor head 'S999X'; known: S120C",
+        ),
+        (
+            "{name: a, driver: scpi, port: 5, resource: R}",
+            r"devices\[0\].options: driver 'scpi' needs option 'parameter_map'",
+        ),
+        (
+            "{name: a, driver: motor, port: 5, options: {name: b}}",
+            r"devices\[0\].options.name: 'name' is set by the device's own name: key",
+        ),
+        (
+            "{name: a, driver: motor, port: 5, resource: R}",
+            r"devices\[0\].resource: driver 'motor' takes no resource",
+        ),
+    ],
+)
+def test_driver_options_are_checked_at_load(device, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(f"devices:\n  - {device}\n")
 
 
 def test_missing_and_unreadable_files(tmp_path):

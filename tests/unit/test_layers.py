@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "labmesh.version": 0,
     "labmesh.lazy": 0,
     "labmesh.logbudget": 0,
+    "labmesh.hints": 0,
     "labmesh.protocol": 0,
     "labmesh.protocol.errors": 0,
     "labmesh.protocol.native": 0,

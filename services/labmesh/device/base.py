@@ -20,6 +20,7 @@ from typing import Any, TypeVar, overload
 
 from labmesh.device.parameters import Parameter
 from labmesh.device.tasks import run_to_end
+from labmesh.hints import did_you_mean
 from labmesh.protocol.errors import ParameterValueError, UnknownParameterError
 
 log = logging.getLogger("labmesh.device")
@@ -317,8 +318,9 @@ class Device:
         try:
             return self.parameters[name]
         except (KeyError, TypeError):
+            hint = did_you_mean(name, self.parameters, "parameter names")
             raise UnknownParameterError(
-                f"{self.name} has no parameter {name!r}; known: {sorted(self.parameters)}"
+                f"{self.name} has no parameter {name!r}{hint}; known: {sorted(self.parameters)}"
             ) from None
 
     def query(self, name: str, **_request: Any) -> Any:

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from labmesh.hints import did_you_mean
 from labmesh.protocol.errors import ParameterValueError
 
 _TYPE_NAMES = {float: "float", int: "int", bool: "bool", str: "str"}
@@ -107,8 +108,9 @@ class Parameter:
             raise ParameterValueError(f"{self.name} is read-only; it can be queried, not written")
         coerced = self._coerce(value)
         if self.options is not None and coerced not in self.options:
+            hint = did_you_mean(coerced, self.options, "options")
             raise ParameterValueError(
-                f"{value!r} is not an option of {self.name}; allowed: {list(self.options)}"
+                f"{value!r} is not an option of {self.name}; allowed: {list(self.options)}{hint}"
             )
         if (self.min is not None and coerced < self.min) or (
             self.max is not None and coerced > self.max

@@ -18,11 +18,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import os
 import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from labmesh.discovery.registry import WILDCARD_HOSTS
 
@@ -56,8 +57,23 @@ class BeaconSettings:
     group: str = DEFAULT_GROUP
     port: int = DEFAULT_PORT
     interval_s: float = DEFAULT_INTERVAL_S
-    interface: str | None = None
+    interface: str | None = field(default_factory=lambda: environment_interface())
     ttl: int = 1
+
+
+#: $LABMESH_BEACON: the interface the beacon uses unless told otherwise (an address or a name),
+#: or `off`: clients with nothing configured then do not listen for it.
+BEACON_ENV = "LABMESH_BEACON"
+
+
+def environment_interface() -> str | None:
+    value = os.environ.get(BEACON_ENV, "").strip()
+    return value if value and value.lower() != "off" else None
+
+
+def beacon_disabled() -> bool:
+    """Whether $LABMESH_BEACON says `off`."""
+    return os.environ.get(BEACON_ENV, "").strip().lower() == "off"
 
 
 @dataclass(frozen=True)

@@ -12,16 +12,18 @@ registrar.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import zmq
 
-from labmesh.discovery.beacon import BeaconSettings, find_discovery
+from labmesh.discovery.beacon import BeaconSettings, beacon_disabled, find_discovery
 from labmesh.discovery.registry import InvalidRecordError, NameTakenError, UnknownDeviceError
 from labmesh.protocol.errors import LabmeshError
 from labmesh.protocol.exchange import Action, Channel, Done, Send, Wait, result
@@ -41,6 +43,13 @@ AUTO = "auto"
 DEFAULT_DISCOVERY_PORT = 5550
 DEFAULT_TIMEOUT_S = 1.0
 DEFAULT_BEACON_TIMEOUT_S = 3.0
+#: Where a client looks first when nothing is configured: a discovery on this machine.
+LOCAL_ENDPOINT = f"tcp://127.0.0.1:{DEFAULT_DISCOVERY_PORT}"
+#: $LABMESH_ADDRESS_CACHE: the file of last known addresses (default: the user's cache
+#: directory), or `off`.
+ADDRESS_CACHE_ENV = "LABMESH_ADDRESS_CACHE"
+#: Names the address book keeps, at most (the most recently seen).
+MAX_REMEMBERED = 1000
 
 # error replies of the discovery service raised as the local exception of the same wire type
 _LOCAL_ERRORS: dict[str, type[LabmeshError]] = {
@@ -187,6 +196,78 @@ def discovery_curve(
     return client_security(server_key, key, "discovery")
 
 
+class AddressBook:
+    """Last known addresses (and server keys) of device names, in a small JSON file per user,
+    so a new process reaches a known device while discovery is down (and says so).
+
+    Written only when a record changed, atomically (a temporary file renamed over it),
+    owner-only, at most MAX_REMEMBERED names (the most recently seen).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._entries: dict[str, dict[str, Any]] | None = None
+
+    @classmethod
+    def default(cls) -> AddressBook | None:
+        configured = os.environ.get(ADDRESS_CACHE_ENV, "").strip()
+        if configured.lower() == "off":
+            return None
+        if configured:
+            return cls(Path(configured))
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        return cls(Path(base) / "labmesh" / "addresses.json")
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self._load().get(name)
+
+    def remember(self, records: list[dict[str, Any]]) -> None:
+        with self._lock:
+            entries = self._load()
+            changed = False
+            for record in records:
+                entry = {"address": record["address"], "server_key": record.get("server_key")}
+                if entries.get(record["name"], {}).get("address") != entry["address"] or (
+                    entries[record["name"]].get("server_key") != entry["server_key"]
+                ):
+                    entries.pop(record["name"], None)
+                    entries[record["name"]] = {**entry, "seen": round(time.time())}
+                    changed = True
+            if not changed:
+                return
+            while len(entries) > MAX_REMEMBERED:
+                entries.pop(next(iter(entries)))
+            self._save(entries)
+
+    def _load(self) -> dict[str, dict[str, Any]]:
+        if self._entries is None:
+            try:
+                data = json.loads(self.path.read_text())
+                entries = data.get("devices", {}) if isinstance(data, dict) else {}
+                self._entries = {
+                    k: v
+                    for k, v in entries.items()
+                    if isinstance(k, str)
+                    and isinstance(v, dict)
+                    and isinstance(v.get("address"), str)
+                }
+            except (OSError, ValueError):
+                self._entries = {}
+        return self._entries
+
+    def _save(self, entries: dict[str, dict[str, Any]]) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"devices": entries}, indent=1))
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, self.path)
+        except OSError as exc:  # a read-only home: the book is a convenience, never an error
+            log.debug("address book %s not written: %s", self.path, exc)
+
+
 _default: Resolver | None = None
 _default_lock = threading.Lock()
 
@@ -229,6 +310,14 @@ class Resolver:
         key: KeyPair | str | None = None,
     ) -> None:
         self.auto, self._configured = parse_endpoints(endpoints)
+        #: nothing configured: this machine first, then the LAN beacon (`source` says which)
+        self.implicit = not self.auto and not self._configured
+        if self.implicit:
+            self._configured = [LOCAL_ENDPOINT]
+        #: where the last answer came from, for people: `tcp://... (this machine ...)`
+        self.source: str | None = None
+        self._beacon_tried = False
+        self._book = AddressBook.default()
         self._server_key = server_key
         self._key = key
         self._curve: ClientCurve | bool | None = False  # worked out on first use
@@ -270,9 +359,23 @@ class Resolver:
         try:
             return self.lookup(name)["address"]
         except DiscoveryUnavailableError as exc:
+            if cached is None and self._book is not None:
+                remembered = self._book.get(name)
+                if remembered is not None:
+                    cached = remembered["address"]
+                    with self._cache_lock:
+                        self._cache[name] = cached
+                        self._keys[name] = remembered.get("server_key")
+                    self.source = f"the address book {self._book.path}"
             if cached is None:
                 raise
-            log.warning("%s: %s; using its last known address %s", name, exc, cached)
+            log.warning(
+                "%s: %s; using its last known address %s (from %s)",
+                name,
+                exc,
+                cached,
+                self.source if self.source and "address book" in self.source else "memory",
+            )
             return cached
 
     def lookup(self, name: str) -> dict[str, Any]:
@@ -346,49 +449,93 @@ class Resolver:
                 self._cache[record["name"]] = record["address"]
                 self._keys[record["name"]] = record.get("server_key")
                 self._stale.discard(record["name"])
+        if self._book is not None:
+            self._book.remember(records)
 
     def _ask(self, payload: dict[str, Any]) -> Any:
         """Ask the endpoints in turn (the last one that answered first).
 
         An endpoint that does not know a name may have just restarted, so the others are
-        asked too; UnknownDeviceError is raised only if no endpoint knows it.
+        asked too; UnknownDeviceError is raised only if no endpoint knows it. With nothing
+        configured, the LAN beacon is tried once this machine's discovery did not answer.
         """
         with self._request_lock:
+            failures: list[str] = []
+            unknown: list[UnknownDeviceError] = []
             endpoints = self._endpoints_to_ask()
-            if self._preferred in endpoints:
-                endpoints.remove(self._preferred)
-                endpoints.insert(0, self._preferred)
-            unknown: UnknownDeviceError | None = None
-            failures = []
-            for endpoint in endpoints:
-                connection = self._connections.get(endpoint)
-                if connection is None:
-                    if self._curve is False:
-                        self._curve = discovery_curve(self._server_key, self._key)
-                    connection = DiscoveryConnection(
-                        endpoint, self._ctx, "resolver", self._curve or None
-                    )
-                    self._connections[endpoint] = connection
+            found, result = self._ask_each(endpoints, payload, failures, unknown)
+            if (
+                not found
+                and self.implicit
+                and not self._beacon_tried
+                and not unknown
+                and not beacon_disabled()
+            ):
+                self._beacon_tried = True
                 try:
-                    result = connection.request(payload, self.timeout_s)
+                    self._found = beacon_endpoints(self.beacon, self.beacon_timeout_s)
                 except DiscoveryUnavailableError as exc:
-                    failures.append(str(exc))
-                    continue
-                except UnknownDeviceError as exc:
-                    unknown = unknown or exc
-                    continue
-                self._preferred = endpoint
+                    failures.append(f"LAN beacon: {exc}")
+                found, result = self._ask_each(self._found, payload, failures, unknown)
+            if found:
                 return result
-            if unknown is not None:
-                raise unknown
-            self._found = []  # with `auto`, listen to the beacon again next time
+            if unknown:
+                raise unknown[0]
+            if not self.implicit:
+                self._found = []  # with `auto`, listen to the beacon again next time
+            where = (
+                f" (looked at {LOCAL_ENDPOINT} on this machine and for the LAN beacon, as "
+                f"{ENV_VAR} is not set; set it to tcp://HOST:5550)"
+                if self.implicit
+                else " (is `labmesh discovery` running there and reachable?)"
+            )
             raise DiscoveryUnavailableError(
-                "no discovery service answered: "
-                + "; ".join(failures)
-                + " (is `labmesh discovery` running there and reachable?)"
+                "no discovery service answered: " + "; ".join(failures) + where
             )
 
+    def _ask_each(
+        self,
+        endpoints: list[str],
+        payload: dict[str, Any],
+        failures: list[str],
+        unknown: list[UnknownDeviceError],
+    ) -> tuple[bool, Any]:
+        endpoints = list(endpoints)
+        if self._preferred in endpoints:
+            endpoints.remove(self._preferred)
+            endpoints.insert(0, self._preferred)
+        for endpoint in endpoints:
+            connection = self._connections.get(endpoint)
+            if connection is None:
+                if self._curve is False:
+                    self._curve = discovery_curve(self._server_key, self._key)
+                connection = DiscoveryConnection(
+                    endpoint, self._ctx, "resolver", self._curve or None
+                )
+                self._connections[endpoint] = connection
+            try:
+                result = connection.request(payload, self.timeout_s)
+            except DiscoveryUnavailableError as exc:
+                failures.append(str(exc))
+                continue
+            except UnknownDeviceError as exc:
+                unknown.append(exc)
+                continue
+            self._preferred = endpoint
+            self.source = self._describe_source(endpoint)
+            return True, result
+        return False, None
+
+    def _describe_source(self, endpoint: str) -> str:
+        if not self.implicit:
+            return endpoint
+        if endpoint == LOCAL_ENDPOINT:
+            return f"{endpoint} (this machine; {ENV_VAR} is not set)"
+        return f"{endpoint} (found by the LAN beacon; {ENV_VAR} is not set)"
+
     def _endpoints_to_ask(self) -> list[str]:
+        if self.implicit:
+            return self.endpoints
         if not self.configured:
             raise DiscoveryUnavailableError(
                 f"no discovery service configured: set {ENV_VAR}=tcp://HOST:5550 (or 'auto' "

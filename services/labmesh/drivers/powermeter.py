@@ -142,6 +142,12 @@ class PowermeterDevice(VisaDevice):
         description="unit on the meter's display; POWER is reported in W either way",
     )
 
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        """Host-file check before anything opens: the sensor head is one we know."""
+        if "sensor_type" in options:
+            sensor_head(options["sensor_type"])
+
     def __init__(
         self,
         resource: str,

@@ -308,7 +308,8 @@ class ScpiDevice(VisaDevice):
     """A SCPI instrument over VISA whose parameters come from a parameter map (see the module).
 
     Parameters:
-        resource: the VISA resource, e.g. `TCPIP::192.168.1.20::5025::SOCKET` or `ASRL1::INSTR`.
+        resource: the VISA resource, e.g. `TCPIP::192.168.1.20::5025::SOCKET` or
+            `ASRL/dev/ttyUSB0::INSTR`.
         parameter_map: a YAML file path, the name of a shipped map ("dc_supply"), or a dict.
         sim: simulate the instrument with pyvisa-sim (a private copy per instance), from
             `sim_yaml` or the map's `sim_yaml`; any resource name works.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,11 @@ def _sim_definition_for(owner: str, definition: dict[str, Any], resource: str) -
     return bound
 
 
+#: A serial resource named by its device path (Linux, macOS): pyvisa-py opens it, pyvisa-sim
+#: cannot parse it.
+_SERIAL_PATH = re.compile(r"ASRL/[^:]+::INSTR", re.IGNORECASE)
+
+
 def _canonical(resource: str) -> str | None:
     try:
         return rname.to_canonical_name(resource)
@@ -219,13 +225,20 @@ class VisaSession:
     def is_open(self) -> bool:
         return self._instrument is not None
 
+    def _opened_name(self) -> str:
+        """The name opened: the resource, or in simulation a stand-in pyvisa-sim can parse for
+        a serial port named by its device path (`ASRL/dev/ttyUSB0::INSTR` -> `ASRL1::INSTR`)."""
+        if self.sim_definition is not None and _SERIAL_PATH.fullmatch(self.resource):
+            return "ASRL1::INSTR"
+        return self.resource
+
     def open(self) -> None:
         """Open the resource; InstrumentConnectionError says what is missing when it fails."""
         if self._instrument is not None:
             return
         manager = self._resource_manager()
         try:
-            instrument = manager.open_resource(self.resource, open_timeout=self.timeout_ms)
+            instrument = manager.open_resource(self._opened_name(), open_timeout=self.timeout_ms)
         except VisaIOError as exc:
             self._close_private_manager(manager)
             if exc.error_code == constants.StatusCode.error_resource_not_found:
@@ -309,7 +322,7 @@ class VisaSession:
                     f"{self.visa_library or '(pyvisa default)'}: {exc} (install pyvisa-py or "
                     "NI-VISA; for a simulated instrument pass sim=True)"
                 ) from None
-        definition = _sim_definition_for(self.owner, self.sim_definition, self.resource)
+        definition = _sim_definition_for(self.owner, self.sim_definition, self._opened_name())
         fd, path = tempfile.mkstemp(prefix="labmesh-sim-", suffix=".yaml")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as out:
@@ -477,3 +490,135 @@ class VisaDevice(Device):
             log.warning("%s: not operational: %s", self.name, exc)
             return False
         return True
+
+
+#: USB vendor ids of instrument makers (USBTMC), for `labmesh visa list`.
+USB_VENDORS = {
+    0x0699: "Tektronix",
+    0x0957: "Keysight (Agilent)",
+    0x0AAD: "Rohde & Schwarz",
+    0x1313: "Thorlabs",
+    0x164E: "Siglent",
+    0x1AB1: "Rigol",
+    0x2A8D: "Keysight",
+    0x3923: "National Instruments",
+    0x05E6: "Keithley",
+    0x0B21: "Yokogawa",
+    0x1FFB: "Pololu",
+    0xF4EC: "Siglent",
+}
+#: Thorlabs product ids seen on the bench.
+USB_PRODUCTS = {
+    (0x1313, 0x8070): "PM100D (DFU)",
+    (0x1313, 0x8072): "PM100USB",
+    (0x1313, 0x8078): "PM100D",
+    (0x1313, 0x8079): "PM100A",
+    (0x1313, 0x807B): "PM400",
+}
+
+
+def list_resources(
+    library: str = "@py", *, tcpip: bool = False
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The instruments this PC sees: [{resource, kind, vendor, product, serial}], and notes on
+    what could not be searched (libusb missing, ...).
+
+    USB (USBTMC) devices are read through pyusb and serial ports through pyserial, which send
+    nothing anywhere; only `tcpip` asks pyvisa-py to search the network (a VXI-11 broadcast on
+    the LAN and HiSLIP over zeroconf). A `...@sim` library lists its simulated resources.
+    """
+    if library.endswith("@sim"):
+        manager = pyvisa.ResourceManager(library)
+        try:
+            return [_describe(r) for r in manager.list_resources("?*")], []
+        finally:
+            manager.close()
+    notes: list[str] = []
+    rows = [_describe(r) for r in _usb_resources(notes)]
+    rows += _serial_resources(notes)
+    if tcpip:
+        manager = pyvisa.ResourceManager(library)
+        try:
+            rows += [_describe(r) for r in manager.list_resources("TCPIP?*")]
+        except Exception as exc:
+            notes.append(f"TCPIP: {exc}")
+        finally:
+            manager.close()
+    return rows, notes
+
+
+#: USB interface class and subclass of USBTMC (test and measurement) instruments.
+_USBTMC = (0xFE, 0x03)
+
+
+def _usb_resources(notes: list[str]) -> list[str]:
+    try:
+        import usb.core
+    except ImportError:
+        notes.append("USB: pyusb is not installed (pip install pyusb)")
+        return []
+    try:
+        devices = list(usb.core.find(find_all=True))
+    except Exception as exc:
+        notes.append(
+            f"USB: {exc}: libusb is missing (Debian: apt install libusb-1.0-0), so USB "
+            "instruments cannot be listed or opened"
+        )
+        return []
+    found = []
+    for dev in devices:
+        try:
+            tmc = any(
+                (i.bInterfaceClass, i.bInterfaceSubClass) == _USBTMC for cfg in dev for i in cfg
+            )
+        except Exception:
+            tmc = dev.idVendor in USB_VENDORS
+        if not tmc:
+            continue
+        try:
+            serial = dev.serial_number
+        except Exception:
+            serial = None
+            notes.append(
+                f"USB 0x{dev.idVendor:04x}:0x{dev.idProduct:04x}: no permission to read it; "
+                "add a udev rule (docs/troubleshooting.md) or run as a member of its group"
+            )
+        found.append(f"USB0::0x{dev.idVendor:04X}::0x{dev.idProduct:04X}::{serial or '?'}::INSTR")
+    return found
+
+
+def _serial_resources(notes: list[str]) -> list[dict[str, Any]]:
+    try:
+        from serial.tools import list_ports
+    except ImportError:
+        notes.append("serial: pyserial is not installed (pip install pyserial)")
+        return []
+    rows = []
+    for port in list_ports.comports():
+        row: dict[str, Any] = {"resource": f"ASRL{port.device}::INSTR", "kind": "ASRL"}
+        if port.vid is not None and port.pid is not None:
+            row["vendor"] = USB_VENDORS.get(port.vid, f"vendor 0x{port.vid:04x}")
+            row["product"] = port.product or port.description or f"product 0x{port.pid:04x}"
+            row["serial"] = port.serial_number
+        rows.append(row)
+    return rows
+
+
+def _describe(resource: str) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "resource": resource,
+        "kind": resource.split("::")[0].rstrip("0123456789"),
+    }
+    try:
+        parsed = rname.parse_resource_name(resource)
+    except Exception:
+        return row
+    vendor = getattr(parsed, "manufacturer_id", None)
+    product = getattr(parsed, "model_code", None)
+    if vendor is not None and product is not None:
+        vid, pid = int(str(vendor), 0), int(str(product), 0)
+        row["vendor"] = USB_VENDORS.get(vid, f"vendor 0x{vid:04x}")
+        row["product"] = USB_PRODUCTS.get((vid, pid), f"product 0x{pid:04x}")
+        serial = getattr(parsed, "serial_number", None)
+        row["serial"] = None if serial in (None, "?") else serial
+    return row

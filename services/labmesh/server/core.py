@@ -37,6 +37,7 @@ from labmesh.compat.plesty import PlestySessions
 from labmesh.device.base import describe_device, task_function, touched_resources
 from labmesh.device.executor import RUNNING, Job
 from labmesh.device.tasks import Step, TaskRun
+from labmesh.hints import did_you_mean
 from labmesh.locks import DEFAULT_IDLE_LIMIT_S, Grant, LeaseTable, Waiter, quote_names
 from labmesh.logbudget import DEFAULT_BURST, DEFAULT_INTERVAL_S, LogBudget
 from labmesh.protocol import native
@@ -1398,8 +1399,9 @@ class ServerCore:
             )
         func = fields["func"]
         if func not in self.methods:
+            hint = did_you_mean(func, self.methods, "operation names")
             raise UnknownOperationError(
-                f"{self.name} has no operation {_short(repr(func), 80)}; operations: "
+                f"{self.name} has no operation {_short(repr(func), 80)}{hint}; operations: "
                 f"{sorted(self.methods)}"
             )
         kwargs = dict(fields.get("kwargs") or {})
@@ -1795,9 +1797,10 @@ class ServerCore:
         names = list(dict.fromkeys(names))
         unknown = [n for n in names if not self._subscribable(n)]
         if unknown:
+            hint = did_you_mean(unknown[0], self.readable, "parameter names")
             raise UnknownParameterError(
-                f"{self.name} has nothing to subscribe to named {quote_names(unknown)}; readable "
-                f"parameters: {quote_names(sorted(self.readable))}"
+                f"{self.name} has nothing to subscribe to named {quote_names(unknown)}{hint}; "
+                f"readable parameters: {quote_names(sorted(self.readable))}"
             )
         flt = Filter(fields.get("every_s"), fields.get("deadband"), fields.get("max_rate_hz"))
         streams = []
@@ -2081,33 +2084,116 @@ def _quote(leaves: tuple[str, ...] | list[str]) -> str:
 
 
 def help_text(description: dict[str, Any]) -> str:
-    """The `help` reply: the device's parameters, operations and resources as text."""
+    """The `help` reply (what `labmesh describe` prints): the device's whole docstring, its
+    parameters with type, unit, range or options and access, its operations with their full
+    signatures (types and defaults) and docstrings, and its lockable resources as a tree."""
     lines = [f"{description['name']} ({description['kind']})"]
-    summary = (description["doc"].get("description") or "").split("\n\n")[0]
-    if summary:
-        lines.append(summary)
+    doc = (description["doc"].get("description") or "").strip()
+    if doc:
+        lines += ["", *_indented(doc, "  ")]
     params = description["doc"]["parameters"]["default"]
     if params:
-        lines.append("")
-        lines.append("Parameters:")
+        lines += ["", "Parameters:"]
         for p in params:
-            limits = ""
-            if p["options"] is not None:
-                limits = f" options {p['options']}"
-            elif p["min_value"] is not None or p["max_value"] is not None:
-                limits = f" [{p['min_value']}, {p['max_value']}]"
-            access = " read-only" if p["read_only"] else " write-only" if p["write_only"] else ""
-            unit = f" {p['unit']}" if p["unit"] else ""
-            lines.append(f"  {p['name']}: {p['dtype']}{unit}{limits}{access}  {p['description']}")
-    if description["doc"]["functions"]:
-        lines.append("")
-        lines.append("Operations:")
-        for f in description["doc"]["functions"]:
-            args = ", ".join(a["name"] for a in f["iparams"])
-            budget = f" (budget {f['kind']['budget_s']} s)" if f["kind"]["budget_s"] else ""
-            first = f["description"].splitlines()[0] if f["description"] else ""
-            lines.append(f"  {f['name']}({args}){budget}  {first}")
-    if description["resources"]:
-        lines.append("")
-        lines.append(f"Lockable resources: {description['resources']}")
+            access = (
+                " (read-only)" if p["read_only"] else " (write-only)" if p["write_only"] else ""
+            )
+            line = f"  {p['name']}: {p['dtype']}{_unit(p)}{_range(p)}{access}"
+            lines.append(line)
+            if p["description"]:
+                lines += _indented(p["description"], "      ")
+    functions = description["doc"]["functions"]
+    if functions:
+        lines += ["", "Operations:"]
+        for f in functions:
+            args = ", ".join(_argument(a) for a in f["iparams"])
+            returns = f["oparams"][0]["dtype"] if f.get("oparams") else None
+            if returns and returns.startswith("Generator[") and f["kind"].get("task"):
+                returns = _last_type_argument(returns)  # what the task ends with
+            notes = []
+            if f["kind"].get("budget_s"):
+                notes.append(f"budget {f['kind']['budget_s']:g} s")
+            if f["kind"].get("task"):
+                notes.append("a task: follow it, stop it")
+            if f["kind"].get("read_only"):
+                notes.append("read-only")
+            tail = f"  [{'; '.join(notes)}]" if notes else ""
+            lines.append(f"  {f['name']}({args})" + (f" -> {returns}" if returns else "") + tail)
+            if f["description"]:
+                lines += _indented(f["description"], "      ")
+    resources = description.get("resources")
+    if resources:
+        lines += ["", "Lockable resources:"]
+        lines += _tree(resources, "  ")
     return "\n".join(lines)
+
+
+def _last_type_argument(annotation: str) -> str:
+    """`Generator[Any, Any, dict[str, float]]` -> `dict[str, float]`."""
+    inner = annotation[annotation.index("[") + 1 : -1]
+    depth, start = 0, 0
+    for i, char in enumerate(inner):
+        depth += char == "["
+        depth -= char == "]"
+        if char == "," and depth == 0:
+            start = i + 1
+    return inner[start:].strip()
+
+
+def _indented(text: str, prefix: str) -> list[str]:
+    return [f"{prefix}{line}".rstrip() for line in text.strip().splitlines()]
+
+
+def _unit(p: dict[str, Any]) -> str:
+    return f" {p['unit']}" if p.get("unit") else ""
+
+
+def _range(p: dict[str, Any]) -> str:
+    """`, one of ['CW', 'PULSED']`, `, 400 to 1100`, `, >= 1`, `, <= 30` or ''."""
+    if p.get("options") is not None:
+        return f", one of {p['options']}"
+    low, high = p.get("min_value"), p.get("max_value")
+    if low is not None and high is not None:
+        return f", {low:g} to {high:g}" if _numeric(low, high) else f", {low} to {high}"
+    if low is not None:
+        return f", >= {low}"
+    if high is not None:
+        return f", <= {high}"
+    return ""
+
+
+def _numeric(*values: Any) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def _argument(a: dict[str, Any]) -> str:
+    if a.get("kind") == "VAR_POSITIONAL":
+        return f"*{a['name']}"
+    if a.get("kind") == "VAR_KEYWORD":
+        return f"**{a['name']}"
+    text = a["name"]
+    if a.get("dtype"):
+        text += f": {a['dtype']}"
+    if not a.get("required"):
+        text += f" = {a.get('default')!r}"
+    return text
+
+
+def _tree(node: Any, prefix: str) -> list[str]:
+    """A resource tree (nested dicts and lists of leaf names) drawn one name per line."""
+    if isinstance(node, dict):
+        lines = []
+        for name, below in node.items():
+            lines.append(f"{prefix}{name}/" if below else f"{prefix}{name}")
+            lines += _tree(below, prefix + "  ")
+        return lines
+    if isinstance(node, (list, tuple)):
+        lines = []
+        for item in node:
+            lines += (
+                _tree(item, prefix)
+                if isinstance(item, (dict, list, tuple))
+                else [f"{prefix}{item}"]
+            )
+        return lines
+    return [] if node is None else [f"{prefix}{node}"]
