@@ -209,6 +209,26 @@ def test_locks_has_a_header(demo):
         assert everything[0].split()[:3] == ["DEVICE", "RESOURCE", "HOLDER"]
 
 
+@pytest.mark.parametrize(
+    "command", [["watch"], ["monitor", "pm100-a", "WAVELENGTH"]], ids=["watch", "monitor"]
+)
+def test_ctrl_c_ends_watch_and_monitor_with_130(demo, command):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "labmesh.cli", *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "LABMESH_DISCOVERY": demo["endpoint"]},
+    )
+    try:
+        time.sleep(1.5)  # watching
+        proc.send_signal(signal.SIGINT)  # our own child, by its PID
+        assert proc.wait(10) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_ctrl_c_stops_the_whole_lab(demo):
     proc = demo["proc"]
     proc.send_signal(signal.SIGINT)

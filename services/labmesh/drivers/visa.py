@@ -65,14 +65,22 @@ def connection_hint(resource: str) -> str:
         return "is the resource name right? e.g. USB0::0x1313::0x8078::P0000001::INSTR"
     interface = parsed.interface_type_const
     if interface == constants.InterfaceType.usb:
-        return "is the USB cable in and the container started with /dev/bus/usb?"
+        return (
+            "is the USB cable in, libusb installed (Debian: apt install libusb-1.0-0), the "
+            "device readable by this user (a udev rule: docs/troubleshooting.md), and, in a "
+            "container, /dev/bus/usb passed in? `labmesh visa list` shows what this PC sees"
+        )
     if interface == constants.InterfaceType.tcpip:
         host = getattr(parsed, "host_address", "?")
         port = getattr(parsed, "port", None)
         where = f"{host}:{port}" if port else host
         return f"is the instrument on and reachable at {where}?"
     if interface == constants.InterfaceType.asrl:
-        return "is the serial adapter plugged in and its device passed into the container?"
+        return (
+            "is the serial adapter plugged in (on Linux the resource is ASRL/dev/ttyUSB0::INSTR"
+            ", not ASRL1::INSTR), its device readable (group dialout) and, in a container, "
+            "passed in? `labmesh visa list` shows the ports"
+        )
     if interface == constants.InterfaceType.gpib:
         return "is the GPIB adapter connected and its driver installed?"
     return "is the instrument on and connected?"
