@@ -182,6 +182,15 @@ class _ClientCore:
             payload["wait"] = self.wait_s
         return payload
 
+    def _lock_payload(self, resources: Any, wait_s: float | None) -> dict[str, Any]:
+        """A connect under the current session (the exchange adds its token): the server
+        replaces the session's grant with `resources`."""
+        payload = {**self._connect_payload(), "resources": resources}
+        payload.pop("wait", None)
+        if wait_s is not None:
+            payload["wait"] = wait_s
+        return payload
+
     def _connect_wait_ms(self) -> int:
         return self.default_timeout + int((self.wait_s or 0) * 1000)
 
@@ -698,6 +707,20 @@ class DeviceClient(_ClientCore):
         """Who holds which resource of the device."""
         return self._request({"type": "locks"})
 
+    def lock(self, resources: Any, wait_s: float | None = None) -> list[str]:
+        """Hold `resources` from now on (they replace what this client holds; [] releases all),
+        keeping the session, its subscriptions and its tasks. `wait_s`: wait in line that long
+        for busy resources. The leaves now held; ResourceAllocationError naming the holder."""
+        with self._lock:
+            info = self._request(
+                self._lock_payload(resources, wait_s),
+                attempts=1,
+                wait_ms=self.default_timeout + int((wait_s or 0) * 1000),
+            )
+            self.resources = resources
+            self._connected_with(info)
+        return list(info["resources"])
+
     def force_release(self, resources: Any) -> dict[str, Any]:
         """Free locks another session holds (admin role on a secured device): every session
         holding one of `resources` ends. Returns `{"released": [{holder, resources}, ...]}`."""
@@ -989,6 +1012,18 @@ class AsyncDeviceClient(_ClientCore):
 
     async def locks(self) -> dict[str, Any]:
         return await self._request({"type": "locks"})
+
+    async def lock(self, resources: Any, wait_s: float | None = None) -> list[str]:
+        """As DeviceClient.lock."""
+        async with self._lock:
+            info = await self._request_locked(
+                self._lock_payload(resources, wait_s),
+                1,
+                self.default_timeout + int((wait_s or 0) * 1000),
+            )
+            self.resources = resources
+            self._connected_with(info)
+        return list(info["resources"])
 
     async def force_release(self, resources: Any) -> dict[str, Any]:
         return await self._request({"type": "force_release", "resources": resources}, 1)

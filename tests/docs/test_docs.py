@@ -46,7 +46,7 @@ def lab():
 
 
 @pytest.mark.parametrize(("where", "lang", "code"), BLOCKS, ids=[b[0] for b in BLOCKS])
-def test_a_runnable_block_runs(lab, where, lang, code):
+def test_a_runnable_block_runs(lab, where, lang, code, tmp_path):
     env = {**os.environ, **lab}
     bindir = str(Path(sys.executable).parent)
     if lang == "bash":
@@ -60,7 +60,7 @@ def test_a_runnable_block_runs(lab, where, lang, code):
         text=True,
         timeout=120,
         env=env,
-        cwd=REPO,
+        cwd=tmp_path,  # files a block writes (a plot) land in a temporary folder
         stdin=subprocess.DEVNULL,
     )
     assert result.returncode == 0, (

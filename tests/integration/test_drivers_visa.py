@@ -190,8 +190,10 @@ def test_missing_resource_is_a_clear_error(tmp_path):
     missing = "USB0::0x1313::0x8078::P9999999::INSTR"
     device = PowermeterDevice(missing, visa_library=pm100_yaml(tmp_path), name="pm100-a")
     expected = (
-        f"pm100-a: VISA resource {missing} not found "
-        "(is the USB cable in and the container started with /dev/bus/usb?)"
+        f"pm100-a: VISA resource {missing} not found (is the USB cable in, libusb installed "
+        "(Debian: apt install libusb-1.0-0), the device readable by this user (a udev rule: "
+        "docs/troubleshooting.md), and, in a container, /dev/bus/usb passed in? `labmesh visa "
+        "list` shows what this PC sees)"
     )
     with pytest.raises(InstrumentConnectionError) as info:
         device.connect()

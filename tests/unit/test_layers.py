@@ -75,6 +75,7 @@ LAYERS: dict[str, int] = {
     "labmesh.compat.laplace.qt": 4,
     "labmesh.laplace": 4,
     "labmesh.laplace_qt": 4,
+    "labmesh.ophyd": 4,
     # one process per instrument PC
     "labmesh.config": 5,
     "labmesh.keys": 5,
