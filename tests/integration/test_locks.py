@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from labmesh import RemoteError, build_client, build_server
+from labmesh import RemoteError, build_async_client, build_client, build_server
 
-from support import MemoryDaq, serve, wait_until
+from support import MemoryDaq, MemoryMeter, serve, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -241,5 +241,50 @@ def test_a_huge_lease_is_capped_at_the_idle_limit():
         with build_client(srv.address, resources="Dev1/port0", lease_s=1e12) as c:
             assert c.connection_info["lease"] == 30.0
             assert c.locks()["holders"][0]["remaining_s"] <= 30.0
+    finally:
+        srv.stop()
+
+
+def test_lock_changes_what_a_session_holds_and_keeps_its_subscriptions():
+    """client.lock(): the same session takes other resources (or none), keeping its
+    subscriptions; a busy resource is refused naming the holder, and nothing changes."""
+    import asyncio
+
+    srv = serve(MemoryMeter("meter-lock"))
+    try:
+        with (
+            build_client(srv.address, connect_kwargs={"name": "exp-A"}) as a,
+            build_client(srv.address, connect_kwargs={"name": "exp-B"}) as b,
+        ):
+            session = a.session
+            sub = a.subscribe("WAVELENGTH")
+            assert sub.get(2).value == 532.0
+            assert a.lock("Dev1/port0") == ["Dev1/port0/line0", "Dev1/port0/line1"]
+            assert a.session == session  # the same session, not a new connection
+            with pytest.raises(RemoteError, match=r"held by .*\(exp-A\)") as refused:
+                b.lock("Dev1/port0/line1")
+            assert refused.value.type == "ResourceAllocationError"
+            assert b.lock("Dev1/port1") == ["Dev1/port1/line0"]
+            assert a.lock([]) == []
+            assert b.lock(["Dev1/port0/line1", "Dev1/port1"]) == [
+                "Dev1/port0/line1",
+                "Dev1/port1/line0",
+            ]
+            holders = {h["resource"]: h["metadata"]["name"] for h in a.locks()["holders"]}
+            assert holders == {"Dev1/port0/line1": "exp-B", "Dev1/port1/line0": "exp-B"}
+            assert b.write("WAVELENGTH", 600.0) is True  # b holds or may take every leaf
+            assert sub.get(2).value == 600.0  # a's subscription survived its lock changes
+            sub.close()
+
+        async def asynchronous() -> list[str]:
+            client = await build_async_client(srv.address)
+            try:
+                held = await client.lock("Dev1/port0/line0")
+                await client.lock([])
+                return held
+            finally:
+                await client.close()
+
+        assert asyncio.run(asynchronous()) == ["Dev1/port0/line0"]
     finally:
         srv.stop()
