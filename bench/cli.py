@@ -46,6 +46,9 @@ from bench.discovery import (
     discovery_targets,
     heartbeat_load_main,
 )
+from bench.idle import idle_targets
+from bench.idle import report as idle_report
+from bench.idle import run as idle_bench
 from bench.laplace import (
     DEFAULT_LAPLACE_COUNTS,
     QUICK_LAPLACE_COUNTS,
@@ -108,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         "--no-subscriptions",
         action="store_true",
         help="skip the subscriptions section (1,000 parameters at 10 Hz into one client)",
+    )
+    parser.add_argument(
+        "--no-idle",
+        action="store_true",
+        help="skip the idle-host section (CPU and RSS of `labmesh serve` with no clients)",
     )
     parser.add_argument(
         "--no-security",
@@ -190,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.no_subscriptions
                 else subscriptions_bench(env, *(QUICK_SUBSCRIPTIONS if args.quick else ()))
             )
+            idle = None if args.no_idle else idle_bench(env, 5.0 if args.quick else 20.0)
             security = (
                 None
                 if args.no_security
@@ -211,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         targets += subscription_targets(subscriptions)
     if security is not None:
         targets += security_targets(security)
+    if idle is not None:
+        targets += idle_targets(idle)
     import zmq
 
     meta = {
@@ -274,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     if security is not None:
         print()
         print(security_report(security))
+    if idle is not None:
+        print()
+        print(idle_report(idle))
         print()
     print(
         "targets (throughput ones on both tables: 'client library' = the first table, "
@@ -360,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             "laplace": laplace,
             "subscriptions": subscriptions,
             "security": security,
+            "idle": idle,
             "targets": targets,
         }
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")

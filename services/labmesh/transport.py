@@ -30,6 +30,7 @@ def router_socket(
     *,
     curve: KeyPair | None = None,
     domain: str = "labmesh",
+    wake_address: str | None = None,
 ) -> zmq.Socket:
     """The device server's ROUTER, bound to `address` (e.g. `tcp://127.0.0.1:5555`).
 
@@ -44,7 +45,8 @@ def router_socket(
 
     With `curve` (the server's key pair) `address` is a CurveZMQ endpoint whose handshakes the
     context's ZAP handler checks in `domain` (labmesh.security.authenticate); a plaintext
-    endpoint can be added to the same socket with bind_plaintext.
+    endpoint can be added to the same socket with bind_plaintext. `wake_address`: an inproc
+    endpoint the server's own threads wake a blocking receive through.
     """
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -52,6 +54,9 @@ def router_socket(
     sock.setsockopt(zmq.MAXMSGSIZE, ZMQ_CUT_FACTOR * max_message_bytes + 1024)
     sock.setsockopt(zmq.SNDHWM, max_replies_queued_per_peer)
     sock.setsockopt(zmq.RCVHWM, ROUTER_RCVHWM)
+    if wake_address is not None:
+        # the server's own inproc endpoint, bound before any security option applies
+        _bind(sock, wake_address, "listen (wake-ups)")
     if curve is not None:
         server_curve(sock, curve, domain)
     return _bind(sock, address, "listen")

@@ -25,6 +25,8 @@ TAKEOVER_AFTER_S = 0.002
 #: Watchdog tick while calls are in progress, and its longest sleep when all is idle.
 _TICK_S = 0.001
 _IDLE_TICK_S = 0.01
+#: Checks without a running call (about _IDLE_TICK_S apart) before the watchdog sleeps.
+_DORMANT_AFTER_CHECKS = 50
 
 
 class Job:
@@ -92,6 +94,9 @@ class Watchdog:
         self._servers: weakref.WeakSet[Any] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        #: sleeping until woken: no call ran for _DORMANT_AFTER_CHECKS checks (an idle host
+        #: costs no wake-ups); a server that starts a call then calls wake()
+        self.dormant = False
         self._thread = threading.Thread(target=self._loop, name="labmesh-watchdog", daemon=True)
         self._thread.start()
 
@@ -113,13 +118,35 @@ class Watchdog:
 
     def _loop(self) -> None:
         tick = _IDLE_TICK_S
+        quiet = 0
         while True:
-            if self._wake.wait(tick):
+            if self._wake.wait(None if self.dormant else tick):
                 self._wake.clear()
-            with self._lock:
-                servers = list(self._servers)
-            now = time.monotonic()
-            active = False
-            for server in servers:
-                active = server.check_long_call(now) or active
-            tick = _TICK_S if active else min(_IDLE_TICK_S, tick * 2)
+            self.dormant = False
+            active = self._check()
+            if active:
+                tick, quiet = _TICK_S, 0
+                continue
+            tick = min(_IDLE_TICK_S, tick * 2)
+            quiet += 1
+            if quiet >= _DORMANT_AFTER_CHECKS:
+                # no call has run for a while: sleep until a server starts one (it wakes us
+                # when it sees `dormant`); look once more after saying so, so a call that
+                # started just before is not missed
+                self.dormant = True
+                if self._check():
+                    self.dormant = False
+                    tick, quiet = _TICK_S, 0
+
+    def _check(self) -> bool:
+        with self._lock:
+            servers = list(self._servers)
+        now = time.monotonic()
+        active = False
+        for server in servers:
+            active = server.check_long_call(now) or active
+        return active
+
+    def wake(self) -> None:
+        """A server starts a call while the watchdog sleeps (`dormant`): watch again."""
+        self._wake.set()

@@ -79,6 +79,8 @@ CAPABILITIES = [
 UNDECLARED = "(undeclared)"
 #: How often leases and waiters are looked at when nothing else is due (s).
 LOCK_CHECK_S = 0.25
+#: How often a server without any session or waiter looks at its locks anyway (s).
+IDLE_LOCK_CHECK_S = 60.0
 
 _UNRESOLVED = object()
 _INFO = logging.INFO
@@ -942,6 +944,7 @@ class ServerCore:
                 depth=waiting,
             )
         wait = min(float(wait), self.limits.max_wait_s)
+        self._lock_check_soon(now)
         replaced = self.locks.enqueue(
             Waiter(
                 session,
@@ -959,6 +962,7 @@ class ServerCore:
         return replaced
 
     def _granted(self, out, route, conn, request, grant: Grant, observe, now) -> None:
+        self._lock_check_soon(now)
         if grant.lease_s is None and request.session is None:
             # a PLESTY client: it never sends the token, its grant lives with its connection
             replaced = self._plesty.bind(route[0], conn, grant.session)
@@ -1190,12 +1194,25 @@ class ServerCore:
         if expired:
             self._locks_changed(now, out)
         following = self.locks.next_event()
+        if following is None and not self.locks.session_count and not self.locks.waiting:
+            # nothing can expire: an idle server does not wake for locks (a grant or a waiter
+            # brings the next check forward, see _lock_check_soon)
+            self._next_lock_check = now + IDLE_LOCK_CHECK_S
+            return
         # a past event is a lease kept alive by a call in flight: look again in LOCK_CHECK_S
         self._next_lock_check = (
             now + LOCK_CHECK_S
             if following is None or following <= now
             else min(now + LOCK_CHECK_S, following)
         )
+
+    def _lock_check_soon(self, now: float) -> None:
+        """A grant or a waiter exists now: leases and waits are checked from LOCK_CHECK_S on."""
+        due = now + LOCK_CHECK_S
+        if due < self._next_lock_check:
+            self._next_lock_check = due
+            if due < self._wakeup:
+                self._wakeup = due
 
     def _locks_changed(self, now: float, out: list[Action]) -> None:
         rows = [

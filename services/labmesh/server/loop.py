@@ -24,6 +24,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import secrets
 import socket
 import threading
 import time
@@ -81,6 +82,8 @@ _PEER_ADDRESS = "Peer-Address"
 #: How long an idle server waits in one receive before looking at its other duties (ms).
 _IDLE_RECV_MS = 100
 _IDLE_RECV_S = _IDLE_RECV_MS / 1000
+#: Longest an idle server with no session waits in one receive (ms); stop() wakes it at once.
+_LONG_IDLE_MS = 60_000
 #: Values a driver published that the server has not handled yet, at most (older ones drop).
 _MAX_PUBLISHED_PENDING = 10_000
 
@@ -206,6 +209,7 @@ class DeviceServer:
                 self._ctx,
                 {self._domains[0]: policy.may_connect, self._domains[1]: policy.may_subscribe},
             )
+        wake_address = f"inproc://labmesh-wake-{id(self):x}-{secrets.token_hex(4)}"
         try:
             self._sock = router_socket(
                 self._ctx,
@@ -214,11 +218,21 @@ class DeviceServer:
                 limits.max_replies_queued_per_peer,
                 curve=curve,
                 domain=self._domains[0] if curve else "",
+                wake_address=wake_address,
             )
         except OSError:
             self._end_context()
             raise
         self.address = bound_address(self._sock)
+        # the wake-up line into a receive that blocks while the server is idle (see _wake)
+        self._wake_id = b"wake-" + secrets.token_bytes(8)
+        self._waker = self._ctx.socket(zmq.DEALER)
+        self._waker.setsockopt(zmq.LINGER, 0)
+        self._waker.setsockopt(zmq.IDENTITY, self._wake_id)
+        self._waker.connect(wake_address)
+        self._waker_lock = threading.Lock()
+        self._blocking = False
+        self._rcvtimeo = _IDLE_RECV_MS
         try:
             self._pub = pub_socket(
                 self._ctx,
@@ -280,6 +294,7 @@ class DeviceServer:
         self._connect_error: BaseException | None = None
         self._stopped = threading.Event()
         self._lock_rows: list[dict[str, Any]] = []
+        self._watchdog: Watchdog | None = None
         self.connected = False
 
     # ---- what compatibility code may use (docs/server.md) ---------------------------------
@@ -472,7 +487,8 @@ class DeviceServer:
             self.core.describe()
             self._new_metrics()
             self.connected = self.core.connected = True
-            Watchdog.shared().add(self)
+            self._watchdog = Watchdog.shared()
+            self._watchdog.add(self)
             metrics.SERVERS.add(self)
             metrics.SERVER_INFO.labels(
                 self.name, self.description["kind"], __version__, native.PROTOCOL_NAME
@@ -555,6 +571,9 @@ class DeviceServer:
         # a full buffer means a wake-up is already pending; OSError: we are shutting down
         with contextlib.suppress(BlockingIOError, OSError):
             self._wake_w.send(b"\0")
+        if self._blocking:  # the owner waits in a plain receive: reach it through the socket
+            with self._waker_lock, contextlib.suppress(zmq.ZMQError):
+                self._waker.send(b"", _NOBLOCK)
 
     # ---- the owner's loop -------------------------------------------------------------------
     def _serve_as_owner(self, me: threading.Thread) -> None:
@@ -594,10 +613,26 @@ class DeviceServer:
                 and core.tasks.active is None
                 and not core.subs.streams
             ):
-                # idle: only the socket needs watching (stop is seen within _IDLE_RECV_MS),
-                # so wait in a plain receive, which is cheaper than a poll
-                if not self._receive(me, may_run, block=True):
-                    return
+                # idle: only the socket needs watching, so wait in a plain receive, which is
+                # cheaper than a poll; stop() and published values reach it through the wake
+                # line. With no session it sleeps until the core's next duty (an idle host
+                # costs no wake-ups); with sessions it looks at closed connections (PLESTY
+                # locks, waiters) every _IDLE_RECV_MS.
+                wait_ms = _IDLE_RECV_MS
+                if not core.locks.session_count and not core.locks.waiting:
+                    wait_ms = max(1, min(_LONG_IDLE_MS, int((core.next_wakeup() - now) * 1000)))
+                if wait_ms != self._rcvtimeo:
+                    self._sock.setsockopt(zmq.RCVTIMEO, wait_ms)
+                    self._rcvtimeo = wait_ms
+                self._blocking = True
+                if self._stop_requested or self._published or self._results:
+                    self._blocking = False
+                    continue
+                try:
+                    if not self._receive(me, may_run, block=True):
+                        return
+                finally:
+                    self._blocking = False
                 continue
             if core.has_work or self._results:
                 timeout = 0
@@ -644,6 +679,10 @@ class DeviceServer:
             else:
                 frames = []
             self._head = head
+            if len(frames) == 1 and head.bytes == self._wake_id:
+                if not sock.get(_EVENTS) & _POLLIN:
+                    return True
+                continue  # a wake-up, not a request
             if secured:
                 actions = core.receive(
                     head.bytes,
@@ -744,6 +783,9 @@ class DeviceServer:
         job.thread = me
         with self._state:
             self._running = job
+        watchdog = self._watchdog
+        if watchdog is not None and watchdog.dormant:
+            watchdog.wake()  # the first call after a quiet spell: have it watched again
         job.run()
         with self._state:
             self._running = None
@@ -833,6 +875,8 @@ class DeviceServer:
             self._cond.notify_all()
 
     def _close_socket(self) -> None:
+        with self._waker_lock:
+            self._waker.close(linger=0)
         with contextlib.suppress(zmq.ZMQError):
             self._sock.disable_monitor()
         self._monitor.close(linger=0)
