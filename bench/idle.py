@@ -23,12 +23,18 @@ TARGET_CPU_PCT = 0.5
 TARGET_RSS_MB = 60.0
 
 
-def _free_port() -> int:
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct free ports (all held open while choosing, so none repeats)."""
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def _stat(pid: int) -> tuple[float, float, int]:
@@ -41,9 +47,10 @@ def _stat(pid: int) -> tuple[float, float, int]:
 
 def run(env: dict[str, str], seconds: float = 20.0, settle_s: float = 3.0) -> dict[str, Any]:
     text = (REPO / "examples" / "hosts" / "shared-daq.yaml").read_text()
-    for old in (5556, 5557, 5558):
-        text = text.replace(f"port: {old}", f"port: {_free_port()}")
-    text = text.replace('bind: "*"', f"bind: 127.0.0.1\nmetrics_port: {_free_port()}")
+    ports = _free_ports(4)
+    for old, new in zip((5556, 5557, 5558), ports, strict=False):
+        text = text.replace(f"port: {old}", f"port: {new}")
+    text = text.replace('bind: "*"', f"bind: 127.0.0.1\nmetrics_port: {ports[3]}")
     with tempfile.TemporaryDirectory(prefix="labmesh-idle-") as tmp:
         config = Path(tmp) / "host.yaml"
         config.write_text(text)
@@ -59,11 +66,15 @@ def run(env: dict[str, str], seconds: float = 20.0, settle_s: float = 3.0) -> di
         )
         try:
             deadline = time.monotonic() + 30
+            seen = []
             while time.monotonic() < deadline:
                 line = proc.stdout.readline()
+                seen.append(line)
                 if not line or "Ctrl+C stops" in line:
                     break
             time.sleep(settle_s)
+            if proc.poll() is not None:
+                raise RuntimeError(f"labmesh serve exited ({proc.returncode}): {''.join(seen)}")
             cpu0, _, _ = _stat(proc.pid)
             t0 = time.monotonic()
             time.sleep(seconds)

@@ -122,7 +122,8 @@ class Watchdog:
         while True:
             if self._wake.wait(None if self.dormant else tick):
                 self._wake.clear()
-            self.dormant = False
+            if self.dormant:  # a server started a call: stay awake a full quiet spell again
+                self.dormant, quiet, tick = False, 0, _TICK_S
             active = self._check()
             if active:
                 tick, quiet = _TICK_S, 0
