@@ -19,7 +19,7 @@ PARAM = "X"
 EXPECTED_VALUE = 1.5
 CONCURRENCY = (1, 4, 16)
 
-#: Targets printed next to the results (see the README's performance section).
+#: Targets printed next to the results (see docs/performance.md).
 TARGET_P50_VS_FLOOR = 1.5
 TARGET_TPUT16_VS_FLOOR = 0.5
 TARGET_TPUT16_VS_PLESTY = 4.0
