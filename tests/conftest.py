@@ -18,6 +18,7 @@ _STATE = tempfile.mkdtemp(prefix="labmesh-test-state-")
 os.environ.setdefault("LABMESH_AUDIT", os.path.join(_STATE, "audit.jsonl"))
 # ... and every client remembers the addresses it resolved here, not in ~/.cache
 os.environ.setdefault("LABMESH_ADDRESS_CACHE", os.path.join(_STATE, "addresses.json"))
+os.environ.setdefault("LABMESH_STATE_DIR", _STATE)  # hosts' registration ids
 # ... and a client with no discovery configured does not listen for the LAN beacon, so no test
 # joins a multicast group on a real interface (the beacon's own tests run in network
 # namespaces they made, with `auto` or explicit settings, which this does not affect)

@@ -6,11 +6,15 @@ down; a device whose driver cannot even be built (a config mistake) is reported 
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import secrets
 import socket
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from labmesh import __version__, metrics
@@ -57,6 +61,47 @@ def _laplace_adapter(spec: DeviceSpec) -> Any:
     from labmesh.compat.laplace import LaplaceAdapter
 
     return LaplaceAdapter(**spec.laplace)
+
+
+#: $LABMESH_STATE_DIR: where a host keeps its state (registration ids); default
+#: ~/.local/state/labmesh.
+STATE_ENV = "LABMESH_STATE_DIR"
+_instances_lock = threading.Lock()
+
+
+def state_directory() -> Path:
+    configured = os.environ.get(STATE_ENV, "").strip()
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "labmesh"
+
+
+def remembered_instance(key: str) -> str:
+    """A registration instance id for `key`, made once and kept in the state directory; a
+    fresh one (not kept) where the directory cannot be written."""
+    path = state_directory() / "instances.json"
+    with _instances_lock:
+        try:
+            known = json.loads(path.read_text())
+            if not isinstance(known, dict):
+                known = {}
+        except (OSError, ValueError):
+            known = {}
+        instance = known.get(key)
+        if isinstance(instance, str) and len(instance) >= 16:
+            return instance
+        instance = secrets.token_hex(16)
+        known[key] = instance
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known, indent=1))
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, path)
+        except OSError as exc:  # a read-only home: registration works, restarts wait a TTL
+            log.debug("registration id not kept in %s: %s", path, exc)
+        return instance
 
 
 def ports_in_use(config: HostConfig, bind: str) -> list[str]:
@@ -246,6 +291,14 @@ class HostServer:
             plaintext,
         )
 
+    def _instance_of(self, server: DeviceServer) -> str:
+        """The registration's instance id: the same across restarts of this host file's
+        device (kept in the host's state file, owner-only), so a host that crashed and
+        restarts takes its name back at once instead of being refused by its own record for
+        a TTL. A device by the same name in another host file (another port) gets its own."""
+        spec = self.devices[server.name].spec
+        return remembered_instance(f"{self.config.host}/{spec.name}/{spec.port}")
+
     def _register(self, server: DeviceServer) -> None:
         """Tell discovery where this device is served (an address others can reach)."""
         if self.registrar is None:
@@ -260,7 +313,7 @@ class HostServer:
             DeviceRecord(
                 name=server.name,
                 address=advertised_address(server.address, toward, advertise),
-                instance=server.epoch,
+                instance=self._instance_of(server),
                 kind=server.description["kind"],
                 metrics_url=advertised_address(self.metrics_url, toward, advertise)
                 if self.metrics_url

@@ -268,3 +268,54 @@ def test_serve_uses_labmesh_discovery_when_the_host_file_names_none(discovery, t
     finally:
         serve.terminate()
         serve.wait(10)
+
+
+def test_a_host_that_crashed_takes_its_names_back_at_once(tmp_path):
+    """Issue 19: a restarted host was refused by its own stale record for the whole TTL (and
+    that was logged at ERROR). Its registration id now survives the restart."""
+    service = DiscoveryService(
+        "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", http_port=None, ttl_s=30.0
+    ).start()
+    port = free_port()
+    config = tmp_path / "host.yaml"
+    config.write_text(
+        f"host: rig-9\nbind: 127.0.0.1\ndiscovery: {service.address}\nmetrics_port: null\n"
+        f"devices:\n  - {{name: stage-9, driver: motor, port: {port}, sim: true}}\n"
+    )
+    env = {**os.environ, "LABMESH_STATE_DIR": str(tmp_path / "state")}
+
+    def serve() -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "labmesh.cli", "serve", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+
+    first = serve()
+    second = None
+    try:
+        assert wait_until(lambda: service.devices(name="stage-9"), timeout=15)
+        before = service.devices(name="stage-9")[0]["started"]
+        first.kill()  # a crash: no deregistration (our own child, by its PID)
+        first.wait(5)
+        assert service.devices(name="stage-9")  # its record lives on (TTL 30 s)
+        second = serve()
+        started = time.monotonic()
+        # the restarted host's own registration (a newer `started`) replaces the stale one
+        assert wait_until(
+            lambda: service.devices(name="stage-9")[0]["started"] > before, timeout=10
+        )
+        assert time.monotonic() - started < 10  # not the 30 s TTL
+        with build_client("stage-9", discovery=[service.address]) as stage:
+            assert stage.positions()
+        second.terminate()
+        out, _ = second.communicate(timeout=10)
+        assert "already registered" not in out and "ERROR" not in out, out
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+        service.stop()
