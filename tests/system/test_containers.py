@@ -214,6 +214,8 @@ def test_compose_files_are_valid_for_v1_and_v2(compose, file, tmp_path):
     else:
         prometheus, grafana = services["prometheus"], services["grafana"]
         assert "labmesh-discovery:127.0.0.1" in str(prometheus["extra_hosts"])
+        # nobody who reaches Prometheus's port may stop it (POST /-/quit)
+        assert not any("lifecycle" in arg for arg in prometheus["command"])
         assert _mount_source(prometheus, "/etc/prometheus") == COMPOSE / "prometheus"
         provider = yaml.safe_load(
             (COMPOSE / "grafana/provisioning/dashboards/labmesh.yml").read_text()
