@@ -167,9 +167,16 @@ class AuditLog:
                     self._cond.notify_all()
 
     def _emit(self, text: str) -> None:
-        if self._file is not None:
+        if self.path is not None:
+            if self._file is None or self._file.closed:
+                self._open()  # a rotation that failed before: try the file again
+            assert self._file is not None
             if self._size + len(text) > self.max_bytes and self._size > 0:
-                self._rotate()
+                try:
+                    self._rotate()
+                finally:
+                    if self._file is None or self._file.closed:
+                        self._open()
             self._file.write(text)
             self._file.flush()
             self._size += len(text.encode("utf-8"))

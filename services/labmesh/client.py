@@ -24,7 +24,7 @@ import zmq
 import zmq.asyncio
 
 from labmesh.discovery.resolver import Resolver, default_resolver
-from labmesh.protocol.errors import LeaseExpiredError, RemoteError, remote_error
+from labmesh.protocol.errors import LabmeshError, LeaseExpiredError, RemoteError, remote_error
 from labmesh.protocol.exchange import (
     Action,
     Channel,
@@ -231,7 +231,11 @@ class _ClientCore:
             if self.address is not None:
                 log.warning("%s moved from %s to %s", self.device_name, self.address, address)
             self.address = self._channel.peer = address
-        self._secure()
+        try:
+            self._secure()
+        except LabmeshError as exc:  # e.g. the device is secured now and we have no key:
+            # keep a usable client (the next request says why it gets no answer)
+            log.warning("%s: %s", self.device_name, exc)
 
     @property
     def heartbeat_interval_s(self) -> float | None:

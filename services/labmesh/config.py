@@ -370,7 +370,7 @@ def parse_host_config(text: str, path: str = "<string>") -> HostConfig:
                     "a plaintext listener is for secured hosts (add a security: section); "
                     "without one every port is plaintext already",
                 )
-            if spec.plaintext_port in ports | {spec.port: ""}:
+            if spec.plaintext_port in ports | {spec.port: "", spec.pub_port: ""}:
                 raise _fail(
                     doc,
                     ("devices", i, "plaintext", "port"),

@@ -377,9 +377,13 @@ def test_a_restarted_host_replaces_its_own_record_at_once(lab, secured_discovery
     try:
         first = {"name": "cam-1", "address": "tcp://127.0.0.1:7001", "instance": "run-1"}
         assert ask(sock, {"type": "register", "record": first})["status"] == "ok"
-        second = dict(first, instance="run-2", address="tcp://127.0.0.1:7002")
+        second = dict(first, instance="run-2", started=1.0)  # the same host, restarted
         assert ask(sock, {"type": "register", "record": second})["status"] == "ok"
-        assert service.devices(name="cam-1")[0]["address"] == "tcp://127.0.0.1:7002"
+        assert service.devices(name="cam-1")[0]["started"] == 1.0
+        # a second live server with the same key elsewhere does not take the name
+        elsewhere = dict(first, instance="run-3", address="tcp://127.0.0.1:7002")
+        taken = ask(sock, {"type": "register", "record": elsewhere})
+        assert taken["status"] == "error" and taken["type"] == NameTakenError.wire_type
     finally:
         sock.close()
 
@@ -543,3 +547,45 @@ def test_a_key_file_replaced_in_place_is_noticed(lab):
     time.sleep(RELOAD_S + 0.1)
     assert ring.name_of(alice) is None
     assert ring.name_of(lab.pair("mallory").public.decode()) == "alice"
+
+
+def test_an_observer_cannot_borrow_a_read_only_operation_to_write_or_lock(lab):
+    """Review finding: `func` naming a read-only operation lowered the role for any request."""
+    stage = MotorStage(("x",), limits={"x": (0, 100)}, speed=1000.0, name="stage-ro")
+    srv = secured(lab, stage)
+    try:
+        with client(srv, "bob", lab) as bob:
+            assert bob.positions() == {"x": 0.0}  # a read-only call: allowed to an observer
+            for payload in (
+                {"type": "write", "param": "x/speed", "value": 5.0, "func": "positions"},
+                {"type": "call", "func": "move_abs", "args": ["x", 5.0]},
+                {"type": "connect", "resources": ["x"], "func": "positions"},
+            ):
+                with pytest.raises(PermissionError, match="needs role operator"):
+                    bob._request(payload, attempts=1)
+        assert stage.positions()["x"] == 0.0 and srv.locks.holders(0.0) == []
+    finally:
+        srv.stop()
+
+
+def test_a_server_whose_second_endpoint_cannot_be_bound_fails_at_once(lab):
+    """Review finding: the wake-up socket kept the context from ending: the constructor hung."""
+    import threading
+
+    from labmesh.server import DeviceServer
+
+    outcome: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            DeviceServer(
+                MemoryMeter("twice"), address="inproc://twice", pub_address="inproc://twice"
+            )
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=build, daemon=True)
+    thread.start()
+    thread.join(5)
+    assert not thread.is_alive(), "DeviceServer() hung"
+    assert outcome and isinstance(outcome[0], OSError) and "cannot publish" in str(outcome[0])

@@ -351,3 +351,22 @@ def test_advertised_address_is_never_a_wildcard():
         fallback = advertised_address("tcp://*:5555", toward)
         assert fallback.startswith("tcp://") and fallback.endswith(":5555")
         assert fallback[len("tcp://") : -len(":5555")] not in ("*", "0.0.0.0", "::", "")
+
+
+def test_one_key_two_live_servers_one_name_the_second_is_refused_a_restart_replaces():
+    registry = Registry(ttl_s=9.0)
+    first = DeviceRecord(name="cam", address="tcp://10.0.0.1:5555", instance="a", owner="K" * 40)
+    registry.register(first, 0.0)
+    elsewhere = DeviceRecord(
+        name="cam", address="tcp://10.0.0.2:5555", instance="b", owner="K" * 40
+    )
+    with pytest.raises(NameTakenError):
+        registry.register(elsewhere, 1.0)  # the first is alive (last heard 1 s ago)
+    assert registry.lookup("cam", 1.0).address == "tcp://10.0.0.1:5555"
+    restarted = DeviceRecord(
+        name="cam", address="tcp://10.0.0.1:5555", instance="c", owner="K" * 40
+    )
+    registry.register(restarted, 2.0)  # the same address: the host restarted
+    assert registry.lookup("cam", 2.0).instance == "c"
+    registry.register(elsewhere, 6.0)  # 4 s without a heartbeat (> TTL/3): it moved
+    assert registry.lookup("cam", 6.0).address == "tcp://10.0.0.2:5555"

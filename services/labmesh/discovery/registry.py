@@ -339,10 +339,13 @@ class Registry:
         if (
             holder.instance != record.instance
             and holder.owner is not None
-            and (holder.owner == record.owner)
+            and holder.owner == record.owner
+            and (holder.address == record.address or now - entry.last_seen > self.ttl_s / 3)
         ):
             # the same key, a new server start (the host restarted after a crash): its own
-            # stale record must not lock it out for a TTL
+            # stale record must not lock it out for a TTL. Only a record at the same address,
+            # or one that missed a heartbeat: two live servers sharing a key and a name must
+            # not take the name from each other at every heartbeat (the second is refused)
             self._remove(entry, now, "replaced")
             return self.register(record, now)
         if holder.instance != record.instance:

@@ -530,8 +530,8 @@ class ServerCore:
             observe.rtype = request.type
             if policy is not None:
                 need = access.needed(request.type, request.fields)
-                if need == access.OPERATOR and request.get("func") in self.read_only_ops:
-                    need = access.OBSERVER  # an operation that only reads
+                if request.type == "call" and request.get("func") in self.read_only_ops:
+                    need = access.OBSERVER  # a call of an operation that only reads
                 if self._who.rank < need:
                     self._authorize(need, request.type, _target(request), now, out, request)
             handler = self._handlers[request.type]
@@ -792,13 +792,14 @@ class ServerCore:
         )
         access.check(who, need, self.name, f"{rtype} {target}".strip())
 
-    def _pub_for_sender(self) -> str | None:
-        """The update feed the sender can use: a plaintext peer of a secured server gets the
-        plaintext one (None if it has none)."""
-        who = self._who
-        if who is not None and who.key is None:
-            return self.plaintext_pub_endpoint
-        return self.pub_endpoint
+    def _pub_for(self, grant: Grant | None) -> str | None:
+        """The update feed a session can use: on a secured server a session opened on the
+        plaintext listener (its grant carries no proven key) gets the plaintext one (None if
+        there is none). Decided from the session, not from the latest message, so a reply
+        sent later (a waiter served, a subscribe answered after its reads) is right too."""
+        if self.access is None or grant is None or grant.metadata.get("key"):
+            return self.pub_endpoint
+        return self.plaintext_pub_endpoint
 
     def _peer_address(self) -> str | None:
         source = self._peer_source
@@ -985,7 +986,7 @@ class ServerCore:
             "session": grant.session,
             "lease": grant.lease_s,
             "epoch": self.epoch,
-            "pub": self._pub_for_sender(),
+            "pub": self._pub_for(grant),
         }
         self._reply(
             out,
@@ -1445,6 +1446,10 @@ class ServerCore:
         if pending.answered:
             if pending.task is not None and (pending.task.detached or pending.task.cancel):
                 return  # answered when it started (or its budget ran out); task_status tells
+            if pending.audit is not None and pending.answer is None:
+                late = "ok" if job.ok else wire_type_of(job.error)
+                request = pending.request
+                self._audit(out, request.type, *pending.audit, request, f"{late} (late)", now)
             self._log(
                 out,
                 "late result",
@@ -1561,6 +1566,13 @@ class ServerCore:
             )
             self._reply(out, pending.route, reply, observe)
             out.append(Count("budget_expired", (pending.operation, still_running)))
+            if pending.audit is not None and pending.answer is None:
+                # a write that runs on past its budget may still change the hardware: the
+                # trail says so now, and again with the outcome when it ends (_deliver)
+                outcome = "TimeoutError (still running)" if started else "TimeoutError (not run)"
+                self._audit(
+                    out, pending.request.type, *pending.audit, pending.request, outcome, now
+                )
 
     # ---- tasks ----------------------------------------------------------------------------------
     def _new_task(self, request, identity, session, touches, fn, args, kwargs, now) -> Task:
@@ -1843,7 +1855,9 @@ class ServerCore:
         if flt.every_s is not None:
             self._wakeup = min(self._wakeup, now)
         if not missing:
-            self._reply(out, route, native.ok_reply(self._subscribed(streams), request), observe)
+            self._reply(
+                out, route, native.ok_reply(self._subscribed(streams, session), request), observe
+            )
             return
         # the first update is the current value: read what nobody has read yet, then answer
         self._check_queue_bounds(("read", session), 0)
@@ -1866,9 +1880,9 @@ class ServerCore:
         )
         self._enqueue(job, ("read", session), 0)
 
-    def _subscribed(self, streams) -> dict[str, Any]:
+    def _subscribed(self, streams, session: str | None) -> dict[str, Any]:
         return {
-            "pub": self._pub_for_sender(),
+            "pub": self._pub_for(self.locks.grant(session) if session else None),
             "topics": {s.name: s.topic for s in streams},
             "current": {s.name: self.subs.current(s) for s in streams},
         }
@@ -1905,7 +1919,7 @@ class ServerCore:
                 f"{self.name}: reading for subscribers failed: {_short(str(errors), 300)}",
             )
         if pending.streams:
-            result = self._subscribed(pending.streams)
+            result = self._subscribed(pending.streams, pending.session)
             if errors:
                 result["errors"] = errors
             self._reply(

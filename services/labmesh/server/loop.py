@@ -231,7 +231,8 @@ class DeviceServer:
         self._waker.setsockopt(zmq.IDENTITY, self._wake_id)
         self._waker.connect(wake_address)
         self._waker_lock = threading.Lock()
-        self._blocking = False
+        #: the thread waiting in a blocking receive (None: none), for _wake
+        self._blocking: threading.Thread | None = None
         self._rcvtimeo = _IDLE_RECV_MS
         try:
             self._pub = pub_socket(
@@ -571,7 +572,7 @@ class DeviceServer:
         # a full buffer means a wake-up is already pending; OSError: we are shutting down
         with contextlib.suppress(BlockingIOError, OSError):
             self._wake_w.send(b"\0")
-        if self._blocking:  # the owner waits in a plain receive: reach it through the socket
+        if self._blocking is not None:  # the owner waits in a plain receive: reach it there
             with self._waker_lock, contextlib.suppress(zmq.ZMQError):
                 self._waker.send(b"", _NOBLOCK)
 
@@ -624,15 +625,16 @@ class DeviceServer:
                 if wait_ms != self._rcvtimeo:
                     self._sock.setsockopt(zmq.RCVTIMEO, wait_ms)
                     self._rcvtimeo = wait_ms
-                self._blocking = True
+                self._blocking = me
                 if self._stop_requested or self._published or self._results:
-                    self._blocking = False
+                    self._blocking = None
                     continue
                 try:
                     if not self._receive(me, may_run, block=True):
                         return
                 finally:
-                    self._blocking = False
+                    if self._blocking is me:  # not the other thread's wait (after a handover)
+                        self._blocking = None
                 continue
             if core.has_work or self._results:
                 timeout = 0
@@ -885,6 +887,10 @@ class DeviceServer:
         self._end_context()
 
     def _end_context(self) -> None:
+        waker = getattr(self, "_waker", None)
+        if waker is not None and not waker.closed:  # every socket must close before term()
+            with self._waker_lock:
+                waker.close(linger=0)
         if self._domains:
             stop_authenticating(self._ctx, self._domains)
             self._domains = ()
