@@ -310,6 +310,15 @@ def follow(
             except FileNotFoundError:
                 continue
             if st.st_ino != inode or st.st_size < handle.tell():
+                # rotated: what was written to the old file before it moved comes first
+                for rest in handle.readlines():
+                    partial += rest
+                    if partial.endswith("\n"):
+                        yield partial.rstrip("\n")
+                        partial = ""
+                if partial:
+                    yield partial.rstrip("\n")  # a line cut by the rotation, as it is
+                    partial = ""
                 handle.close()
                 handle = path.open("r", encoding="utf-8", errors="replace")
                 inode = os.fstat(handle.fileno()).st_ino

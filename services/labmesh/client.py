@@ -652,6 +652,8 @@ class DeviceClient(_ClientCore):
                     body = self._receive(action.ms)
                     action = exchange.after_wait(body, time.monotonic())
                 elif isinstance(action, Done):
+                    if self._monitor is not None:  # handshakes worked: old events say nothing
+                        handshake_failure(self._monitor)
                     return result(action.reply)
                 elif isinstance(action, Reconnect):
                     self._handshake()

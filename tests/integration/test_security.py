@@ -5,6 +5,7 @@ by `labmesh.keys` (pyzmq's zmq.auth), the handshakes are libzmq's."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -589,3 +590,18 @@ def test_a_server_whose_second_endpoint_cannot_be_bound_fails_at_once(lab):
     thread.join(5)
     assert not thread.is_alive(), "DeviceServer() hung"
     assert outcome and isinstance(outcome[0], OSError) and "cannot publish" in str(outcome[0])
+
+
+def test_audit_follow_keeps_every_line_across_a_rotation(tmp_path):
+    from labmesh.audit import follow
+
+    path = tmp_path / "trail.jsonl"
+    path.write_text("a\n")
+    lines = follow(path, lines=10, forever=True, poll_s=0.01)
+    assert next(lines) == "a"
+    with path.open("a") as old:
+        old.write("b\n")
+    os.replace(path, tmp_path / "trail.jsonl.1")  # the writer rotates
+    path.write_text("c\n")
+    assert [next(lines), next(lines)] == ["b", "c"]
+    lines.close()

@@ -48,6 +48,8 @@ LOCAL_ENDPOINT = f"tcp://127.0.0.1:{DEFAULT_DISCOVERY_PORT}"
 #: $LABMESH_ADDRESS_CACHE: the file of last known addresses (default: the user's cache
 #: directory), or `off`.
 ADDRESS_CACHE_ENV = "LABMESH_ADDRESS_CACHE"
+#: With nothing configured, how long before the LAN beacon is listened for again (s).
+BEACON_RETRY_S = 30.0
 #: Names the address book keeps, at most (the most recently seen).
 MAX_REMEMBERED = 1000
 
@@ -316,7 +318,7 @@ class Resolver:
             self._configured = [LOCAL_ENDPOINT]
         #: where the last answer came from, for people: `tcp://... (this machine ...)`
         self.source: str | None = None
-        self._beacon_tried = False
+        self._beacon_due = 0.0  # when, with nothing configured, the beacon may be tried again
         self._book = AddressBook.default()
         self._server_key = server_key
         self._key = key
@@ -467,11 +469,12 @@ class Resolver:
             if (
                 not found
                 and self.implicit
-                and not self._beacon_tried
+                and time.monotonic() >= self._beacon_due
                 and not unknown
                 and not beacon_disabled()
             ):
-                self._beacon_tried = True
+                # listen again after a while: a discovery may have come up on the LAN since
+                self._beacon_due = time.monotonic() + BEACON_RETRY_S
                 try:
                     self._found = beacon_endpoints(self.beacon, self.beacon_timeout_s)
                 except DiscoveryUnavailableError as exc:
