@@ -690,7 +690,10 @@ def test_20000_pipelined_calls_while_the_device_is_busy(server, ctx, tmp_path):
         begun = time.monotonic()
         sent = pump(sock, calls, replies, deadline=begun + 10)
         sent_s = time.monotonic() - begun
-        wait_until(lambda: drain(sock, replies, 20) or len(replies) >= sent - 110, timeout=1.0)
+        # 20,000 refusals at once: 1 s was enough on a quiet 2-core machine, but CI once saw
+        # 19,320 of 19,900 by then (the same machine running other jobs); 2 s still tells
+        # "refused at once" from "answered when their 5 s budgets run out"
+        wait_until(lambda: drain(sock, replies, 20) or len(replies) >= sent - 110, timeout=2.0)
         refused_at_once = sum(1 for r in replies if r.get("type") == "BusyError")
         # every accepted call is answered by now: run, or its 5 s budget ran out unstarted
         wait_until(
@@ -703,7 +706,7 @@ def test_20000_pipelined_calls_while_the_device_is_busy(server, ctx, tmp_path):
         felt.note(
             sent=sent,
             send_s=sent_s,
-            busy_within_1s=refused_at_once,
+            busy_within_2s=refused_at_once,
             accepted=accepted,
             replies=len(replies),
             reply_types=dict(types),
@@ -716,7 +719,7 @@ def test_20000_pipelined_calls_while_the_device_is_busy(server, ctx, tmp_path):
         )
         felt.expect(
             refused_at_once >= sent - PEER_QUEUE_LIMIT - 10,
-            f"only {refused_at_once} BusyError replies within 1 s of the flood",
+            f"only {refused_at_once} BusyError replies within 2 s of the flood",
         )
         felt.expect(
             bool(messages) and all(str(PEER_QUEUE_LIMIT) in m for m in messages),
