@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -105,17 +104,14 @@ class Demo:
 
 
 def _check_free(ports: list[int]) -> None:
+    from labmesh.host import port_taken
+
     for port in ports:
-        with socket.socket() as sock:
-            # as the servers will: a port merely in TIME_WAIT is free, a listener is not
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                raise ConfigError(
-                    f"port {port} on 127.0.0.1 is in use (another labmesh demo or serve?); "
-                    "stop it or pick other ports with --base-port and --metrics-port"
-                ) from None
+        if port_taken("127.0.0.1", port) is not None:
+            raise ConfigError(
+                f"port {port} on 127.0.0.1 is in use (another labmesh demo or serve?); "
+                "stop it or pick other ports with --base-port and --metrics-port"
+            )
 
 
 def _secure_lab(demo: Demo, ports: dict) -> object:

@@ -6,7 +6,6 @@ down; a device whose driver cannot even be built (a config mistake) is reported 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -24,6 +23,7 @@ from labmesh.discovery import DeviceRecord, Registrar, advertised_address
 from labmesh.protocol.native import PROTOCOL_NAME
 from labmesh.security import KeyPair, Keyring, ServerSecurity, load_key_pair
 from labmesh.server import DeviceServer
+from labmesh.userstate import read_json, write_private_json
 
 log = logging.getLogger("labmesh.host")
 
@@ -82,23 +82,14 @@ def remembered_instance(key: str) -> str:
     fresh one (not kept) where the directory cannot be written."""
     path = state_directory() / "instances.json"
     with _instances_lock:
-        try:
-            known = json.loads(path.read_text())
-            if not isinstance(known, dict):
-                known = {}
-        except (OSError, ValueError):
-            known = {}
+        known = read_json(path)
+        known = known if isinstance(known, dict) else {}
         instance = known.get(key)
         if isinstance(instance, str) and len(instance) >= 16:
             return instance
-        instance = secrets.token_hex(16)
-        known[key] = instance
+        instance = known[key] = secrets.token_hex(16)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(known, indent=1))
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, path)
+            write_private_json(path, known)
         except OSError as exc:  # a read-only home: registration works, restarts wait a TTL
             log.debug("registration id not kept in %s: %s", path, exc)
         return instance
@@ -119,14 +110,22 @@ def ports_in_use(config: HostConfig, bind: str) -> list[str]:
     host = "0.0.0.0" if bind in ("*", "0.0.0.0") else bind
     taken = []
     for port, what in wanted:
-        with socket.socket() as sock:
-            # as the servers will bind: a port merely in TIME_WAIT is free, a listener is not
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((host, port))
-            except OSError as exc:
-                taken.append(f"{port} ({what}: {exc.strerror or exc})")
+        why = port_taken(host, port)
+        if why is not None:
+            taken.append(f"{port} ({what}: {why})")
     return taken
+
+
+def port_taken(host: str, port: int) -> str | None:
+    """Why a server could not listen on host:port now (None: it could). Bound as the servers
+    bind: a port merely in TIME_WAIT is free, a listener is not."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
 
 
 class HostServer:

@@ -50,6 +50,7 @@ LAYERS: dict[str, int] = {
     "labmesh.transport": 2,
     "labmesh.security": 2,
     "labmesh.audit": 2,
+    "labmesh.userstate": 2,
     "labmesh.metrics": 2,
     "labmesh.signals": 2,
     # transport: sockets, threads, asyncio; drivers

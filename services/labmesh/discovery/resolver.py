@@ -12,7 +12,6 @@ registrar.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -34,6 +33,7 @@ from labmesh.security import (
     discovery_key_from_environment,
 )
 from labmesh.transport import dealer_socket, handshake_failure, handshake_monitor
+from labmesh.userstate import read_json, write_private_json
 
 log = logging.getLogger("labmesh.discovery")
 
@@ -245,27 +245,18 @@ class AddressBook:
 
     def _load(self) -> dict[str, dict[str, Any]]:
         if self._entries is None:
-            try:
-                data = json.loads(self.path.read_text())
-                entries = data.get("devices", {}) if isinstance(data, dict) else {}
-                self._entries = {
-                    k: v
-                    for k, v in entries.items()
-                    if isinstance(k, str)
-                    and isinstance(v, dict)
-                    and isinstance(v.get("address"), str)
-                }
-            except (OSError, ValueError):
-                self._entries = {}
+            data = read_json(self.path)
+            entries = data.get("devices") if isinstance(data, dict) else None
+            self._entries = {
+                k: v
+                for k, v in (entries if isinstance(entries, dict) else {}).items()
+                if isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("address"), str)
+            }
         return self._entries
 
     def _save(self, entries: dict[str, dict[str, Any]]) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"devices": entries}, indent=1))
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, self.path)
+            write_private_json(self.path, {"devices": entries})
         except OSError as exc:  # a read-only home: the book is a convenience, never an error
             log.debug("address book %s not written: %s", self.path, exc)
 

@@ -81,7 +81,6 @@ _USER_ID = "User-Id"
 _PEER_ADDRESS = "Peer-Address"
 #: How long an idle server waits in one receive before looking at its other duties (ms).
 _IDLE_RECV_MS = 100
-_IDLE_RECV_S = _IDLE_RECV_MS / 1000
 #: Longest an idle server with no session waits in one receive (ms); stop() wakes it at once.
 _LONG_IDLE_MS = 60_000
 #: Values a driver published that the server has not handled yet, at most (older ones drop).
