@@ -605,3 +605,39 @@ def test_audit_follow_keeps_every_line_across_a_rotation(tmp_path):
     path.write_text("c\n")
     assert [next(lines), next(lines)] == ["b", "c"]
     lines.close()
+
+
+def test_audit_lines_beyond_the_queue_bound_are_dropped_and_counted_in_the_trail(monkeypatch):
+    """A disk (or pipe) that stalls never makes the server hold unbounded lines: past
+    MAX_PENDING_LINES they are dropped, and the trail says how many once it moves again."""
+    import threading
+
+    from labmesh import audit
+    from labmesh.server.core import Audit
+
+    monkeypatch.setattr(audit, "MAX_PENDING_LINES", 50)
+    release = threading.Event()
+    written: list[str] = []
+
+    class StalledPipe:
+        def write(self, text: str) -> None:
+            release.wait(10)
+            written.append(text)
+
+        def flush(self) -> None:
+            pass
+
+    trail = audit.AuditLog(stream=StalledPipe())
+    trail.write("psu", Audit("write", "alice", None, "VOLT", 0, "ok", 0.0))
+    assert trail.flush(0.5) is False  # the writer is stuck in the pipe with the first batch
+    for i in range(1, 300):
+        trail.write("psu", Audit("write", "alice", None, "VOLT", i, "ok", 0.0))
+    assert len(trail._pending) == 50  # held, at most
+    release.set()
+    assert trail.flush(5)
+    trail.write("psu", Audit("write", "alice", None, "VOLT", 999, "ok", 0.0))
+    trail.close()
+    rows = [json.loads(line) for chunk in written for line in chunk.splitlines()]
+    dropped = [r for r in rows if r["event"] == "audit_dropped"]
+    assert dropped == [dropped[0]] and dropped[0]["value"] == 249
+    assert len([r for r in rows if r["event"] == "write"]) == 1 + 50 + 1
