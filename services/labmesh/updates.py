@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
 import logging
 import threading
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 import zmq.asyncio
 
+from labmesh.protocol import codec
 from labmesh.protocol.topics import Filter, topic_of
 
 if TYPE_CHECKING:
@@ -75,9 +75,9 @@ def dispatch(subs: list[Any] | None, topic: bytes, body: bytes) -> None:
     if not subs:
         return
     try:
-        update = json.loads(body)
+        update = codec.loads(body)
         name, value, ts, seq = update["name"], update["value"], update["ts"], update["seq"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         log.warning("dropped a malformed update on %r", topic[:80])
         return
     text = topic.decode(errors="replace")

@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "labmesh.hints": 0,
     "labmesh.protocol": 0,
     "labmesh.protocol.errors": 0,
+    "labmesh.protocol.codec": 0,
     "labmesh.protocol.native": 0,
     "labmesh.protocol.laplace": 0,
     "labmesh.protocol.exchange": 0,

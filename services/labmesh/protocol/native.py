@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from labmesh.protocol import codec
 from labmesh.protocol.errors import ProtocolError, SerializationError
 
 PROTOCOL_NAME = "labmesh/1"
@@ -124,13 +125,11 @@ def decode_body(frames: Frames, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> d
             "send large data as a file path or in smaller pieces"
         )
     try:
-        text = body.decode("utf-8")
+        obj = codec.loads(body)
     except UnicodeDecodeError as exc:
         raise ProtocolError(
             f"request is not valid UTF-8 (byte {exc.start}); encode the JSON text as UTF-8"
         ) from None
-    try:
-        obj = json.loads(text)
     except ValueError as exc:
         raise ProtocolError(f"request is not valid JSON ({exc}); send one JSON object") from None
     except RecursionError:
@@ -313,8 +312,8 @@ def encode_reply(reply: dict[str, Any]) -> bytes:
 def decode_reply(body: bytes) -> dict[str, Any]:
     """Decode a reply body on the client side, raising ProtocolError if it is not a reply."""
     try:
-        obj = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        obj = codec.loads(body)
+    except (ValueError, RecursionError) as exc:
         raise ProtocolError(f"server sent a reply that is not UTF-8 JSON: {exc}") from None
     if not isinstance(obj, dict) or obj.get("status") not in ("ok", "error"):
         raise ProtocolError(f"server sent a reply without status ok/error: {str(obj)[:200]}")
