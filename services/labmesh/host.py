@@ -209,12 +209,35 @@ class HostServer:
             return
         host = "0.0.0.0" if self.bind == "*" else self.bind
         try:
-            self._metrics_http = metrics.start_http(port, host)
+            self._metrics_http = metrics.start_http(port, host, ready=self.readiness)
         except OSError as exc:
             log.error("%s; this host's devices are served without metrics", exc)
             return
         self.metrics_url = f"http://{host}:{port}/metrics"
         log.info("metrics on %s", self.metrics_url)
+
+    def readiness(self) -> dict[str, Any]:
+        """/ready's report: ready when every device of the host file is served, connected
+        and its server healthy; otherwise which are not, and why (e.g. an instrument that is
+        unplugged, retried with backoff)."""
+        devices = {}
+        for name, state in self.devices.items():
+            server = state.server
+            up = (
+                state.state == "serving"
+                and server is not None
+                and server.connected
+                and server.healthy
+            )
+            row: dict[str, Any] = {"up": up, "state": state.state}
+            if state.error:
+                row["error"] = state.error
+            devices[name] = row
+        down = sorted(name for name, row in devices.items() if not row["up"])
+        report: dict[str, Any] = {"ready": not down, "host": self.config.host, "devices": devices}
+        if down:
+            report["down"] = down
+        return report
 
     def wait_ready(self, timeout: float) -> bool:
         """Wait until every device has served or failed its first attempt."""

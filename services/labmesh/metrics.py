@@ -10,8 +10,9 @@ Metrics are process-wide: two discovery services in one process (tests) share th
 
 from __future__ import annotations
 
+import socket
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -342,18 +343,57 @@ def exposition() -> bytes:
     return generate_latest(REGISTRY)
 
 
-def start_http(port: int, host: str = "0.0.0.0") -> Any:
-    """Serve /metrics of this process on `host:port` (a daemon thread); returns the server.
+def start_http(
+    port: int, host: str = "0.0.0.0", ready: Callable[[], dict[str, Any]] | None = None
+) -> Any:
+    """Serve this process's /metrics, /health and /ready on `host:port` (a daemon thread);
+    returns the server.
 
-    Raises OSError with a clear message when the port is taken.
+    /health is liveness: 200 whenever the process answers. /ready is readiness: `ready()`'s
+    JSON, 200 when its "ready" is true and 503 when not (a device not served, e.g. its
+    instrument unplugged); without `ready`, the same as /health. Every other path is the
+    Prometheus exposition, as before. Raises OSError with a clear message when the port is
+    taken.
     """
-    from prometheus_client import start_http_server
+    import json
+    import threading
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from prometheus_client import make_wsgi_app
+    from prometheus_client.exposition import ThreadingWSGIServer
+
+    exposition_app = make_wsgi_app(REGISTRY)
+
+    def answer(start_response: Callable, ok: bool, body: dict[str, Any]) -> list[bytes]:
+        data = json.dumps(body, indent=1).encode() + b"\n"
+        status = "200 OK" if ok else "503 Service Unavailable"
+        start_response(
+            status, [("Content-Type", "application/json"), ("Cache-Control", "no-store")]
+        )
+        return [data]
+
+    def app(environ: dict[str, Any], start_response: Callable) -> Any:
+        path = environ.get("PATH_INFO", "")
+        if path == "/health":
+            return answer(start_response, True, {"status": "alive"})
+        if path == "/ready":
+            report = ready() if ready is not None else {"ready": True}
+            return answer(start_response, bool(report.get("ready")), report)
+        return exposition_app(environ, start_response)
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            """No line per scrape on stderr."""
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
     try:
-        server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
+        server = make_server(host, port, app, Server, handler_class=Quiet)
     except OSError as exc:
         raise OSError(
             f"cannot serve metrics on {host}:{port}: {exc.strerror} (another labmesh serve on "
             "this host? set metrics_port in the host file)"
         ) from None
+    threading.Thread(target=server.serve_forever, name="labmesh-metrics-http", daemon=True).start()
     return server

@@ -15,7 +15,7 @@ import pytest
 
 from labmesh import RemoteError, build_client
 
-from support import free_port
+from support import free_port, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -313,6 +313,56 @@ def test_serve_answers_laplace_clients_when_the_host_file_asks(tmp_path):
         assert proc.wait(10) == 0
     finally:
         sock.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_health_is_liveness_and_ready_reflects_an_unplugged_instrument(tmp_path):
+    """Issue 19: health checks looked at /metrics only, so a host whose instrument is
+    unplugged reported healthy. /health answers while the process does; /ready is 503 and
+    names the device until it is served."""
+    import json
+    import urllib.error
+
+    port, metrics_port = free_port(), free_port()
+    plug = tmp_path / "plugged-in"
+    config = tmp_path / "host.yaml"
+    config.write_text(
+        f"host: rig-7\nbind: 127.0.0.1\nmetrics_port: {metrics_port}\ndevices:\n"
+        f"  - {{name: stage, driver: motor, port: {free_port()}, sim: true}}\n"
+        f"  - {{name: meter, driver: 'support:UnpluggedMeter', port: {port}, "
+        f"options: {{plugged_in: '{plug}'}}}}\n"
+    )
+
+    def get(path: str) -> tuple[int, dict | bytes]:
+        url = f"http://127.0.0.1:{metrics_port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as reply:
+                body = reply.read()
+                status = reply.status
+        except urllib.error.HTTPError as exc:
+            body, status = exc.read(), exc.code
+        return status, (json.loads(body) if path in ("/health", "/ready") else body)
+
+    proc = start_serve(config)
+    try:
+        read_until(proc, "Ctrl+C stops")
+        assert get("/health") == (200, {"status": "alive"})
+        status, report = get("/ready")
+        assert status == 503
+        assert report["ready"] is False and report["down"] == ["meter"]
+        assert report["devices"]["stage"] == {"up": True, "state": "serving"}
+        assert report["devices"]["meter"]["state"] == "retrying"
+        assert "unplugged?" in report["devices"]["meter"]["error"]
+        status, text = get("/metrics")
+        assert status == 200 and b'labmesh_device_up{device="meter"} 0.0' in text
+        plug.write_text("")  # plugged in: the next attempt (after backoff) serves it
+        assert wait_until(lambda: get("/ready")[0] == 200, timeout=15)
+        assert get("/ready")[1]["devices"]["meter"] == {"up": True, "state": "serving"}
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+    finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
