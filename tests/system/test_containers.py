@@ -185,6 +185,46 @@ def test_image_runs_every_role_as_an_unprivileged_user(docker, image):
     assert config["Healthcheck"]["Test"][0] == "CMD"
 
 
+def test_image_keeps_no_pip_no_wheels_and_carries_its_version_and_security_fixes(docker, image):
+    """Issue 19: the 21 MB wheelhouse stayed in a layer, pip stayed in the virtualenv, there
+    were no OCI labels, and the offline base had no bookworm-security source."""
+    labels = json.loads(run([docker, "image", "inspect", image]).stdout)[0]["Config"]["Labels"]
+    assert labels["org.opencontainers.image.version"] == build_image.source_version()["VERSION"]
+    revision = run(["git", "-C", str(REPO), "rev-parse", "HEAD"]).stdout.strip()
+    assert labels["org.opencontainers.image.revision"] in (revision, "unknown")
+    probe = (
+        "import importlib.util, os, sys; "
+        "print(importlib.util.find_spec('pip') is None, os.path.exists('/tmp/wheelhouse'), "
+        "os.path.exists(sys.prefix + '/bin/pip'), "
+        "open('/etc/apt/sources.list').read().count('bookworm-security'))"
+    )
+    out = run([docker, "run", "--rm", "--entrypoint", "python3", image, "-c", probe])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "False", "False", "1"], out.stdout
+    # no layer of the image holds the wheelhouse: the biggest layer is the virtualenv's copy,
+    # and no step of the image's history copies wheels
+    history = run([docker, "history", "--no-trunc", "--format", "{{.CreatedBy}}", image]).stdout
+    assert "wheelhouse" not in history, history
+
+
+def test_the_wheelhouse_is_for_the_image_python_whatever_python_builds_it(tmp_path):
+    """Issue 19: `--offline` built wheels for the build host's Python, so on a Python 3.12 host
+    it failed with "No matching distribution found for pyzmq>=25". The wheelhouse is now made
+    for the image's CPython 3.11: made here for another target (3.12) from this Python, every
+    binary wheel is for that target, and labmesh's own wheel is pure Python."""
+    wheels = build_image.build_wheelhouse(tmp_path / "wh", python="3.12")
+    assert any(w.startswith("labmesh-") and w.endswith("py3-none-any.whl") for w in wheels)
+    binary = [w for w in wheels if "-none-any" not in w]
+    assert any(w.startswith("pyzmq-") for w in binary) and any(
+        w.startswith("msgspec-") for w in binary
+    )
+    assert all("-cp312-" in w and "manylinux" in w for w in binary), binary
+    # and the command the image build uses names 3.11 and the base's glibc range
+    command = build_image.wheel_download_command("labmesh[sim]", tmp_path, machine="x86_64")
+    assert command[command.index("--python-version") + 1] == "3.11"
+    assert "cp311" in command and "manylinux_2_36_x86_64" in command
+
+
 @pytest.mark.parametrize("file", [LAB_CORE, INSTRUMENT_HOST], ids=lambda p: p.stem)
 def test_compose_files_are_valid_for_v1_and_v2(compose, file, tmp_path):
     raw = yaml.safe_load(file.read_text())
