@@ -7,10 +7,17 @@
 
 (from the repository root; `scripts/bench.py` runs the same from anywhere). The package:
 `common` (paths, counts, server specs), `worker` (client and load-generator processes), `device`
-(measuring device servers; tables and targets), `discovery`, `laplace`, `subscriptions` (1,000
-parameters at 10 Hz into one client, against a raw PUB/SUB floor and, where `.cache/epics-venv`
-exists, caproto/pyepics monitors), `cli` (the run and the report), and `peers.py` (the servers
-measured, each run as a file in its own process).
+(measuring device servers; tables and targets), `stacks` (the query round trip of PyTango and
+Channel Access next to the floor's), `discovery`, `laplace`, `subscriptions` (1,000 parameters at
+10 Hz into one client, against a raw PUB/SUB floor and the peer stacks' monitors and change
+events), `cli` (the run and the report), and `peers.py` (the servers measured, each run as a
+file in its own process).
+
+Peer stacks (skipped with --no-peers, and skipped, saying so, when their virtualenv is missing):
+PyTango, caproto and pyepics from PyPI, in `.cache/peers-venv` (built by scripts/peers_env.py,
+or first by `python -m bench --build-peers`; the older `.cache/epics-venv` still serves for
+Channel Access alone). PyTango runs without a database (`-nodb`, ORB endpoint
+giop:tcp:127.0.0.1:PORT); every peer server is checked from /proc to listen on loopback only.
 
 What is measured, the same way for every server:
 - floor: a raw pyzmq ROUTER that echoes each message (bench/peers.py echo), driven by a

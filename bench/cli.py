@@ -9,6 +9,7 @@ import os
 import platform
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -19,12 +20,17 @@ from bench.common import (
     CONCURRENCY,
     DEFAULT_COUNTS,
     DEFAULT_INTEROP_PYTHON,
+    DEFAULT_PEERS_PYTHON,
+    PEERS_ENV_SCRIPT,
     QUICK_COUNTS,
     REPO,
+    TARGET_CAPACITY_VS_PLESTY,
     TARGET_TPUT16_VS_PLESTY,
+    PeerStacks,
     _git_state,
     _load_average,
     child_env,
+    find_peer_stacks,
 )
 from bench.device import (
     Bench,
@@ -56,9 +62,13 @@ from bench.laplace import (
     laplace_report,
     laplace_targets,
 )
+from bench.plot import plot as plot_latency
 from bench.security import report as security_report
 from bench.security import run as security_bench
 from bench.security import security_targets
+from bench.stacks import add_floor as stacks_add_floor
+from bench.stacks import report as stacks_report
+from bench.stacks import run as stacks_bench
 from bench.subscriptions import QUICK_SUBSCRIPTIONS, subscription_report, subscription_targets
 from bench.subscriptions import run as subscriptions_bench
 from bench.worker import worker_main
@@ -68,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=package.__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small counts: a smoke run")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    parser.add_argument(
+        "--plot",
+        metavar="PNG",
+        help="also draw the latency distributions per system into this PNG (matplotlib, "
+        "the bench extra; bench/plot.py)",
+    )
     parser.add_argument(
         "--interop-python",
         default=str(DEFAULT_INTEROP_PYTHON),
@@ -122,6 +138,23 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="skip the security section (query p50 over CurveZMQ vs plaintext)",
     )
+    parser.add_argument(
+        "--peers-python",
+        default=None,
+        metavar="PYTHON",
+        help="Python of the virtualenv with PyTango, caproto and pyepics (default: "
+        f"{DEFAULT_PEERS_PYTHON}, else .cache/epics-venv for Channel Access alone)",
+    )
+    parser.add_argument(
+        "--build-peers",
+        action="store_true",
+        help="first build that virtualenv from PyPI if it is missing (scripts/peers_env.py)",
+    )
+    parser.add_argument(
+        "--no-peers",
+        action="store_true",
+        help="skip the peer stacks (PyTango, caproto, pyepics) in every section",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--heartbeat-load", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--max-seconds", type=float, default=600.0, help=argparse.SUPPRESS)
@@ -147,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     dcounts = QUICK_DISCOVERY_COUNTS if args.quick else DEFAULT_DISCOVERY_COUNTS
     if args.rounds is not None:
         counts = dataclasses.replace(counts, rounds=max(1, min(args.rounds, 20)))
+    peers = _peer_stacks(args)
+    print(peers.note, file=sys.stderr)
     started = time.monotonic()
     commit = _git_state()
     load_before = _load_average()
@@ -182,6 +217,18 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
                     by_key[spec.key].append(bench.measure(spec, round_no))
+            stacks = (
+                stacks_bench(
+                    peers,
+                    env,
+                    log_dir,
+                    counts.latency_calls,
+                    counts.latency_warmup,
+                    counts.rounds,
+                )
+                if peers.python and (peers.tango or peers.caproto)
+                else None
+            )
             discovery = None if args.no_discovery else DiscoveryBench(bench, counts, dcounts).run()
             laplace = (
                 None
@@ -196,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
             subscriptions = (
                 None
                 if args.no_subscriptions
-                else subscriptions_bench(env, *(QUICK_SUBSCRIPTIONS if args.quick else ()))
+                else subscriptions_bench(
+                    env, *(QUICK_SUBSCRIPTIONS if args.quick else (1000, 10.0, 10.0)), peers=peers
+                )
             )
             idle = None if args.no_idle else idle_bench(env, 5.0 if args.quick else 20.0)
             security = (
@@ -209,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         results = [combine(by_key[spec.key]) for spec in specs]
 
     floor = results[0]
+    if stacks is not None:
+        stacks_add_floor(stacks, None if floor.error else floor.latency)
     plesty = next((r for r in results if r.key == "plesty"), None)
     window = windows[0]
     targets = evaluate_targets(results, floor, plesty, window) if not floor.error else []
@@ -241,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
             "discovery": None if args.no_discovery else dataclasses.asdict(dcounts),
         },
         "plesty": plesty_note,
+        "peers": peers.as_dict(),
         "labmesh_commit": commit,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "load_average_before": load_before,
         "load_average_after": _load_average(),
         "elapsed_s": round(time.monotonic() - started, 1),
@@ -273,6 +326,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         print()
         print(capacity_table(results, floor, plesty, w))
+        print()
+    if stacks is not None:
+        print(stacks_report(stacks))
+        print()
+    elif not args.no_peers:
+        print(peers.note)
         print()
     if discovery is not None:
         print(discovery_report(discovery, floor, counts, dcounts))
@@ -313,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     cap_floor, cap_plesty = _cap(floor, window), _cap(plesty, window)
     cap_ceiling = cap_floor / cap_plesty if cap_floor and cap_plesty else None
     meta["floor_vs_plesty_capacity"] = round(cap_ceiling, 2) if cap_ceiling else None
-    if cap_ceiling is not None and cap_ceiling < TARGET_TPUT16_VS_PLESTY:
+    if cap_ceiling is not None and cap_ceiling < TARGET_CAPACITY_VS_PLESTY:
         assert plesty is not None
         print(
             f"Note (server capacity): the floor itself reaches only {cap_ceiling:.2f}x "
@@ -341,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             mine = r.throughput[16]["server_cpu_us_per_call"]
             mine_cap = r.capacity[window]["server_cpu_us_per_call"]
+            if not mine or not mine_cap:  # under one clock tick (10 ms) in a --quick run
+                continue
             print(
                 f"Server CPU per request, 16 clients / capacity run: {r.label} {mine:.0f} / "
                 f"{mine_cap:.0f} us, {plesty.label} {theirs:.0f} / {theirs_cap:.0f} us "
@@ -356,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         f"elapsed {meta['elapsed_s']} s"
         + ("  (PROFILED: py-spy attached)" if args.profile_dir else "")
     )
-    if args.json:
+    if args.json or args.plot:
         doc = {
             "meta": meta,
             "servers": {
@@ -370,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 for r in results
             },
+            "peer_stacks": stacks,
             "discovery": discovery,
             "laplace": laplace,
             "subscriptions": subscriptions,
@@ -377,7 +439,15 @@ def main(argv: list[str] | None = None) -> int:
             "idle": idle,
             "targets": targets,
         }
-        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+        if args.json:
+            Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+        if args.plot:
+            try:
+                print(f"latency distributions: {plot_latency(doc, Path(args.plot))}")
+            except ImportError:
+                print("no plot: matplotlib is not installed (pip install -e '.[bench]')")
+            except ValueError as exc:
+                print(f"no plot: {exc}")
     failed_discovery = discovery is not None and (
         "error" in discovery["lookup"] or any("error" in run for run in discovery["capacity"])
     )
@@ -390,5 +460,35 @@ def main(argv: list[str] | None = None) -> int:
     failed_security = security is not None and any(
         "error" in run for run in security["systems"].values()
     )
-    failed = failed_discovery or failed_laplace or failed_subscriptions or failed_security
+    failed_stacks = stacks is not None and any("error" in run for run in stacks["systems"].values())
+    failed = (
+        failed_discovery
+        or failed_laplace
+        or failed_subscriptions
+        or failed_security
+        or failed_stacks
+    )
     return 1 if any(r.error for r in results) or failed else 0
+
+
+def _peer_stacks(args: argparse.Namespace) -> PeerStacks:
+    """The peer stacks this run measures: none with --no-peers; with --build-peers the peers'
+    virtualenv is built first if it is missing (bounded; a failure is reported, not fatal)."""
+    if args.no_peers:
+        return PeerStacks(None, note="peer stacks (PyTango, caproto, pyepics) skipped: --no-peers")
+    if args.build_peers and args.peers_python is None:
+        print("building the peers' virtualenv (scripts/peers_env.py) ...", file=sys.stderr)
+        try:
+            built = subprocess.run(
+                [sys.executable, str(PEERS_ENV_SCRIPT)],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=1800,
+                check=False,
+            )
+            if built.returncode != 0:
+                print(f"peers not built: {built.stderr.strip()[-600:]}", file=sys.stderr)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            print(f"peers not built: {exc}", file=sys.stderr)
+    return find_peer_stacks(args.peers_python)

@@ -21,7 +21,10 @@ from typing import Any
 from bench.common import (
     CONCURRENCY,
     PEERS,
+    TARGET_CAPACITY_VS_FLOOR,
+    TARGET_CAPACITY_VS_PLESTY,
     TARGET_P50_VS_FLOOR,
+    TARGET_SERVER_CPU_VS_FLOOR,
     TARGET_TPUT16_VS_FLOOR,
     TARGET_TPUT16_VS_PLESTY,
     Counts,
@@ -144,7 +147,12 @@ def combine(rounds: list[ServerResult]) -> ServerResult:
         return round(statistics.median(values), 1)
 
     lats = [r.latency for r in rounds if r.latency]
-    latency = {k: (max if k == "max_us" else med)([lat[k] for lat in lats]) for k in lats[0]}
+    latency = {
+        k: (max if k == "max_us" else med)([lat[k] for lat in lats])
+        for k in lats[0]
+        if k != "percentiles_us"
+    }
+    latency["percentiles_us"] = _median_percentiles(lats)
     latency["n"] = sum(lat["n"] for lat in lats)
     throughput: dict[int, dict[str, Any]] = {}
     for c in first.throughput:
@@ -186,6 +194,12 @@ def combine(rounds: list[ServerResult]) -> ServerResult:
     return ServerResult(
         first.key, first.label, {**latency, **latency_rounds}, throughput, cpu, capacity=capacity
     )
+
+
+def _median_percentiles(lats: list[dict[str, Any]]) -> list[float]:
+    """The rounds' latency distributions combined: each percentile's median over the rounds."""
+    rows = [lat["percentiles_us"] for lat in lats if "percentiles_us" in lat]
+    return [round(statistics.median(column), 1) for column in zip(*rows, strict=True)]
 
 
 class Bench:
@@ -533,19 +547,26 @@ def evaluate_targets(
                 "met": p50_ratio is not None and p50_ratio <= TARGET_P50_VS_FLOOR,
             }
         )
-        for table, mine, base, theirs in (
-            (library, _rps(r, 16), _rps(floor, 16), _rps(plesty, 16) if has_plesty else None),
-            (capacity, _cap(r, window), _cap(floor, window), _cap(plesty, window)),
+        for table, mine, base, theirs, vs_floor, vs_plesty in (
+            (
+                library,
+                _rps(r, 16),
+                _rps(floor, 16),
+                _rps(plesty, 16) if has_plesty else None,
+                TARGET_TPUT16_VS_FLOOR,
+                TARGET_TPUT16_VS_PLESTY,
+            ),
+            (
+                capacity,
+                _cap(r, window),
+                _cap(floor, window),
+                _cap(plesty, window),
+                TARGET_CAPACITY_VS_FLOOR,
+                TARGET_CAPACITY_VS_PLESTY,
+            ),
         ):
             targets.append(
-                _ratio_target(
-                    r.label,
-                    table,
-                    f"req/s >= {TARGET_TPUT16_VS_FLOOR}x floor",
-                    mine,
-                    base,
-                    TARGET_TPUT16_VS_FLOOR,
-                )
+                _ratio_target(r.label, table, f"req/s >= {vs_floor}x floor", mine, base, vs_floor)
             )
             if has_plesty:
                 assert plesty is not None
@@ -553,12 +574,27 @@ def evaluate_targets(
                     _ratio_target(
                         r.label,
                         table,
-                        f"req/s >= {TARGET_TPUT16_VS_PLESTY}x {plesty.label}",
+                        f"req/s >= {vs_plesty}x {plesty.label}",
                         mine,
                         theirs,
-                        TARGET_TPUT16_VS_PLESTY,
+                        vs_plesty,
                     )
                 )
+        mine_cpu = r.capacity.get(window, {}).get("server_cpu_us_per_call")
+        floor_cpu = floor.capacity.get(window, {}).get("server_cpu_us_per_call")
+        cpu_ratio = mine_cpu / floor_cpu if mine_cpu and floor_cpu else None
+        targets.append(
+            {
+                "server": r.label,
+                "measured_by": capacity,
+                "target": f"server CPU per request <= {TARGET_SERVER_CPU_VS_FLOOR}x floor's",
+                "ratio": _round(cpu_ratio),
+                "measured": f"{mine_cpu:.0f} vs {floor_cpu:.0f} us ({cpu_ratio:.2f}x)"
+                if cpu_ratio
+                else "n/a",
+                "met": cpu_ratio is not None and cpu_ratio <= TARGET_SERVER_CPU_VS_FLOOR,
+            }
+        )
     return targets
 
 

@@ -12,10 +12,17 @@ to the client's callback. Every process runs on 127.0.0.1 and ends by itself.
 
     python -m bench.subscriptions [--params 1000] [--rate 10] [--seconds 10]
 
-Where `.cache/epics-venv` exists (`python3 -m venv .cache/epics-venv && .cache/epics-venv/bin/pip
-install caproto pyepics numpy`), the same run measures Channel Access too: a caproto server with
-the same PVs, monitored by pyepics (the C libca) and by caproto's client, Channel Access kept on
-127.0.0.1 (address lists, beacons and the repeater on free local ports).
+Where the peers' virtualenv exists (`.cache/peers-venv`, built from PyPI by scripts/peers_env.py
+or `python -m bench --build-peers`; the older `.cache/epics-venv` is used for Channel Access
+alone when only it exists), the same run measures the best-known Python stacks too, each server
+and client run by that virtualenv's Python:
+- Channel Access: a caproto server with the same PVs, monitored by pyepics (the C libca) and by
+  caproto's client, kept on 127.0.0.1 (address lists, beacons and the repeater on free ports);
+- PyTango: a device server without a database (`-nodb`, ORB endpoint giop:tcp:127.0.0.1:PORT)
+  with the same 1,000 attributes (`set_change_event(name, True, False)`), pushed with
+  `push_change_event` from a thread, and a client subscribed to CHANGE_EVENT on every one
+  (the pushed value is the tick number, so gaps count as lost).
+Every server is checked (from /proc) to listen on loopback addresses only.
 """
 
 from __future__ import annotations
@@ -31,10 +38,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO, stop_child
+from bench.common import REPO, PeerStacks, check_loopback_only, find_peer_stacks, stop_child
 
-#: What the issue measured for the peers on this machine (client CPU %, server CPU %, lost),
-#: printed next to our figures as anchors; not re-measured here (see the report).
+#: labmesh's targets (client CPU %, server CPU %); the report also prints what the issue
+#: measured for the peers on this machine as anchors (the peers' rows, when their virtualenv
+#: exists, are this run's own figures).
 TARGET_CLIENT_CPU = 20.0
 TARGET_SERVER_CPU = 25.0
 #: (params, rate, seconds) of `--quick`.
@@ -48,6 +56,8 @@ PYEPICS, CAPROTO = (
     "pyepics (libca) monitors, caproto server",
     "caproto client monitors, caproto server",
 )
+PYTANGO = "PyTango change events: push_change_event -> subscribe_event callback"
+TANGO_DEVICE = "bench/many/1"
 
 
 def _cpu(pid: int) -> float:
@@ -171,6 +181,47 @@ def serve_caproto(params: int) -> None:
         serving.cancel()
 
     asyncio.run(main())
+
+
+def serve_tango(params: int) -> None:
+    """A PyTango device server (no database, 127.0.0.1) with `params` float attributes whose
+    change events are pushed by the code (run by the peers' virtualenv)."""
+    import tango
+    from tango.server import Device
+
+    from bench.stacks import free_port, run_tango, tango_address
+
+    port = free_port()
+    names = [f"p{i:04d}" for i in range(params)]
+
+    class Many(Device):
+        def init_device(self) -> None:
+            super().init_device()
+            for name in names:
+                attr = tango.Attr(name, tango.DevDouble, tango.AttrWriteType.READ)
+                self.add_attribute(attr, self.read_value)
+                self.set_change_event(name, True, False)  # pushed by the code, not checked
+
+        def read_value(self, attr: Any) -> None:
+            attr.set_value(0.0)
+
+    def ready(out: Any) -> None:
+        time.sleep(0.2)
+        device = tango.Util.instance().get_device_by_name(TANGO_DEVICE)
+        valid = tango.AttrQuality.ATTR_VALID
+
+        def publish(name: str, value: float) -> None:
+            device.push_change_event(name, value, time.time(), valid)
+
+        print(f"ADDRESS {tango_address(port, TANGO_DEVICE)}", file=out, flush=True)
+        for line in sys.stdin:
+            parts = line.split()
+            if parts and parts[0] == "go":
+                _publish_loop(publish, params, float(parts[1]), float(parts[2]))
+                print("DONE", file=out, flush=True)
+        os._exit(0)
+
+    run_tango(Many, port, TANGO_DEVICE, ready)
 
 
 def _free_port_pair() -> int:
@@ -368,6 +419,41 @@ def client_caproto(_address: str, params: int, expected: int, window: float) -> 
     context.disconnect()
 
 
+def client_tango(address: str, params: int, expected: int, window: float) -> None:
+    """A PyTango DeviceProxy subscribed to CHANGE_EVENT on every attribute, with a callback."""
+    import tango
+
+    tally = _Tally()
+    counting = threading.Event()
+    lock = threading.Lock()
+    errors: list[str] = []
+
+    def on_event(event: Any) -> None:
+        if not counting.is_set():
+            return
+        if event.err:  # e.g. a missed heartbeat: reported with the figures
+            errors.append(event.errors[0].desc if event.errors else "?")
+            return
+        value = event.attr_value
+        with lock:
+            tally.add(value.name, value.time.totime(), int(value.value))
+
+    proxy = tango.DeviceProxy(address)
+    proxy.set_timeout_millis(10_000)
+    for i in range(params):
+        proxy.subscribe_event(f"p{i:04d}", tango.EventType.CHANGE_EVENT, on_event)
+    time.sleep(1.0)  # the current values, sent on subscribing, are not counted
+    counting.set()
+    print("READY", flush=True)
+    _wait_for(tally, expected, window)
+    summary = tally.summary(expected, window)
+    if errors:
+        summary["event_errors"] = len(errors)
+        summary["first_event_error"] = errors[0][:300]
+    print(json.dumps(summary), flush=True)
+    os._exit(0)  # not waiting for 1,000 unsubscriptions and the ORB's shutdown
+
+
 def _wait_for(tally: _Tally, expected: int, window: float) -> None:
     deadline = time.monotonic() + window + 30
     while time.monotonic() < deadline:
@@ -424,6 +510,7 @@ def measure(
         result = json.loads(client.stdout.readline())
         result["server_cpu_pct"] = 100 * server_cpu / seconds
         result["expected"] = expected
+        result["listening"] = check_loopback_only(server.pid, f"the {server_kind} server")
         return result
     except Exception as exc:
         logs.seek(0)
@@ -450,12 +537,15 @@ def subscription_report(run: dict[str, Any]) -> str:
             lines.append(f"| {label} | error: {r['error']} | | | | |")
             continue
         p99 = f"{r['p99_ms']:.1f}" if r["p99_ms"] is not None else "-"
+        errors = f" ({r['event_errors']} error events)" if r.get("event_errors") else ""
         lines.append(
             f"| {label} | {r['client_cpu_pct']:.0f}% | {r['server_cpu_pct']:.0f}% | "
-            f"{r['lost']} of {r['expected']} | {r['received']} | {p99} |"
+            f"{r['lost']} of {r['expected']}{errors} | {r['received']} | {p99} |"
         )
+    note = (run.get("peers") or {}).get("note")
     lines += [
         "",
+        *([note, ""] if note else []),
         "anchors measured by the issue on this machine (same scenario): raw pyzmq one JSON "
         "message per update 9-10% / 12% / 0 lost; pyepics + caproto server 30% / 86% / 0; "
         "PyTango 10.3 change events 35-37% / 17-18% / 0.1-0.3%; caproto client + server 54% / "
@@ -466,18 +556,29 @@ def subscription_report(run: dict[str, Any]) -> str:
 
 
 def run(
-    env: dict[str, str], params: int = 1000, rate: float = 10.0, seconds: float = 10.0
+    env: dict[str, str],
+    params: int = 1000,
+    rate: float = 10.0,
+    seconds: float = 10.0,
+    peers: PeerStacks | None = None,
 ) -> dict[str, Any]:
-    """Measure the floor and labmesh, one after the other, in the same run."""
+    """Measure the floor, labmesh and the peer stacks (those `peers` offers; by default those
+    of the peers' virtualenv, if any), one after the other, in the same run."""
     systems = {
         FLOOR: ("floor", "floor", sys.executable),
         LABMESH: ("labmesh", "labmesh", sys.executable),
         LABMESH_CURVE: ("labmesh-curve", "labmesh-curve", sys.executable),
     }
-    epics_python = REPO / ".cache" / "epics-venv" / "bin" / "python"
-    if epics_python.exists():
-        systems[PYEPICS] = ("caproto", "pyepics", str(epics_python))
-        systems[CAPROTO] = ("caproto", "caproto", str(epics_python))
+    if peers is None:
+        peers = find_peer_stacks()
+    if peers.python and peers.caproto:
+        if peers.pyepics:
+            systems[PYEPICS] = ("caproto", "pyepics", peers.python)
+        systems[CAPROTO] = ("caproto", "caproto", peers.python)
+    if peers.python and peers.tango:
+        systems[PYTANGO] = ("tango", "tango", peers.python)
+    if peers.note:
+        print(f"subscriptions: {peers.note}", file=sys.stderr, flush=True)
     results = {}
     keys = tempfile.TemporaryDirectory(prefix="labmesh-bench-keys-")
     from bench.security import KEYS_ENV, make_keys
@@ -493,7 +594,13 @@ def run(
         except Exception as exc:  # reported, not fatal: the other figures stand
             results[label] = {"error": f"{type(exc).__name__}: {exc}"}
     keys.cleanup()
-    return {"params": params, "rate": rate, "seconds": seconds, "systems": results}
+    return {
+        "params": params,
+        "rate": rate,
+        "seconds": seconds,
+        "peers": peers.as_dict(),
+        "systems": results,
+    }
 
 
 def subscription_targets(run: dict[str, Any]) -> list[dict[str, Any]]:
@@ -542,6 +649,8 @@ def main(argv: list[str] | None = None) -> int:
         serve_labmesh(args.params, curve=True)
     elif args.role == "serve-caproto":
         serve_caproto(args.params)
+    elif args.role == "serve-tango":
+        serve_tango(args.params)
     elif args.role.startswith("client-"):
         address, params, expected, window = args.rest
         runner = {
@@ -550,6 +659,7 @@ def main(argv: list[str] | None = None) -> int:
             "client-labmesh-curve": lambda *a: client_labmesh(*a, curve=True),
             "client-pyepics": client_pyepics,
             "client-caproto": client_caproto,
+            "client-tango": client_tango,
         }[args.role]
         runner(address, int(params), int(expected), float(window))
     else:

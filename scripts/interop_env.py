@@ -32,7 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,24 +99,52 @@ def venv_python(venv_dir: Path = VENV_DIR) -> Path:
     return venv_dir / "bin" / "python"
 
 
-def _spec() -> dict[str, object]:
-    """What the marker records; a different spec (new pins, other Python) forces a rebuild."""
-    return {
-        "dependencies": list(PEER_DEPENDENCIES),
-        "peers": list(PEERS),
-        "python": list(sys.version_info[:2]),
-    }
+@dataclass(frozen=True)
+class Recipe:
+    """What one virtualenv holds: pip steps, an import check, and what its marker records.
+
+    Attributes:
+        name: a short name for messages ("interop", "peers").
+        marker_name: the file written in the venv once it is complete.
+        steps: (pip install arguments, what the step does), run in order with network bounds.
+        import_check: Python code run by the venv's python after the steps.
+        spec: what the marker records besides the Python version; a change forces a rebuild.
+    """
+
+    name: str
+    marker_name: str
+    steps: tuple[tuple[tuple[str, ...], str], ...]
+    import_check: str
+    spec: dict[str, object]
+
+    def full_spec(self) -> dict[str, object]:
+        return {**self.spec, "python": list(sys.version_info[:2])}
 
 
-def _marker_ok(venv_dir: Path) -> bool:
-    marker = venv_dir / MARKER_NAME
+INTEROP = Recipe(
+    name="interop",
+    marker_name=MARKER_NAME,
+    steps=(
+        (PEER_DEPENDENCIES, "installing the peers' dependencies"),
+        (
+            ("--no-deps", "--ignore-requires-python", *PEERS),
+            "installing plesty_lib and laplace-server",
+        ),
+    ),
+    import_check=IMPORT_CHECK,
+    spec={"dependencies": list(PEER_DEPENDENCIES), "peers": list(PEERS)},
+)
+
+
+def _marker_ok(venv_dir: Path, recipe: Recipe = INTEROP) -> bool:
+    marker = venv_dir / recipe.marker_name
     try:
         recorded = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return (
         isinstance(recorded, dict)
-        and recorded.get("spec") == _spec()
+        and recorded.get("spec") == recipe.full_spec()
         and venv_python(venv_dir).exists()
     )
 
@@ -182,24 +210,42 @@ def _run(cmd: list[str], what: str, log: list[str], *, network: bool = False) ->
         )
 
 
-def _build(venv_dir: Path, base_python: str, log: list[str]) -> Path:
+def _build(recipe: Recipe, venv_dir: Path, base_python: str, log: list[str]) -> Path:
     if venv_dir.exists():
         shutil.rmtree(venv_dir)  # no marker: a partial or outdated build; start clean
     venv_dir.parent.mkdir(parents=True, exist_ok=True)
     _run([base_python, "-m", "venv", str(venv_dir)], "creating the virtualenv", log)
     python = venv_python(venv_dir)
     pip = [str(python), "-m", "pip", "install", "--no-input", *PIP_NETWORK_OPTIONS]
-    _run([*pip, *PEER_DEPENDENCIES], "installing the peers' dependencies", log, network=True)
-    _run(
-        [*pip, "--no-deps", "--ignore-requires-python", *PEERS],
-        "installing plesty_lib and laplace-server",
-        log,
-        network=True,
+    for arguments, what in recipe.steps:
+        _run([*pip, *arguments], what, log, network=True)
+    _run([str(python), "-c", recipe.import_check], "importing the installed peers", log)
+    marker = {"spec": recipe.full_spec(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (venv_dir / recipe.marker_name).write_text(
+        json.dumps(marker, indent=2) + "\n", encoding="utf-8"
     )
-    _run([str(python), "-c", IMPORT_CHECK], "importing the installed peers", log)
-    marker = {"spec": _spec(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    (venv_dir / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     return python
+
+
+def ensure_venv(
+    recipe: Recipe, venv_dir: Path, *, force: bool = False, base_python: str | None = None
+) -> InteropEnv:
+    """Build the venv of `recipe` unless a complete one exists; never raises for a failed
+    install (the InteropEnv says why)."""
+    venv_dir = Path(venv_dir)
+    if not force and _marker_ok(venv_dir, recipe):
+        return InteropEnv(venv_python(venv_dir), cached=True)
+    log: list[str] = []
+    try:
+        with _exclusive(venv_dir.parent / f"{venv_dir.name}.lock", LOCK_TIMEOUT_S):
+            if not force and _marker_ok(venv_dir, recipe):  # built meanwhile by another process
+                return InteropEnv(venv_python(venv_dir), cached=True)
+            python = _build(recipe, venv_dir, base_python or sys.executable, log)
+    except _StepFailed as exc:
+        return InteropEnv(None, str(exc), unreachable=exc.unreachable)
+    except OSError as exc:
+        return InteropEnv(None, f"cannot build {venv_dir}: {exc}")
+    return InteropEnv(python)
 
 
 def ensure_interop_env(
@@ -215,20 +261,7 @@ def ensure_interop_env(
         force: rebuild even when the marker says the venv is complete.
         base_python: the interpreter to create the venv with (default: this one).
     """
-    venv_dir = Path(venv_dir)
-    if not force and _marker_ok(venv_dir):
-        return InteropEnv(venv_python(venv_dir), cached=True)
-    log: list[str] = []
-    try:
-        with _exclusive(venv_dir.parent / f"{venv_dir.name}.lock", LOCK_TIMEOUT_S):
-            if not force and _marker_ok(venv_dir):  # built meanwhile by another process
-                return InteropEnv(venv_python(venv_dir), cached=True)
-            python = _build(venv_dir, base_python or sys.executable, log)
-    except _StepFailed as exc:
-        return InteropEnv(None, str(exc), unreachable=exc.unreachable)
-    except OSError as exc:
-        return InteropEnv(None, f"cannot build {venv_dir}: {exc}")
-    return InteropEnv(python)
+    return ensure_venv(INTEROP, venv_dir, force=force, base_python=base_python)
 
 
 def interop_python(venv_dir: Path = VENV_DIR) -> Path | None:
@@ -236,17 +269,24 @@ def interop_python(venv_dir: Path = VENV_DIR) -> Path | None:
     return ensure_interop_env(venv_dir).python
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def script_main(
+    ensure: Callable[..., InteropEnv], label: str, doc: str, argv: list[str] | None
+) -> int:
+    """The command line of a venv script: build (or --force rebuild), print the python."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--force", action="store_true", help="rebuild even if complete")
     args = parser.parse_args(argv)
-    env = ensure_interop_env(force=args.force)
+    env = ensure(force=args.force)
     if env.python is None:
         kind = "package index unreachable" if env.unreachable else "install failed"
-        print(f"interop_env: {kind}: {env.reason}", file=sys.stderr)
+        print(f"{label}: {kind}: {env.reason}", file=sys.stderr)
         return 2 if env.unreachable else 1
     print(env.python)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return script_main(ensure_interop_env, "interop_env", __doc__, argv)
 
 
 if __name__ == "__main__":
