@@ -177,6 +177,31 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_for(what: str, predicate, timeout: float, interval: float = 0.2):
+    """The first truthy value of `predicate()` (an OSError, ValueError or KeyError counts as
+    not yet), or AssertionError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = predicate()
+        except (OSError, ValueError, KeyError):
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def http_json(url: str, timeout: float = 5.0):
+    """GET `url` and decode its JSON body."""
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.load(response)
+
+
 def free_base(span: int = 8) -> int:
     """A base port with `span` free ports after it, below the ephemeral range (so client
     connections made meanwhile cannot take them)."""

@@ -27,6 +27,9 @@ INSTALL = {
     ),
     "kubernetes-validate": "pip install kubernetes-validate==1.31.0",
     "promtool": "apt-get install -y prometheus",
+    "prometheus": "apt-get install -y prometheus",
+    "prometheus-alertmanager": "apt-get install -y prometheus-alertmanager",
+    "amtool": "apt-get install -y prometheus-alertmanager",
 }
 
 

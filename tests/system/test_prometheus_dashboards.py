@@ -21,7 +21,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +36,8 @@ import pytest
 import yaml
 
 from labmesh import RemoteError, build_client
+
+from support import free_port, http_json, wait_for
 
 pytestmark = pytest.mark.system
 
@@ -63,31 +63,6 @@ VARIANTS = {
 
 
 # ---- processes ---------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(what: str, predicate: Callable[[], Any], timeout: float, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = predicate()
-        except (OSError, ValueError, KeyError):
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
-def http_json(url: str, timeout: float = 5.0) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return json.load(response)
-
-
 def http_text(url: str, timeout: float = 5.0) -> str:
     with urllib.request.urlopen(url, timeout=timeout) as response:
         return response.read().decode()
@@ -179,12 +154,17 @@ def sim_daq(name: str, port: int) -> dict[str, Any]:
 # ---- the shipped Prometheus config, rendered -------------------------------------------------
 def render_prometheus(dest: Path, discovery_http: str) -> Path:
     """A copy of compose/prometheus/ whose prometheus.yml differs from the shipped one only in
-    the discovery address and the scrape and evaluation intervals."""
+    the discovery and Alertmanager addresses and the scrape and evaluation intervals. (No
+    Alertmanager runs here: a port on 127.0.0.1 nobody listens on, so that the alerts that fire
+    never make Prometheus look the name labmesh-alertmanager up in DNS; test_alerting.py runs
+    the real one.)"""
     shutil.copytree(checks.PROMETHEUS_DIR, dest)
     shipped = checks.PROMETHEUS_CONFIG.read_text()
+    no_alertmanager = f"127.0.0.1:{free_port()}"
     substitutions = [
         ("http://labmesh-discovery:5552/targets", f"http://{discovery_http}/targets"),
         ('targets: ["labmesh-discovery:5552"]', f'targets: ["{discovery_http}"]'),
+        ('targets: ["labmesh-alertmanager:9093"]', f'targets: ["{no_alertmanager}"]'),
         ("scrape_interval: 5s", f"scrape_interval: {SCRAPE}"),
         ("evaluation_interval: 5s", f"evaluation_interval: {SCRAPE}"),
     ]
@@ -199,6 +179,7 @@ def render_prometheus(dest: Path, discovery_http: str) -> Path:
         jobs = {job["job_name"]: job for job in config["scrape_configs"]}
         jobs["labmesh"]["http_sd_configs"][0].pop("url")
         jobs["labmesh-discovery"]["static_configs"][0].pop("targets")
+        config["alerting"]["alertmanagers"][0]["static_configs"][0].pop("targets")
     assert rendered == original
     (dest / "prometheus.yml").write_text(text)
     return dest / "prometheus.yml"
