@@ -21,8 +21,9 @@ _spec.loader.exec_module(build_image)
 def dockerfile_copy_sources() -> list[str]:
     sources = []
     for line in (ROOT / "services" / "Dockerfile").read_text().splitlines():
-        if line.startswith("COPY "):
-            sources += line.split()[1:-1]
+        words = line.split()
+        if words[:1] == ["COPY"] and not any(w.startswith("--from=") for w in words):
+            sources += words[1:-1]  # from the build context (not from an earlier stage)
     return sources
 
 
