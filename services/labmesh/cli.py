@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -214,9 +215,10 @@ def _holder_summary(holders: list[dict[str, Any]]) -> str:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     rows = [_device_status(args, record) for record in _records(args)]
+    code = EXIT_OK if all(r["up"] for r in rows) else EXIT_FAILED
     if args.json:
         _emit(args, rows)
-        return EXIT_OK
+        return code
     if not rows:
         resolver = _resolver(args)
         print(f"no devices registered at {resolver.source or ', '.join(resolver.endpoints)}")
@@ -228,7 +230,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             f"{row['name']:<18} {row['kind']:<11} {row['host']:<14} {row['address']:<26} "
             f"{up:<5} {_holder_summary(row['holders'])}"
         )
-    return EXIT_OK if all(r["up"] for r in rows) else EXIT_FAILED
+    return code
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -787,8 +789,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.close()
         return EXIT_OK
     except Exception as exc:
-        if args.debug:
-            raise
         code = EXIT_USAGE if type(exc).__name__ in _USAGE_ERRORS else EXIT_FAILED
         return _report(args, str(exc), type(exc).__name__, code, plain_type=True)
     finally:
@@ -817,7 +817,10 @@ def _report(
     where: str = "",
     plain_type: bool = False,
 ) -> int:
-    """One error line on stderr (a JSON object with --json), and the exit code."""
+    """One error line on stderr (a JSON object with --json), and the exit code; with --debug,
+    the traceback of the error being handled first."""
+    if getattr(args, "debug", False):
+        traceback.print_exc(file=sys.stderr)
     if getattr(args, "json", False):
         error = {"error": message, "type": kind, "exit": code}
         if where:

@@ -158,18 +158,20 @@ class _ClientCore:
         return max(self.default_timeout, budget_ms + max(GRACE_MS, budget_ms // 5))
 
     def _routing_id(self) -> bytes:
-        """The routing id of the next socket: `client_id`, then (against a labmesh server)
-        `client_id~1`, `~2`, ...
+        """The routing id of the next socket: `client_id`, then `client_id~1`, `~2`, ...
 
         A labmesh server lets no connection take over the route of another live one (a
         stranger who read an id from `locks` could otherwise receive its replies), so a fresh
         socket after a timeout must not reuse the id the server may still see connected; the
         locks are unaffected, they belong to the session token. A server that gave no token
-        (PLESTY's) knows a client only by its id, so there the id stays the same.
+        (PLESTY's) echoes no request id either: a late reply sent to a reused id would be taken
+        for the answer to the next request, so a fresh socket gets a new id there too (the
+        late reply goes to the closed one), unless the client holds locks, which such a
+        server knows only by the id.
         """
         n = self._sockets_made
         self._sockets_made += 1
-        if n == 0 or self.session is None:
+        if n == 0 or (self.session is None and (self.connection_info or {}).get("resources")):
             return self.client_id.encode()
         suffix = f"~{n}".encode()
         return self.client_id.encode()[: 255 - len(suffix)] + suffix  # ZeroMQ's limit: 255

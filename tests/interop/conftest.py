@@ -2,7 +2,7 @@
 
 The real PLESTY (`plesty_lib`) and LAPLACE (`laplace-server`) packages are installed from PyPI
 into `<repo>/.cache/interop-venv` by `scripts/interop_env.py`. Without the package index the
-tier is skipped, except on CI (`CI=true`), where a failed install fails the run.
+tier is skipped, except on CI (any non-empty `CI`), where a failed install fails the run.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from support import free_port
+from support import free_port, on_ci
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent.parent
@@ -44,17 +44,13 @@ def _load_interop_env() -> Any:
     return module
 
 
-def _on_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
-
-
 @pytest.fixture(scope="session")
 def interop_python() -> Path:
     """The interop venv's python (built once, then cached by scripts/interop_env.py)."""
     env = _load_interop_env().ensure_interop_env()
     if env.python is not None:
         return env.python
-    if _on_ci():
+    if on_ci():
         pytest.fail(f"CI: the interop virtualenv could not be built: {env.reason}", pytrace=False)
     if env.unreachable:
         pytest.skip(f"interop peers not installed: PyPI (or its mirror) unreachable: {env.reason}")

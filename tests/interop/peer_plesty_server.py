@@ -88,11 +88,13 @@ class PeerLaser:
         return "PeerLaser: in-memory laser (WAVELENGTH nm, POWER W, fire)"
 
 
-async def serve(port: int, max_lifetime_s: float) -> None:
+async def serve(port: int, max_lifetime_s: float, device: Any = None) -> None:
+    """Serve `device` (default: a PeerLaser) with PLESTY's server on 127.0.0.1:`port` until
+    SIGTERM or `max_lifetime_s`; prints READY <address> once serving."""
     # PLESTY's server asks the OS which local address routes to 8.8.8.8 (a UDP connect, which
     # sends nothing) only to label its log lines. Tests must not depend on a default route.
     plesty_tcp_ip_server.get_local_ip = lambda: "127.0.0.1"
-    server = build_server(PeerLaser(), address=f"tcp://127.0.0.1:{port}")
+    server = build_server(device or PeerLaser(), address=f"tcp://127.0.0.1:{port}")
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
     assert main_task is not None
