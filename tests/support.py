@@ -12,8 +12,34 @@ import sys
 import threading
 import time
 
+import pytest
+
 from labmesh import Device, Parameter, build_server, operation
 from labmesh.server import DeviceServer
+
+
+def on_ci() -> bool:
+    """True when the tests run on CI: any non-empty `CI` (CI=1, CI=yes, CI=true all count)."""
+    return bool(os.environ.get("CI", "").strip())
+
+
+def unavailable(reason: str, *, module: bool = False) -> None:
+    """Skip because something the test needs is missing or not working; on CI fail instead.
+
+    A broken CI image must not pass by skipping. `module=True` skips (or fails) the whole module
+    when called at import time.
+    """
+    if on_ci():
+        pytest.fail(f"CI: {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=module)
+
+
+def note_disconnect(path: str, name: str) -> None:
+    """Append `name` to the file `path` (if set): how a device served by another process (a
+    `labmesh serve` subprocess) shows the test that it was disconnected."""
+    if path:
+        with open(path, "a", encoding="utf-8") as log:
+            log.write(name + "\n")
 
 
 class MemoryMeter(Device):
@@ -29,8 +55,9 @@ class MemoryMeter(Device):
     AUTORANGE = Parameter(bool)
     TRIGGER = Parameter(bool, write_only=True)
 
-    def __init__(self, name: str = "meter") -> None:
+    def __init__(self, name: str = "meter", disconnect_log: str = "") -> None:
         super().__init__(name)
+        self.disconnect_log = disconnect_log
         self.values = {
             "WAVELENGTH": 532.0,
             "POWER": 0.001,
@@ -46,6 +73,7 @@ class MemoryMeter(Device):
 
     def disconnect(self) -> None:
         self.disconnected = True
+        note_disconnect(self.disconnect_log, self.name)
 
     def _query_(self, name: str):
         self.threads.add(threading.current_thread().name)
@@ -130,10 +158,14 @@ class MemoryDaq(Device):
     AO0 = Parameter(float, unit="V", min=-10, max=10, resources=["Dev1/ao0"])
     LABEL = Parameter(str)
 
-    def __init__(self, name: str = "daq") -> None:
+    def __init__(self, name: str = "daq", disconnect_log: str = "") -> None:
         super().__init__(name)
+        self.disconnect_log = disconnect_log
         self.lines: dict[str, bool] = {}
         self.values = {"AO0": 0.0, "LABEL": ""}
+
+    def disconnect(self) -> None:
+        note_disconnect(self.disconnect_log, self.name)
 
     def _query_(self, name: str):
         return self.values[name]

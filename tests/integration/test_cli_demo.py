@@ -133,19 +133,29 @@ def test_errors_are_one_line_with_exit_codes(demo):
     usage = cli(demo, "get")
     assert usage.returncode == 2
     debug = cli(demo, "--debug", "get", "pm100-a", "NOPE")
-    assert debug.returncode == 1
+    assert debug.returncode == 1  # the same exit code; --debug adds the traceback
+    assert "Traceback" in debug.stderr and "pm100-a has no parameter 'NOPE'" in debug.stderr
 
 
 def test_common_flags_work_after_the_command_too(demo):
     """Issue 16: `labmesh ls --json`, `get ... --json`, `ls --timeout 500` were refused."""
     rows = json.loads(cli(demo, "ls", "--json").stdout)
     assert {r["name"] for r in rows} == {"pm100-a", "daq-1", "stage"}
-    assert json.loads(cli(demo, "get", "pm100-a", "WAVELENGTH", "--json").stdout) > 0
-    assert cli(demo, "ls", "--timeout", "500").returncode == 0
+    wavelength = json.loads(cli(demo, "get", "pm100-a", "WAVELENGTH", "--json").stdout)
+    assert wavelength > 0
+    table = cli(demo, "ls", "--timeout", "500")
+    assert table.returncode == 0, table.stderr
+    assert sorted(line.split()[0] for line in table.stdout.splitlines()[1:]) == [
+        "daq-1",
+        "pm100-a",
+        "stage",
+    ]
     helptext = cli(demo, "get", "--help").stdout
     assert "--json" in helptext and "--timeout" in helptext and "--discovery" in helptext
     # given before and after: the later one wins, the earlier one is not reset
-    assert cli(demo, "--json", "get", "pm100-a", "WAVELENGTH", "--timeout", "900").returncode == 0
+    late = cli(demo, "--json", "get", "pm100-a", "WAVELENGTH", "--timeout", "900")
+    assert late.returncode == 0, late.stderr
+    assert json.loads(late.stdout) == wavelength
 
 
 def test_values_and_names_are_read_forgivingly_and_unambiguously(demo):
@@ -168,12 +178,12 @@ def test_values_and_names_are_read_forgivingly_and_unambiguously(demo):
         unit.returncode == 1 and "did you mean 'DBM'? (options are case-sensitive)" in unit.stderr
     )
     op = cli(demo, "call", "stage", "move_absolute", "x", "1")
-    assert "did you mean 'move_abs'?" in op.stderr
-    # host:port is an address (no device name has a colon)
-    address = next(r["address"] for r in json.loads(cli(demo, "--json", "ls").stdout))
-    assert (
-        cli(demo, "ping" if False else "describe", address.removeprefix("tcp://")).returncode == 0
-    )
+    assert op.returncode == 1 and "did you mean 'move_abs'?" in op.stderr
+    # host:port is an address (no device name has a colon): it reaches that very device
+    for row in json.loads(cli(demo, "--json", "ls").stdout):
+        described = cli(demo, "--json", "describe", row["address"].removeprefix("tcp://"))
+        assert described.returncode == 0, described.stderr
+        assert json.loads(described.stdout)["name"] == row["name"]
 
 
 def test_json_errors_are_json_with_the_same_exit_codes(demo):
@@ -205,8 +215,10 @@ def test_locks_has_a_header(demo):
     with build_client("daq-1", discovery=demo["endpoint"], resources="Dev1/port0/line6"):
         one = cli(demo, "locks", "daq-1").stdout.splitlines()
         assert one[0].split()[:3] == ["RESOURCE", "HOLDER", "NAME"]
+        assert [line.split()[0] for line in one[1:]] == ["Dev1/port0/line6"]
         everything = cli(demo, "locks").stdout.splitlines()
         assert everything[0].split()[:3] == ["DEVICE", "RESOURCE", "HOLDER"]
+        assert [line.split()[:2] for line in everything[1:]] == [["daq-1", "Dev1/port0/line6"]]
 
 
 @pytest.mark.parametrize(

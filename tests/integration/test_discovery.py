@@ -26,7 +26,7 @@ from labmesh.discovery import (
 from labmesh.discovery.registry import instance_tag
 from labmesh.discovery.resolver import DiscoveryConnection
 
-from support import wait_until
+from support import unavailable, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -182,13 +182,17 @@ def test_records_expire_after_the_ttl_and_the_feed_says_so(discovery, dealer):
     assert ask(dealer, {"type": "lookup", "name": "pm100-a"})["type"] == "UnknownDeviceError"
 
 
-def test_registrar_keeps_records_alive_and_deregisters_on_stop(discovery):
+def test_registrar_keeps_records_alive_and_deregisters_on_stop():
+    # a longer TTL than the other tests' (heartbeats every 1 s, 2 s of slack for a loaded
+    # machine), slept past once: only heartbeats can have kept the record
+    ttl_s = 3.0
+    discovery = start_discovery(ttl_s=ttl_s)
     resolver = Resolver(discovery.address)
-    registrar = Registrar([discovery.address], TTL_S, timeout_s=0.5).start()
+    registrar = Registrar([discovery.address], ttl_s, timeout_s=0.5).start()
     try:
         registrar.add(record())
         assert registrar.wait_registered(2)
-        time.sleep(TTL_S * 2)  # well past the TTL: heartbeats kept it
+        time.sleep(ttl_s + 0.5)  # past the TTL: heartbeats kept it
         assert resolver.resolve("pm100-a") == "tcp://127.0.0.1:5555"
         # a changed record of the same instance is sent again
         registrar.add(record(labels={"room": "b12"}))
@@ -198,10 +202,12 @@ def test_registrar_keeps_records_alive_and_deregisters_on_stop(discovery):
         assert wait_until(lambda: not resolver.list(), 1)
         registrar.add(record("daq-1", "i9"))
         assert registrar.wait_registered(2)
+        registrar.stop(timeout=2)
+        assert resolver.list() == []  # stop deregistered it
     finally:
         registrar.stop(timeout=2)
-    assert resolver.list() == []  # stop deregistered it
-    resolver.close()
+        resolver.close()
+        discovery.stop()
 
 
 def test_a_restarted_server_replaces_its_old_instance(discovery):
@@ -427,7 +433,7 @@ def _register_lab(address: str) -> None:
             conn.request({"type": "register", "record": rec.to_dict()}, 2)
 
 
-def test_targets_are_prometheus_http_sd(discovery, tmp_path):
+def test_targets_are_prometheus_http_sd(discovery):
     _register_lab(discovery.address)
     status, content_type, body = http_get(discovery.http_url + "/targets")
     assert status == 200 and content_type == "application/json"
@@ -461,9 +467,20 @@ def test_targets_are_prometheus_http_sd(discovery, tmp_path):
             assert name.replace("_", "a").isalnum() and not name[0].isdigit()
             assert isinstance(value, str)
             assert not name.startswith(("job", "instance", "device", "kind", "type", "host"))
+
+
+def _promtool() -> str:
+    """promtool's path; skipped without it, failed on CI."""
     promtool = shutil.which("promtool")
     if promtool is None:
-        return
+        unavailable("promtool not on PATH (apt-get install prometheus)")
+    assert promtool is not None
+    return promtool
+
+
+def test_promtool_reads_the_targets_through_http_sd(discovery, tmp_path):
+    _register_lab(discovery.address)
+    promtool = _promtool()
     config = tmp_path / "prometheus.yml"
     config.write_text(
         "scrape_configs:\n"
@@ -477,7 +494,8 @@ def test_targets_are_prometheus_http_sd(discovery, tmp_path):
         text=True,
         timeout=30,
     )
-    assert result.returncode == 0, result.stderr
+    # promtool exits 0 even when it cannot fetch or parse the targets: it logs the error instead
+    assert result.returncode == 0 and "level=error" not in result.stderr, result.stderr
     targets = json.loads(result.stdout)
     by_address = {t["labels"]["instance"]: t["labels"] for t in targets}
     assert set(by_address) == {"127.0.0.1:9105", "127.0.0.1:9106"}
@@ -530,19 +548,14 @@ def test_devices_health_metrics_and_unknown_paths(discovery):
 
 
 def test_promtool_accepts_the_metrics_exposition(discovery):
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool not on PATH (apt-get install prometheus)")
+    promtool = _promtool()
     _, _, body = http_get(discovery.http_url + "/metrics")
     result = subprocess.run(
         [promtool, "check", "metrics"], input=body, capture_output=True, timeout=30
     )
-    problems = [
-        line
-        for line in result.stdout.decode().splitlines() + result.stderr.decode().splitlines()
-        if "labmesh_" in line
-    ]
-    assert problems == []
+    # exit 0: parsed and no lint problem; 1: a parse error; 3: lint problems (of any metric,
+    # the process_* collectors' included: the whole exposition is labmesh's to keep clean)
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
 
 
 def test_stop_releases_every_port():

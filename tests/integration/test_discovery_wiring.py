@@ -217,7 +217,7 @@ from support import MemoryMeter
 from labmesh import build_server
 from labmesh.discovery import DeviceRecord, Registrar
 server = build_server(MemoryMeter(), address="tcp://127.0.0.1:0").start()
-registrar = Registrar([sys.argv[1]], ttl_s=1.5).start()
+registrar = Registrar([sys.argv[1]], ttl_s=float(sys.argv[3])).start()
 registrar.add(DeviceRecord(name="doomed", address=server.address, instance=server.epoch))
 registrar.wait_registered(5)
 print("READY", flush=True)
@@ -225,26 +225,33 @@ time.sleep(60)
 """
 
 
-def test_a_registered_host_that_is_killed_expires_after_the_ttl(discovery):
+def test_a_registered_host_that_is_killed_expires_after_the_ttl():
     import signal
 
+    # a longer TTL than the fixture's: heartbeats every 1 s leave 2 s of slack on a loaded
+    # machine before a live host could expire
+    ttl_s = 3.0
+    discovery = DiscoveryService(
+        "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", http_port=None, ttl_s=ttl_s, beacon=None
+    ).start()
     proc = subprocess.Popen(
-        [sys.executable, "-c", KILLED_HOST, discovery.address, str(TESTS)],
+        [sys.executable, "-c", KILLED_HOST, discovery.address, str(TESTS), str(ttl_s)],
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         assert proc.stdout.readline().strip() == "READY"
         assert [d["name"] for d in discovery.devices()] == ["doomed"]
-        time.sleep(2.0)  # heartbeats keep it alive past one TTL
+        time.sleep(ttl_s + 0.5)  # heartbeats keep it alive past one TTL
         assert [d["name"] for d in discovery.devices()] == ["doomed"]
         proc.send_signal(signal.SIGKILL)
         t0 = time.monotonic()
-        assert wait_until(lambda: discovery.devices() == [], timeout=5)
-        assert time.monotonic() - t0 < 1.5 + 1.0
+        assert wait_until(lambda: discovery.devices() == [], timeout=ttl_s + 3)
+        assert time.monotonic() - t0 < ttl_s + 1.0
     finally:
         proc.kill()
         proc.wait(5)
+        discovery.stop()
 
 
 def test_serve_uses_labmesh_discovery_when_the_host_file_names_none(discovery, tmp_path):

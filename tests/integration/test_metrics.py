@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from labmesh import RemoteError, build_client, metrics
 
-from support import MemoryDaq, MemoryMeter, serve, wait_until
+from support import MemoryDaq, MemoryMeter, serve, unavailable, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -162,8 +162,9 @@ def test_lock_wait_is_measured():
         srv.stop()
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
 def test_promtool_accepts_the_exposition():
+    if shutil.which("promtool") is None:
+        unavailable("promtool not installed (apt-get install prometheus)")
     srv = serve(MemoryDaq("daq-promtool"))
     try:
         with build_client(srv.address, resources="Dev1/port0") as c:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -48,6 +49,7 @@ def read_until(proc: subprocess.Popen, marker: str, timeout: float = 20) -> list
 
 def test_serve_two_devices_one_failing_locks_and_sigterm(tmp_path):
     daq_port, meter_port, broken_port, metrics_port = (free_port() for _ in range(4))
+    disconnected = tmp_path / "disconnected.log"  # each served device writes its name there
     config = tmp_path / "host.yaml"
     config.write_text(
         textwrap.dedent(f"""\
@@ -57,10 +59,12 @@ def test_serve_two_devices_one_failing_locks_and_sigterm(tmp_path):
           - name: daq
             driver: support:MemoryDaq
             port: {daq_port}
+            options: {{disconnect_log: {disconnected}}}
           - name: meter
             driver: support:MemoryMeter
             port: {meter_port}
             fixed_threading: false
+            options: {{disconnect_log: {disconnected}}}
           - name: broken
             driver: support:UnpluggedMeter
             port: {broken_port}
@@ -106,7 +110,13 @@ def test_serve_two_devices_one_failing_locks_and_sigterm(tmp_path):
         assert time.monotonic() - t0 < 5
         rest = proc.stdout.read()
         assert "labmesh serve: stopped" in rest
-        assert "daq: stopped" in rest or "stopped" in rest
+        # SIGTERM disconnected every device that was served, each once (broken never opened),
+        # and no device's port is still listening
+        names = disconnected.read_text().split() if disconnected.exists() else []
+        assert sorted(names) == ["daq", "meter"], rest
+        for port in (daq_port, meter_port, broken_port, metrics_port):
+            with socket.socket() as sock:
+                assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still open"
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -1,15 +1,17 @@
 """What the system tests need from the machine, and how they react when it is missing.
 
-Off CI a missing tool skips the test with the reason and the install command; on CI (`CI=true`)
-the same thing fails it, so a broken CI image cannot pass by skipping.
+Off CI a missing tool skips the test with the reason and the install command; on CI (any
+non-empty `CI`, see support.on_ci) the same thing fails it, so a broken CI image cannot pass by
+skipping.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 
-import pytest
+from support import on_ci, unavailable
+
+__all__ = ["INSTALL", "on_ci", "require_tool", "unavailable"]
 
 #: How CI installs each outside tool (kept in step with the report / .ci/run).
 INSTALL = {
@@ -31,17 +33,6 @@ INSTALL = {
     "prometheus-alertmanager": "apt-get install -y prometheus-alertmanager",
     "amtool": "apt-get install -y prometheus-alertmanager",
 }
-
-
-def on_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
-
-
-def unavailable(reason: str) -> None:
-    """Skip (fail on CI) because something the test needs is missing or not working."""
-    if on_ci():
-        pytest.fail(f"CI: {reason}", pytrace=False)
-    pytest.skip(reason)
 
 
 def require_tool(name: str, tool: str | None = None) -> str:

@@ -39,6 +39,8 @@ HOSTS = {"discovery": 1, "host-a": 2, "host-b": 3, "client": 4}
 TTL_S = 2.0
 HEARTBEAT_S = TTL_S / 3  # the registrar's interval: TTL/3
 API, PUB, HTTP = 5550, 5551, 5552
+#: Every serve host's /metrics port (each host is its own namespace, so one port for all).
+METRICS = 9105
 DEVICES = {"host-a": {"daq-a": 6001, "stage-a": 6002}, "host-b": {"daq-b": 6001, "stage-b": 6002}}
 ALL_DEVICES = [name for devices in DEVICES.values() for name in devices]
 #: Slack for expiry checks: the service's expiry tick (TTL/10) plus polling and scheduling.
@@ -52,6 +54,7 @@ def _host_yaml(role: str, discovery: str) -> str:
         host: {role}
         bind: "*"
         discovery: {discovery}
+        metrics_port: {METRICS}
         devices:
           - {{name: {daq}, driver: nidaq, port: {devices[daq]}, sim: true}}
           - {{name: {stage}, driver: motor, port: {devices[stage]}, sim: true,
@@ -339,8 +342,8 @@ def test_serve_registers_the_address_of_its_own_host(lab, role):
         record = devices[name]
         assert record["host"] == role
         assert record["address"] == f"tcp://{SUBNET}.{last}:{port}", record
-        if record["metrics_url"]:  # once serve has /metrics: on the same address
-            assert urlsplit(record["metrics_url"]).hostname == f"{SUBNET}.{last}", record
+        # serve's /metrics, advertised on the same address as the device
+        assert record["metrics_url"] == f"http://{SUBNET}.{last}:{METRICS}/metrics", record
 
 
 def test_a_killed_host_s_devices_expire_after_the_ttl(lab):
@@ -413,6 +416,7 @@ def test_targets_pass_promtool_check_service_discovery(lab, tmp_path):
     try:
         assert exporter.stdout is not None and exporter.stdout.readline().strip() == "ready"
         targets = lab.ask("get", path="/targets")
+        devices = lab.devices()
         config = tmp_path / "prometheus.yml"
         config.write_text(
             "scrape_configs:\n"
@@ -451,7 +455,10 @@ def test_targets_pass_promtool_check_service_discovery(lab, tmp_path):
     for address, labels in expected.items():
         assert {k: found[address]["discoveredLabels"][k] for k in labels} == labels
         assert found[address]["labels"]["instance"] == address
-    # every device with a metrics endpoint is a target
-    for device in lab.devices().values():
-        if device["metrics_url"]:
-            assert device["metrics_url"].split("/")[2] in found
+    # every device has a metrics endpoint (serve's per host, the exporter's shared one), and
+    # each endpoint is a target
+    assert set(found) == {f"{SUBNET}.2:{METRICS}", f"{SUBNET}.3:{METRICS}", f"{SUBNET}.3:9200"}
+    assert set(devices) == {*ALL_DEVICES, "psu-b", "scope-b"}
+    for device in devices.values():
+        assert device["metrics_url"], device
+        assert urlsplit(device["metrics_url"]).netloc in found, device

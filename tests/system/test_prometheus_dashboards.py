@@ -34,6 +34,7 @@ from typing import Any
 
 import pytest
 import yaml
+from system_tools import require_tool
 
 from labmesh import RemoteError, build_client
 
@@ -282,12 +283,7 @@ def drive_traffic(lab: dict[str, Any], procs: Processes, round_no: int) -> None:
 # ---- the test ----------------------------------------------------------------------------------
 @pytest.fixture
 def prometheus_binary() -> str:
-    exe = shutil.which("prometheus")
-    if exe is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the prometheus binary is missing on CI (apt-get install prometheus)")
-        pytest.skip("the prometheus binary is not installed (Debian: apt-get install prometheus)")
-    return exe
+    return require_tool("prometheus")
 
 
 def test_every_dashboard_panel_returns_data_from_a_real_prometheus(prometheus_binary):
@@ -421,15 +417,14 @@ def _run(tmp: Path, procs: Processes, clients: list[Any], prometheus_exe: str) -
     wait_for("Prometheus to scrape the second round", scraped_round_two, 10, 0.25)
     time.sleep(1.5)
 
-    # the real /metrics outputs pass promtool's lint
-    if shutil.which("promtool"):
-        for port in (ports["m-a"], ports["m-b"], http):
-            text = http_text(f"http://127.0.0.1:{port}/metrics")
-            lint = subprocess.run(
-                ["promtool", "check", "metrics"], input=text, capture_output=True, text=True,
-                timeout=30,
-            )  # fmt: skip
-            assert lint.returncode == 0, lint.stdout + lint.stderr
+    # the real /metrics outputs pass promtool's lint (without promtool: skipped, failed on CI)
+    promtool = require_tool("promtool")
+    for port in (ports["m-a"], ports["m-b"], http):
+        text = http_text(f"http://127.0.0.1:{port}/metrics")
+        lint = subprocess.run(
+            [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+        )
+        assert lint.returncode == 0, f"port {port}: " + lint.stdout + lint.stderr
 
     # the scrape-time gauges saw round 1's waiting connect, busy stage and queued call
     for expr in (

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import threading
 import time
 
 import pytest
 
-from labmesh.device.base import Device, touched_resources
+from labmesh.device.base import Device, task_function, touched_resources
+from labmesh.device.tasks import run_to_end
 from labmesh.drivers.motor import MotorStage, SimulatedMotion
 from labmesh.protocol.errors import ParameterValueError
 from labmesh.server.core import ServerCore
-
-from support import wait_until
 
 pytestmark = pytest.mark.unit
 
@@ -67,17 +67,19 @@ def test_the_position_moves_linearly_during_a_move():
         assert p0 == pytest.approx(min(10.0, 5.0 * (t0 - motion.step_s)), abs=0.051)
 
 
-def test_real_moves_take_time_proportional_to_distance():
-    motion = SimulatedMotion()
-    motion.open(["x"])
+def test_moves_take_time_proportional_to_distance_on_the_real_clock_by_default():
+    # the simulator keeps real time unless given another clock: the defaults are the real ones
+    defaults = inspect.signature(SimulatedMotion).parameters
+    assert defaults["clock"].default is time.monotonic
+    assert defaults["sleep"].default is time.sleep
+    motion, fake = fake_motion()
     durations = []
     for distance in (1.0, 3.0):
-        started = time.monotonic()
+        started = fake.now
         motion.move_to("x", motion.position("x") + distance, 10.0)
-        durations.append(time.monotonic() - started)
-    assert durations[0] == pytest.approx(0.1, abs=0.05)
-    assert durations[1] == pytest.approx(0.3, abs=0.05)
-    assert durations[1] > 2 * durations[0]
+        durations.append(fake.now - started)
+    assert durations == [pytest.approx(0.1, abs=1e-9), pytest.approx(0.3, abs=1e-9)]
+    assert motion.position("x") == pytest.approx(4.0)
 
 
 def test_stop_ends_a_move_where_the_axis_is_and_does_not_cut_the_next_one():
@@ -99,22 +101,44 @@ def test_stop_of_another_axis_leaves_a_move_alone():
 
 
 def test_stop_from_another_thread_interrupts_a_local_move():
-    stage = MotorStage(("x",), speed=100.0, name="stage")
+    """A move run here (no server) on one thread, stopped from another, on a fake clock: the
+    mover's waits advance the clock and, once the axis is past 5 mm, hold until the stop."""
+    fake = FakeTime()
+    past_5mm, stopped_event = threading.Event(), threading.Event()
+    backend = SimulatedMotion(clock=fake.clock, sleep=fake.sleep)
+    stage = MotorStage(("x",), speed=100.0, name="stage", sim=False, backend=backend)
+
+    def sleep(seconds: float) -> None:  # run_to_end's sleep between the move's steps
+        fake.sleep(seconds)
+        if stage.position("x") > 5.0 and not past_5mm.is_set():
+            past_5mm.set()
+            assert stopped_event.wait(10), "the test thread never stopped the axis"
+
     with stage:
         result: list[float] = []
-        mover = threading.Thread(target=lambda: result.append(stage.move_abs("x", 100.0)))
-        started = time.monotonic()
+        errors: list[BaseException] = []
+
+        def move() -> None:
+            try:  # what stage.move_abs does called directly, with the fake sleep
+                result.append(
+                    run_to_end(task_function(stage, "move_abs")(stage, "x", 100.0), sleep)
+                )
+            except BaseException as exc:
+                errors.append(exc)
+
+        mover = threading.Thread(target=move)
         mover.start()
         try:
-            assert wait_until(lambda: stage.position("x") > 5.0, timeout=2.0)
-            stopped = stage.stop("x")
+            assert past_5mm.wait(10), "the move never got past 5 mm"
+            stopped = stage.stop("x")  # from this thread, while the mover waits between steps
         finally:
-            mover.join(3.0)
-        assert not mover.is_alive()
-        assert time.monotonic() - started < 0.8  # the full move would take 1 s
-        assert 5.0 < result[0] < 100.0
-        # the move notices the stop at its next step (10 ms, 1 mm here), so it may end later
-        assert stopped["x"] <= result[0] < stopped["x"] + 5.0
+            stopped_event.set()
+            mover.join(10)
+        assert not mover.is_alive() and not errors, errors
+        assert fake.now < 1.0  # the full move would take 1 s
+        assert 5.0 < stopped["x"] < 100.0
+        # the move ends where the stop found it: the clock did not move since
+        assert result == [stopped["x"]]
         assert stage.position("x") == result[0]
 
 
