@@ -290,4 +290,6 @@ def test_a_slow_name_lookup_does_not_stall_the_event_loop():
         server.stop()
     assert value == 532.0 and len(lookups) == 1
     assert took >= 0.6  # the lookup really was slow ...
-    assert worst_gap < 0.05, f"the event loop stalled for {worst_gap * 1000:.0f} ms"
+    # the 0.6 s lookup ran off the event loop: its ticks kept coming (a stall would be >= 0.6 s;
+    # the bound leaves room for a loaded 2-core machine)
+    assert worst_gap < 0.3, f"the event loop stalled for {worst_gap * 1000:.0f} ms"
