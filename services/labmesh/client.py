@@ -869,6 +869,9 @@ class AsyncDeviceClient(_ClientCore):
                 log.info("%s: lease heartbeat not answered; retrying", self.address)
             except ConnectionError:
                 return
+            except RuntimeError as exc:  # the event loop or its executor is shutting down
+                log.debug("%s: lease heartbeat ends: %s", self.address, exc)
+                return
             except RemoteError as exc:
                 if self._heartbeat_refused(exc):
                     try:

@@ -100,6 +100,13 @@ class _Remote:
                 self.client = client
         return self.client
 
+    async def close(self) -> None:
+        """Close the client (its locks are released, its lease heartbeat ends)."""
+        client, self.client = self.client, None
+        self._held.clear()
+        if client is not None:
+            await client.close()
+
     async def hold(self, resources: list[str]) -> None:
         """Lock `resources` too (what other staged parts hold stays held)."""
         if not resources:
@@ -331,6 +338,13 @@ class LabmeshDevice(StandardReadable):
     @AsyncStatus.wrap
     async def unstage(self) -> None:
         await self._remote.release(self.resources)
+
+    async def disconnect(self) -> None:
+        """Close the device's connection (its locks released, its lease heartbeat stopped);
+        `connect()` opens a new one. From plain code: `call_in_bluesky_event_loop(
+        device.disconnect())`. A device left connected when the session ends costs nothing
+        but its heartbeat."""
+        await self._remote.close()
 
 
 def labmesh_device(device: str, name: str = "", **options: Any) -> LabmeshDevice:

@@ -25,7 +25,7 @@ try:
     from bluesky.run_engine import call_in_bluesky_event_loop
     from event_model import DocumentNames, schema_validators
 
-    from labmesh.ophyd import labmesh_device
+    from labmesh.ophyd import labmesh_device as _labmesh_device
 except ImportError as exc:  # the extra is optional outside CI
     unavailable(f"labmesh[bluesky] is not installed: {exc}", module=True)
 
@@ -34,6 +34,27 @@ except ImportError as exc:  # the extra is optional outside CI
 def lab():
     with running_demo() as demo:
         yield demo
+
+
+_made: list = []
+
+
+def labmesh_device(*args, **kwargs):
+    """labmesh.ophyd.labmesh_device, remembered so that the test closes it afterwards."""
+    device = _labmesh_device(*args, **kwargs)
+    _made.append(device)
+    return device
+
+
+@pytest.fixture(autouse=True)
+def disconnect_after():
+    """Every device a test made is disconnected after it (its lease heartbeat stopped): a
+    device left connected outlives the demo and the test."""
+    yield
+    while _made:
+        device = _made.pop()
+        call_in_bluesky_event_loop(device.disconnect())
+        assert device._remote.client is None
 
 
 @pytest.fixture

@@ -293,3 +293,26 @@ def test_a_slow_name_lookup_does_not_stall_the_event_loop():
     # the 0.6 s lookup ran off the event loop: its ticks kept coming (a stall would be >= 0.6 s;
     # the bound leaves room for a loaded 2-core machine)
     assert worst_gap < 0.3, f"the event loop stalled for {worst_gap * 1000:.0f} ms"
+
+
+def test_an_unclosed_async_client_ends_its_heartbeat_quietly_when_the_loop_shuts_down():
+    """A device left connected (an ophyd-async device at the end of a bluesky session) kept
+    heartbeating after its server had gone; once the loop's executor was shut down, the
+    heartbeat's reconnect raised 'cannot schedule new futures after shutdown' and Python
+    printed 'Task exception was never retrieved' at exit. The heartbeat now just ends."""
+    server = serve(MemoryMeter("meter"))
+
+    async def main() -> BaseException | None:
+        client = await build_async_client(server.address, lease_s=0.6, timeout=300)
+        assert await client.query("WAVELENGTH") == 532.0
+        heartbeat = client._heartbeat
+        assert heartbeat is not None and not heartbeat.done()
+        await asyncio.get_running_loop().shutdown_default_executor()
+        server.stop()  # the next heartbeat times out, and its fresh socket needs the executor
+        deadline = time.monotonic() + 10
+        while not heartbeat.done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert heartbeat.done(), "the heartbeat kept running"
+        return heartbeat.exception()
+
+    assert asyncio.run(main()) is None
