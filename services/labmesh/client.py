@@ -38,7 +38,12 @@ from labmesh.protocol.exchange import (
 )
 from labmesh.protocol.topics import Filter
 from labmesh.security import ClientCurve, KeyPair, client_security
-from labmesh.transport import dealer_socket, handshake_failure, handshake_monitor
+from labmesh.transport import (
+    close_monitored,
+    dealer_socket,
+    handshake_failure,
+    handshake_monitor,
+)
 from labmesh.updates import (
     AsyncReceiver,
     AsyncSubscription,
@@ -628,12 +633,8 @@ class DeviceClient(_ClientCore):
         self._rcvtimeo = -1
 
     def _close_socket(self) -> None:
-        if self._socket is not None:
-            self._socket.close(linger=0)
-            self._socket = None
-        if self._monitor is not None:
-            self._monitor.close(linger=0)
-            self._monitor = None
+        close_monitored(self._socket, self._monitor)  # the monitor stopped first (see there)
+        self._socket = self._monitor = None
 
     def _request(
         self, payload: dict[str, Any], attempts: int | None = None, wait_ms: int | None = None
@@ -944,12 +945,8 @@ class AsyncDeviceClient(_ClientCore):
         self._socket = self._dealer()
 
     def _close_socket(self) -> None:
-        if self._socket is not None:
-            self._socket.close(linger=0)
-            self._socket = None
-        if self._monitor is not None:
-            self._monitor.close(linger=0)
-            self._monitor = None
+        close_monitored(self._socket, self._monitor)  # the monitor stopped first (see there)
+        self._socket = self._monitor = None
 
     async def _request(
         self, payload: dict[str, Any], attempts: int | None = None, wait_ms: int | None = None

@@ -6,6 +6,7 @@ tuning are applied in one place, without touching the protocol or the server log
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
 import zmq
@@ -177,6 +178,25 @@ def handshake_monitor(sock: zmq.Socket) -> zmq.Socket:
         | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
         | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     )
+
+
+def close_monitored(sock: zmq.Socket | None, monitor: zmq.Socket | None) -> None:
+    """Close a socket and the PAIR reading its monitor events, in the only safe order.
+
+    libzmq's I/O thread writes a monitor event with a blocking send while it holds the
+    socket's monitor lock; once the reader is closed, an event raised before the socket is
+    torn down (a failed handshake of a reconnect) blocks that thread for good, and with it
+    every socket of the context (libzmq issue #3575; seen here as every sync client,
+    resolver and raw socket of a test process going silent). So: stop the monitor first,
+    then close the socket, then the reader.
+    """
+    if sock is not None:
+        if monitor is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                sock.disable_monitor()
+        sock.close(linger=0)
+    if monitor is not None:
+        monitor.close(linger=0)
 
 
 def bound_address(sock: zmq.Socket) -> str:

@@ -316,3 +316,72 @@ def test_an_unclosed_async_client_ends_its_heartbeat_quietly_when_the_loop_shuts
         return heartbeat.exception()
 
     assert asyncio.run(main()) is None
+
+
+def test_a_monitored_socket_is_closed_monitor_first():
+    """One of ten stressed runs of this tier went silent from one test on: every sync client,
+    resolver and raw socket of the process timed out. libzmq's I/O thread sends a monitor
+    event with a blocking send; a handshake failing after the client had closed its monitor
+    reader (and before the socket's own asynchronous teardown) blocked that thread, and with
+    it the whole context (libzmq #3575). close_monitored stops the monitor before anything
+    is closed; the client, the resolver and the server all close through it."""
+    from labmesh.transport import close_monitored
+
+    calls: list[str] = []
+
+    class Recorder:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def disable_monitor(self) -> None:
+            calls.append(f"{self.name}.disable_monitor")
+
+        def close(self, linger: int | None = None) -> None:
+            calls.append(f"{self.name}.close")
+
+    close_monitored(Recorder("sock"), Recorder("monitor"))
+    assert calls == ["sock.disable_monitor", "sock.close", "monitor.close"]
+    calls.clear()
+    close_monitored(None, Recorder("monitor"))  # a socket already gone: the reader still closes
+    assert calls == ["monitor.close"]
+
+    # and with real sockets: a client whose CURVE handshakes keep failing (wrong server key,
+    # reconnecting every millisecond), closed through it 50 times, leaves its context working
+    server_ctx, ctx = zmq.Context(), zmq.Context()
+    try:
+        public, secret = zmq.curve_keypair()
+        curve = server_ctx.socket(zmq.ROUTER)
+        curve.linger = 0
+        curve.curve_server, curve.curve_secretkey, curve.curve_publickey = 1, secret, public
+        port = curve.bind_to_random_port("tcp://127.0.0.1")
+        echo = server_ctx.socket(zmq.ROUTER)
+        echo.linger = 0
+        echo_port = echo.bind_to_random_port("tcp://127.0.0.1")
+        from labmesh.transport import handshake_monitor
+
+        wrong, _ = zmq.curve_keypair()
+        mine, my_secret = zmq.curve_keypair()
+        for _ in range(50):
+            sock = ctx.socket(zmq.DEALER)
+            sock.linger, sock.reconnect_ivl = 0, 1
+            sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = (
+                wrong,
+                mine,
+                my_secret,
+            )
+            monitor = handshake_monitor(sock)
+            sock.connect(f"tcp://127.0.0.1:{port}")
+            monitor.rcvtimeo = 5000
+            monitor.recv_multipart()  # it failed at least once
+            close_monitored(sock, monitor)
+        probe = ctx.socket(zmq.DEALER)
+        probe.linger, probe.rcvtimeo = 0, 5000
+        probe.connect(f"tcp://127.0.0.1:{echo_port}")
+        probe.send(b"ping")
+        assert echo.poll(5000) and echo.recv_multipart()[1] == b"ping"
+        probe.close()
+    finally:
+        ended = threading.Event()
+        threading.Thread(target=lambda: (ctx.term(), ended.set()), daemon=True).start()
+        assert ended.wait(10), "the client context no longer ends: its I/O thread is stuck"
+        server_ctx.destroy(linger=0)

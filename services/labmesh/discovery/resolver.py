@@ -32,7 +32,12 @@ from labmesh.security import (
     client_security,
     discovery_key_from_environment,
 )
-from labmesh.transport import dealer_socket, handshake_failure, handshake_monitor
+from labmesh.transport import (
+    close_monitored,
+    dealer_socket,
+    handshake_failure,
+    handshake_monitor,
+)
 from labmesh.userstate import read_json, write_private_json
 
 log = logging.getLogger("labmesh.discovery")
@@ -180,12 +185,8 @@ class DiscoveryConnection:
             return None
 
     def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close(linger=0)
-            self._sock = None
-        if self._monitor is not None:
-            self._monitor.close(linger=0)
-            self._monitor = None
+        close_monitored(self._sock, self._monitor)  # the monitor stopped first (see there)
+        self._sock = self._monitor = None
 
 
 def discovery_curve(

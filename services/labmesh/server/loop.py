@@ -57,6 +57,7 @@ from labmesh.signals import install_stop_signals
 from labmesh.transport import (
     bind_plaintext,
     bound_address,
+    close_monitored,
     connection_monitor,
     pub_socket,
     router_socket,
@@ -878,10 +879,7 @@ class DeviceServer:
     def _close_socket(self) -> None:
         with self._waker_lock:
             self._waker.close(linger=0)
-        with contextlib.suppress(zmq.ZMQError):
-            self._sock.disable_monitor()
-        self._monitor.close(linger=0)
-        self._sock.close(linger=0)
+        close_monitored(self._sock, self._monitor)
         self._pub.close(linger=0)
         self._end_context()
 
