@@ -34,6 +34,30 @@ def unavailable(reason: str, *, module: bool = False) -> None:
     pytest.skip(reason, allow_module_level=module)
 
 
+def run_labmesh(
+    *args: str,
+    env: dict | None = None,
+    unset: tuple[str, ...] = (),
+    timeout: float = 30.0,
+) -> subprocess.CompletedProcess:
+    """Run the `labmesh` command as a user would, in a fresh interpreter, and capture its output.
+
+    `env` adds to (or overrides) this process's environment and `unset` removes variables, e.g.
+    `LABMESH_DISCOVERY` for a newcomer who has configured nothing. stdin is empty, like CI's.
+    """
+    environment = {k: v for k, v in os.environ.items() if k not in unset}
+    environment.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "labmesh.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
 def note_disconnect(path: str, name: str) -> None:
     """Append `name` to the file `path` (if set): how a device served by another process (a
     `labmesh serve` subprocess) shows the test that it was disconnected."""

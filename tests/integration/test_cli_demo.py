@@ -14,7 +14,7 @@ import pytest
 
 from labmesh.discovery import DeviceRecord, Registrar
 
-from support import running_demo
+from support import run_labmesh, running_demo
 
 pytestmark = pytest.mark.integration
 
@@ -26,14 +26,7 @@ def demo():
 
 
 def cli(demo, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LABMESH_DISCOVERY": demo["endpoint"]}
-    return subprocess.run(
-        [sys.executable, "-m", "labmesh.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    return run_labmesh(*args, env={"LABMESH_DISCOVERY": demo["endpoint"]}, timeout=timeout)
 
 
 def test_demo_is_ready_quickly_and_says_where_things_are(demo):

@@ -17,6 +17,8 @@ import pytest
 from labmesh import build_client, build_server
 from labmesh.drivers.motor import MotorStage
 
+from support import run_labmesh as cli
+
 pytestmark = pytest.mark.integration
 
 
@@ -28,15 +30,6 @@ def stage():
     ).start()
     yield server
     server.stop()
-
-
-def cli(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "labmesh.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def read_until(fd: int, needle: bytes, seconds: float) -> bytes:

@@ -18,22 +18,14 @@ import pytest
 
 from labmesh.discovery import DeviceRecord, DiscoveryService, Registrar
 
-from support import MemoryMeter, free_base, serve
+from support import MemoryMeter, free_base, run_labmesh, serve
 
 pytestmark = pytest.mark.integration
 
 
 def run(*args: str, env: dict | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if k != "LABMESH_DISCOVERY"}
-    environment.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "labmesh.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=environment,
-        stdin=subprocess.DEVNULL,
-    )
+    """`labmesh` for a newcomer: LABMESH_DISCOVERY unset."""
+    return run_labmesh(*args, env=env, unset=("LABMESH_DISCOVERY",), timeout=timeout)
 
 
 def host_file(tmp_path: Path, devices: str, **top: str) -> Path:

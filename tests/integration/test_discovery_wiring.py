@@ -15,6 +15,7 @@ from labmesh import build_async_client, build_client, build_server
 from labmesh.discovery import DeviceRecord, DiscoveryService, Registrar, Resolver
 
 from support import MemoryMeter, free_port, wait_until
+from support import run_labmesh as labmesh
 
 pytestmark = pytest.mark.integration
 
@@ -125,18 +126,6 @@ def test_unknown_name_and_no_discovery_are_clear_errors(discovery, monkeypatch):
     monkeypatch.setenv("LABMESH_ADDRESS_CACHE", "off")  # no address remembered by other tests
     with pytest.raises(ConnectionError, match="LABMESH_DISCOVERY is not set; set it to"):
         build_client("meter", discovery=Resolver())
-
-
-def labmesh(
-    *args: str, env: dict | None = None, timeout: float = 30
-) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "labmesh.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def test_serve_registers_and_the_cli_lists_and_watches(discovery, tmp_path):
