@@ -73,9 +73,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        wait_for_signal()
+        signalled = wait_for_signal(check=lambda: not host.finished)
     finally:
         host.stop()
+    if not signalled:
+        for row in host.status():
+            print(f"{row['name']:<20} {row['state']}  ({row['error']})", flush=True)
     print("labmesh serve: stopped", flush=True)
     return EXIT_OK
 

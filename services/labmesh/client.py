@@ -941,7 +941,8 @@ class AsyncDeviceClient(_ClientCore):
 
     async def _reset_socket(self) -> None:
         self._close_socket()
-        await asyncio.to_thread(self._re_resolve)
+        if self._resolver is not None and self.device_name is not None:  # else nothing to ask
+            await asyncio.to_thread(self._re_resolve)
         self._socket = self._dealer()
 
     def _close_socket(self) -> None:

@@ -30,6 +30,8 @@ log = logging.getLogger("labmesh.host")
 #: Retry delays after a failed open: 1 s, 2 s, 4 s ... capped.
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 30.0
+#: How often a supervisor looks whether its server stopped on its own (s).
+STOPPED_POLL_S = 1.0
 
 
 @dataclass
@@ -290,9 +292,19 @@ class HostServer:
             log.info("%s: serving %s on %s", spec.name, spec.driver, server.address)
             self._register(server)
             self._ready[spec.name].set()
-            self._stop.wait()
+            # serve until the host stops, or the server stops on its own (a LAPLACE STOP
+            # honoured under `laplace: {allow_stop: true}`): then it is withdrawn, reported
+            # down with the reason, and not restarted (someone asked for it to stop)
+            while not self._stop.is_set() and not server.wait_stopped(STOPPED_POLL_S):
+                pass
             if self.registrar is not None:
                 self.registrar.remove(spec.name)
+            if not self._stop.is_set():
+                state.error = f"stopped by {server.stop_reason or 'itself'}"
+                metrics.SERVERS.set_down(spec.name, True)
+                log.warning(
+                    "%s: %s; withdrawn from discovery, not restarted", spec.name, state.error
+                )
             server.stop()
             break
         state.state = "stopped" if state.state != "failed" else state.state
@@ -362,6 +374,13 @@ class HostServer:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
         self.audit.close()
+
+    @property
+    def finished(self) -> bool:
+        """True once a device was stopped remotely (a LAPLACE STOP) and nothing is left to
+        serve or retry: `labmesh serve` then exits, as ServerLHC does on STOP."""
+        states = [s.state for s in self.devices.values()]
+        return "stopped" in states and all(st in ("stopped", "failed") for st in states)
 
     def status(self) -> list[dict[str, Any]]:
         return [state.row() for state in self.devices.values()]

@@ -25,6 +25,7 @@ import zmq.asyncio
 
 from labmesh.protocol import codec
 from labmesh.protocol.topics import Filter, topic_of
+from labmesh.transport import close_monitored
 
 if TYPE_CHECKING:
     from labmesh.client import AsyncDeviceClient, DeviceClient
@@ -384,10 +385,7 @@ class Receiver:
                             continue
                         dispatch(self._topics.by_topic.get(topic), topic, body)
         finally:
-            with contextlib.suppress(zmq.ZMQError):
-                sub.disable_monitor()
-            events_of_sub.close(linger=0)
-            sub.close(linger=0)
+            close_monitored(sub, events_of_sub)  # the monitor stopped first (see there)
             cmd.close(linger=0)
 
 
@@ -504,10 +502,7 @@ class AsyncReceiver:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        with contextlib.suppress(zmq.ZMQError):
-            self._sub.disable_monitor()
-        self._events.close(linger=0)
-        self._sub.close(linger=0)
+        close_monitored(self._sub, self._events)
 
     async def _run(self) -> None:
         while True:

@@ -295,27 +295,49 @@ def test_a_slow_name_lookup_does_not_stall_the_event_loop():
     assert worst_gap < 0.3, f"the event loop stalled for {worst_gap * 1000:.0f} ms"
 
 
-def test_an_unclosed_async_client_ends_its_heartbeat_quietly_when_the_loop_shuts_down():
+@pytest.mark.parametrize("by", ["name", "address"])
+def test_an_unclosed_async_client_ends_its_heartbeat_quietly_when_the_loop_shuts_down(by):
     """A device left connected (an ophyd-async device at the end of a bluesky session) kept
     heartbeating after its server had gone; once the loop's executor was shut down, the
-    heartbeat's reconnect raised 'cannot schedule new futures after shutdown' and Python
-    printed 'Task exception was never retrieved' at exit. The heartbeat now just ends."""
+    heartbeat's reconnect (re-resolving the name in a worker thread) raised 'cannot schedule
+    new futures after shutdown' and Python printed 'Task exception was never retrieved' at
+    exit. A client found by name now ends its heartbeat quietly; one given an address has no
+    name to re-resolve, needs no executor and carries on until the loop cancels it."""
     server = serve(MemoryMeter("meter"))
 
+    def lookup(request: dict) -> list:
+        record = {"name": request["name"], "address": server.address, "kind": "meter"}
+        return [ok(request, record)]
+
+    discovery = FakePeer(lookup)
+    resolver = Resolver([discovery.address], timeout_s=3.0)
+    errors: list[dict] = []
+
     async def main() -> BaseException | None:
-        client = await build_async_client(server.address, lease_s=0.6, timeout=300)
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+        target = "meter" if by == "name" else server.address
+        client = await build_async_client(target, discovery=resolver, lease_s=0.6, timeout=300)
         assert await client.query("WAVELENGTH") == 532.0
         heartbeat = client._heartbeat
         assert heartbeat is not None and not heartbeat.done()
         await asyncio.get_running_loop().shutdown_default_executor()
-        server.stop()  # the next heartbeat times out, and its fresh socket needs the executor
-        deadline = time.monotonic() + 10
+        server.stop()  # the next heartbeat times out and makes a fresh socket
+        deadline = time.monotonic() + (10 if by == "name" else 2)
         while not heartbeat.done() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        assert heartbeat.done(), "the heartbeat kept running"
-        return heartbeat.exception()
+        if by == "name":
+            assert heartbeat.done(), "the heartbeat kept running"
+            return heartbeat.exception()
+        assert not heartbeat.done(), "a client by address stopped heartbeating on its own"
+        return None
 
-    assert asyncio.run(main()) is None
+    try:
+        assert asyncio.run(main()) is None
+    finally:
+        discovery.stop()
+        resolver.close()
+        server.stop()
+    assert errors == []
 
 
 def test_a_monitored_socket_is_closed_monitor_first():

@@ -23,6 +23,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ from labmesh.protocol import laplace as env
 from labmesh.server import DeviceServer
 
 from support import MemoryMeter, free_port, serve, wait_until
+from support import run_labmesh as run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -200,16 +203,6 @@ def spawn() -> Iterator[Any]:
     finally:
         for child in started:
             child.end()
-
-
-def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "labmesh.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 # ---- 2. re-sends: idempotent operations only ----------------------------------------------
@@ -464,8 +457,11 @@ def test_laplace_stop_stops_the_server_when_allowed(tmp_path: Path) -> None:
         server.stop()
 
 
-def _host_file(tmp_path: Path, devices: list[dict[str, Any]]) -> Path:
-    lines = ["host: promises-host", "bind: 127.0.0.1", "metrics_port: null", "devices:"]
+def _host_file(
+    tmp_path: Path, devices: list[dict[str, Any]], metrics_port: int | None = None
+) -> Path:
+    metrics = "null" if metrics_port is None else str(metrics_port)
+    lines = ["host: promises-host", "bind: 127.0.0.1", f"metrics_port: {metrics}", "devices:"]
     for device in devices:
         lines.append("  - " + json.dumps(device))  # JSON is YAML
     config = tmp_path / "host.yaml"
@@ -475,7 +471,7 @@ def _host_file(tmp_path: Path, devices: list[dict[str, Any]]) -> Path:
 
 @pytest.mark.parametrize("allow_stop", [False, True], ids=["refused", "allowed"])
 def test_laplace_stop_through_labmesh_serve(allow_stop: bool, tmp_path: Path, spawn: Any) -> None:
-    cam_port, other_port = free_port(), free_port()
+    cam_port, other_port, metrics_port = free_port(), free_port(), free_port()
     markers = str(tmp_path)
     config = _host_file(
         tmp_path,
@@ -494,26 +490,73 @@ def test_laplace_stop_through_labmesh_serve(allow_stop: bool, tmp_path: Path, sp
                 "options": {"markers": markers},
             },
         ],
+        metrics_port=metrics_port,
     )
     host = spawn("serve", str(config))
     host.wait_line("Ctrl+C stops")
     cam, other = f"tcp://127.0.0.1:{cam_port}", f"tcp://127.0.0.1:{other_port}"
+    assert _ready(metrics_port) == (200, [])
     stopped = laplace_ask(cam, "STOP")
     if allow_stop:
         assert stopped is not None and stopped["error_msg"] is None, stopped
         assert wait_until(lambda: (tmp_path / "cam.disconnected").exists(), timeout=10)
         assert laplace_ask(cam, "PING", timeout_ms=500) is None  # that server is gone
+        # the host says so: /ready names the stopped device and who stopped it
+        assert wait_until(lambda: _ready(metrics_port)[0] == 503, timeout=10)
+        code, down, report = _ready(metrics_port, full=True)
+        assert code == 503 and down == ["cam"], report
+        row = report["devices"]["cam"]
+        assert row["state"] == "stopped", row
+        assert row["error"].startswith("stopped by a LAPLACE STOP from "), row
+        assert report["devices"]["other"] == {"up": True, "state": "serving"}, report
     else:
         _refused(stopped)
         time.sleep(0.3)
         assert laplace_ask(cam, "PING")["error_msg"] is None  # still serving
         assert not (tmp_path / "cam.disconnected").exists()
+        assert _ready(metrics_port) == (200, [])
     with build_client(other, timeout=5000) as client:  # the host's other device: untouched
         assert client.query("LEVEL") == 1.0
     assert not (tmp_path / "other.disconnected").exists()
     host.proc.send_signal(signal.SIGTERM)
     assert host.wait() == 0, host.text
     assert (tmp_path / "cam.disconnected").exists() and (tmp_path / "other.disconnected").exists()
+
+
+def _ready(port: int, full: bool = False) -> tuple:
+    """`/ready` of a host: (status, the names it reports down) [, the whole report]."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=5) as response:
+            code, report = response.status, json.load(response)
+    except urllib.error.HTTPError as exc:
+        code, report = exc.code, json.load(exc)
+    down = report.get("down", [])
+    return (code, down, report) if full else (code, down)
+
+
+def test_a_laplace_stop_to_the_only_device_ends_labmesh_serve(tmp_path: Path, spawn: Any) -> None:
+    """ServerLHC's process ends on STOP; so does a `labmesh serve` with nothing left to serve."""
+    config = _host_file(
+        tmp_path,
+        [
+            {
+                "name": "cam",
+                "driver": "test_promises:Recorder",
+                "port": (port := free_port()),
+                "options": {"markers": str(tmp_path)},
+                "laplace": {"allow_stop": True},
+            }
+        ],
+    )
+    host = spawn("serve", str(config))
+    host.wait_line("Ctrl+C stops")
+    stopped = laplace_ask(f"tcp://127.0.0.1:{port}", "STOP")
+    assert stopped is not None and stopped["error_msg"] is None, stopped
+    assert host.wait() == 0, host.text
+    assert (tmp_path / "cam.disconnected").exists()
+    said = "\n".join(host.out)
+    assert "stopped  (stopped by a LAPLACE STOP from " in said, host.text
+    assert said.rstrip().endswith("labmesh serve: stopped"), host.text
 
 
 # ---- 8. SIGTERM on `labmesh serve` disconnects every device --------------------------------

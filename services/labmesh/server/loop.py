@@ -297,6 +297,8 @@ class DeviceServer:
         self._lock_rows: list[dict[str, Any]] = []
         self._watchdog: Watchdog | None = None
         self.connected = False
+        #: Why the server stopped when it stopped on its own (e.g. "a LAPLACE STOP from X").
+        self.stop_reason: str | None = None
 
     # ---- what compatibility code may use (docs/server.md) ---------------------------------
     # `name`, `device`, `address`, `running`, `stop()`, and these; nothing private.

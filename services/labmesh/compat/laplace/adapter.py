@@ -443,6 +443,7 @@ class LaplaceAdapter:
                 "its host (or start it with allow_stop=True)"
             )
         log.warning("%s: stopping on a LAPLACE STOP from %s", self.name, message.sender)
+        server.stop_reason = f"a LAPLACE STOP from {message.sender}"
 
         def stop() -> None:
             time.sleep(_STOP_REPLY_GRACE_S)
