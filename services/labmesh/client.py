@@ -172,12 +172,14 @@ class _ClientCore:
         (PLESTY's) echoes no request id either: a late reply sent to a reused id would be taken
         for the answer to the next request, so a fresh socket gets a new id there too (the
         late reply goes to the closed one), unless the client holds locks, which such a
-        server knows only by the id.
+        server knows only by the id: then the exchange waits for the answers still owed
+        (such a server answers in order) and drops them before the next request is sent.
         """
         n = self._sockets_made
         self._sockets_made += 1
         if n == 0 or (self.session is None and (self.connection_info or {}).get("resources")):
-            return self.client_id.encode()
+            return self.client_id.encode()  # (the lock holder's late answers: see Exchange)
+        self._channel.new_route()
         suffix = f"~{n}".encode()
         return self.client_id.encode()[: 255 - len(suffix)] + suffix  # ZeroMQ's limit: 255
 

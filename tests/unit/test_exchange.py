@@ -81,6 +81,67 @@ def test_a_reply_without_id_is_accepted_only_from_a_peer_that_never_echoed_one()
     assert labmesh.late_replies == 1
 
 
+def _plesty_owing_one() -> Channel:
+    """An id-less peer (PLESTY) that has not answered one request on the route kept (a lock
+    holder keeps its routing id after a timeout)."""
+    plesty = Channel("tcp://plesty:1", log)
+    slow = plesty.exchange({"type": "query", "param": "SLOW"}, wait_ms=800)
+    slow.start(0.0)
+    assert isinstance(slow.timed_out(0.8), GiveUp)
+    assert plesty.owed == 1
+    return plesty
+
+
+def test_answers_an_id_less_peer_still_owes_are_dropped_before_the_next_request_is_sent():
+    plesty = _plesty_owing_one()
+    nxt = plesty.exchange({"type": "query", "param": "NEXT"}, wait_ms=1000)
+    # not sent yet: a PLESTY server answers in order, so its next answer is SLOW's
+    assert nxt.start(1.0) == Wait(1000)
+    send = nxt.received(reply(None, "slow-reply"), 1.5)
+    assert isinstance(send, Send) and not send.fresh_socket and sent(send)["param"] == "NEXT"
+    assert plesty.owed == 0 and plesty.late_replies == 1
+    assert nxt.received(reply(None, "next-reply"), 1.6).reply["result"] == "next-reply"
+
+
+def test_owed_answers_that_never_come_delay_the_next_request_by_one_wait_only():
+    plesty = _plesty_owing_one()  # (e.g. the server restarted and lost the request)
+    nxt = plesty.exchange({"type": "query", "param": "NEXT"}, wait_ms=1000)
+    assert isinstance(nxt.start(1.0), Wait)
+    send = nxt.timed_out(2.0)
+    assert isinstance(send, Send) and sent(send)["param"] == "NEXT" and plesty.owed == 0
+    assert nxt.received(reply(None, "next-reply"), 2.1).reply["result"] == "next-reply"
+    after = plesty.exchange({"type": "query", "param": "THEN"}, wait_ms=1000)
+    assert isinstance(after.start(3.0), Send)  # nothing owed any more: sent at once
+
+
+def test_a_new_route_owes_nothing_and_a_retry_on_a_kept_route_skips_the_first_answer():
+    plesty = _plesty_owing_one()
+    plesty.new_route()  # the driver's next socket has its own routing id
+    assert isinstance(plesty.exchange({"type": "ping"}, wait_ms=100).start(1.0), Send)
+
+    kept = Channel("tcp://plesty:1", log)
+    retried = kept.exchange({"type": "query", "param": "P"}, wait_ms=100, attempts=2)
+    retried.start(0.0)
+    assert isinstance(retried.timed_out(0.1), Send)  # re-sent on the kept route
+    assert isinstance(retried.received(reply(None, "to-attempt-1"), 0.15), Wait)
+    assert retried.received(reply(None, "to-attempt-2"), 0.16).reply["result"] == "to-attempt-2"
+
+
+def test_a_peer_that_echoes_ids_never_owes_answers():
+    labmesh = Channel("tcp://labmesh:1", log)
+    first = labmesh.exchange({"type": "ping"}, wait_ms=100)
+    assert isinstance(first.received(reply(first.start(0.0).rid), 0.01), Done)
+    slow = labmesh.exchange({"type": "ping"}, wait_ms=100)
+    slow.start(1.0)
+    assert isinstance(slow.timed_out(1.1), GiveUp) and labmesh.owed == 0
+    assert isinstance(labmesh.exchange({"type": "ping"}, wait_ms=100).start(2.0), Send)
+    # and a reply with an empty id while nothing is sent is nobody's
+    plesty = _plesty_owing_one()
+    nxt = plesty.exchange({"type": "ping"}, wait_ms=100)
+    nxt.start(1.0)
+    assert isinstance(nxt.received(reply(""), 1.01), Wait) and plesty.owed == 1
+
+
 def test_an_undecodable_reply_is_dropped_and_the_exchange_keeps_waiting():
     channel = Channel("tcp://peer:1", log)
     exchange = channel.exchange({"type": "ping"}, wait_ms=200)
@@ -114,6 +175,7 @@ def test_the_retry_limit_gives_up_with_a_message_that_says_how_often():
     assert "no reply from tcp://peer:1 to query POWER within 50 ms (sent 3 times)" in str(
         action.error
     )
+    channel.new_route()  # (the driver's fresh socket: nothing owed on it)
     one = channel.exchange({"type": "write", "param": "P", "value": 1}, wait_ms=50)
     one.start(0.0)
     error_text = str(one.timed_out(0.05).error)

@@ -187,6 +187,7 @@ class DiscoveryConnection:
     def close(self) -> None:
         close_monitored(self._sock, self._monitor)  # the monitor stopped first (see there)
         self._sock = self._monitor = None
+        self._channel.new_route()  # the next socket has a fresh random routing id
 
 
 def discovery_curve(

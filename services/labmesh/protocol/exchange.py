@@ -11,6 +11,10 @@ request over their own socket; every decision lives here, once:
 - when no reply comes in time the socket is never used again: the driver replaces it (lazy
   pirate) and sends again with a new id if attempts remain, else raises the TimeoutError the
   exchange built;
+- an id-less peer (PLESTY) that still owes answers on the route in use (the driver kept the
+  routing id: a PLESTY lock holder) answers in order, so the next id-less replies are those
+  answers: a new request first waits for them (up to its own wait) and drops them, and only
+  then is sent; if they never come (lost with a restarted server) it is sent after that wait;
 - a `LeaseExpiredError` reply means the server refused before running anything, so when the
   caller allows it the driver connects again and the request is sent once more.
 
@@ -124,7 +128,14 @@ class Channel:
         #: replies dropped because they answered an earlier request, or did not decode
         self.late_replies = 0
         self.bad_replies = 0
+        #: attempts an id-less peer has not answered on the route in use (see new_route)
+        self.owed = 0
         self._budget = LogBudget()
+
+    def new_route(self) -> None:
+        """The driver's next socket has a routing id of its own: answers still owed go to the
+        closed socket, none can arrive on the new one."""
+        self.owed = 0
 
     def new_id(self) -> str:
         self._counter += 1
@@ -172,12 +183,18 @@ class Exchange:
         self.sent = 0
         self.rid = ""
         self._deadline = 0.0
+        self._draining = False
         self._may_reconnect = may_reconnect and payload["type"] not in _SESSION_REQUESTS
         if session is not None:
             self.payload.setdefault("session", session)
 
-    def start(self, now: float) -> Send:
-        """The first attempt."""
+    def start(self, now: float) -> Send | Wait:
+        """The first attempt; or, when an id-less peer still owes answers on this route, a
+        wait for them first (they are dropped as they come, then the request is sent)."""
+        if self.channel.owed and not self.channel.peer_echoes_ids:
+            self._draining = True
+            self._deadline = now + self.wait_ms / 1000
+            return self._wait(now)
         return self._attempt(now, fresh_socket=False)
 
     def received(self, body: bytes, now: float) -> Done | Wait | Reconnect:
@@ -190,7 +207,22 @@ class Exchange:
             channel._report("bad reply", now, "%s; ignored", exc)
             return self._wait(now)
         rid = reply.get("id")
-        if rid == self.rid:
+        if rid is None and channel.owed and not channel.peer_echoes_ids:
+            # an id-less peer answers in order: this is the oldest answer it owed
+            channel.owed -= 1
+            channel.late_replies += 1
+            channel._report(
+                "late reply",
+                now,
+                "dropped the late answer to an earlier request (the peer echoes no request "
+                "id and answers in order; %d more owed)",
+                channel.owed,
+            )
+            if self._draining and not channel.owed:
+                self._draining = False
+                return self._attempt(now, fresh_socket=False)
+            return self._wait(now)
+        if rid == self.rid and not self._draining:
             channel.peer_echoes_ids = True
         elif rid is not None or channel.peer_echoes_ids:
             channel.late_replies += 1
@@ -213,6 +245,19 @@ class Exchange:
 
     def timed_out(self, now: float) -> Send | GiveUp:
         """No reply came within the wait: send again on a fresh socket, or give up."""
+        channel = self.channel
+        if self._draining:  # the answers owed never came (e.g. the server restarted)
+            channel.log.info(
+                "%s: %d earlier answer(s) still owed did not come within %d ms; asking now",
+                channel.peer,
+                channel.owed,
+                self.wait_ms,
+            )
+            channel.owed = 0
+            self._draining = False
+            return self._attempt(now, fresh_socket=False)
+        if not channel.peer_echoes_ids:  # an id-less peer may still answer it, later
+            channel.owed += 1
         if self.sent < self.attempts:
             self.channel.log.info(
                 "%s: no reply to %s (attempt %d/%d); resetting socket",
