@@ -171,17 +171,29 @@ class _ClientCore:
         locks are unaffected, they belong to the session token. A server that gave no token
         (PLESTY's) echoes no request id either: a late reply sent to a reused id would be taken
         for the answer to the next request, so a fresh socket gets a new id there too (the
-        late reply goes to the closed one), unless the client holds locks, which such a
-        server knows only by the id: then the exchange waits for the answers still owed
-        (such a server answers in order) and drops them before the next request is sent.
+        late reply goes to the closed one). A client holding locks on such a server keeps its
+        socket instead (see `_keeps_route`).
         """
         n = self._sockets_made
         self._sockets_made += 1
-        if n == 0 or (self.session is None and (self.connection_info or {}).get("resources")):
-            return self.client_id.encode()  # (the lock holder's late answers: see Exchange)
+        if n == 0:
+            return self.client_id.encode()
         self._channel.new_route()
         suffix = f"~{n}".encode()
         return self.client_id.encode()[: 255 - len(suffix)] + suffix  # ZeroMQ's limit: 255
+
+    def _keeps_route(self) -> bool:
+        """A client holding locks on a server that gave no session token (PLESTY, which knows
+        locks only by the routing id and echoes no request id) keeps its socket after a
+        timeout: a new socket would need the same id, and a ROUTER that still sees the old
+        connection leaves the new one unrouted until it sends, so the late answer would be
+        lost. On the kept socket the late answers arrive, and the exchange, which counts the
+        answers still owed, drops them before the next request is sent."""
+        return (
+            self._socket is not None
+            and self.session is None
+            and bool((self.connection_info or {}).get("resources"))
+        )
 
     def _connect_payload(self) -> dict[str, Any]:
         payload = {"type": "connect", "resources": self.resources, **self.connect_kwargs}
@@ -629,6 +641,8 @@ class DeviceClient(_ClientCore):
 
     def _reset_socket(self) -> None:
         """Replace the socket after a timeout so nothing stale can arrive on it."""
+        if self._keeps_route():
+            return
         self._close_socket()
         self._re_resolve()
         self._socket = self._dealer()
@@ -638,6 +652,14 @@ class DeviceClient(_ClientCore):
         close_monitored(self._socket, self._monitor)  # the monitor stopped first (see there)
         self._socket = self._monitor = None
 
+    def _abandon(self, exchange: Any) -> None:
+        """The caller stopped waiting (Ctrl+C): an answer an id-less peer still owes must
+        not be taken for the next request's, so the socket is replaced (no re-resolving)."""
+        if exchange.abandon() and self._socket is not None and not self._keeps_route():
+            self._close_socket()
+            self._socket = self._dealer()
+            self._rcvtimeo = -1
+
     def _request(
         self, payload: dict[str, Any], attempts: int | None = None, wait_ms: int | None = None
     ) -> Any:
@@ -646,27 +668,31 @@ class DeviceClient(_ClientCore):
             if self._socket is None:
                 raise ConnectionError(f"client of {self.address} is closed")
             exchange = self._exchange(payload, attempts, wait_ms)
-            action: Action = exchange.start(time.monotonic())
-            while True:
-                if isinstance(action, Send):
-                    if action.fresh_socket:
+            try:
+                action: Action = exchange.start(time.monotonic())
+                while True:
+                    if isinstance(action, Send):
+                        if action.fresh_socket:
+                            self._reset_socket()
+                        self._socket.send(action.body)
+                        action = Wait(action.wait_ms)
+                    elif isinstance(action, Wait):
+                        body = self._receive(action.ms)
+                        action = exchange.after_wait(body, time.monotonic())
+                    elif isinstance(action, Done):
+                        if self._monitor is not None:  # handshakes worked: old events say nothing
+                            handshake_failure(self._monitor)
+                        return result(action.reply)
+                    elif isinstance(action, Reconnect):
+                        self._handshake()
+                        action = exchange.reconnected(self.session, time.monotonic())
+                    else:
+                        error = self._why_no_reply(action.error)
                         self._reset_socket()
-                    self._socket.send(action.body)
-                    action = Wait(action.wait_ms)
-                elif isinstance(action, Wait):
-                    body = self._receive(action.ms)
-                    action = exchange.after_wait(body, time.monotonic())
-                elif isinstance(action, Done):
-                    if self._monitor is not None:  # handshakes worked: old events say nothing
-                        handshake_failure(self._monitor)
-                    return result(action.reply)
-                elif isinstance(action, Reconnect):
-                    self._handshake()
-                    action = exchange.reconnected(self.session, time.monotonic())
-                else:
-                    error = self._why_no_reply(action.error)
-                    self._reset_socket()
-                    raise error
+                        raise error
+            except (KeyboardInterrupt, SystemExit):
+                self._abandon(exchange)
+                raise
 
     def _receive(self, wait_ms: int) -> bytes | None:
         sock = self._socket
@@ -942,6 +968,8 @@ class AsyncDeviceClient(_ClientCore):
                     await self._request_locked({"type": "unsubscribe", "topics": topics}, 1, None)
 
     async def _reset_socket(self) -> None:
+        if self._keeps_route():  # (see there)
+            return
         self._close_socket()
         if self._resolver is not None and self.device_name is not None:  # else nothing to ask
             await asyncio.to_thread(self._re_resolve)
@@ -964,24 +992,32 @@ class AsyncDeviceClient(_ClientCore):
         if self._socket is None:
             raise ConnectionError(f"client of {self.address} is closed")
         exchange = self._exchange(payload, attempts, wait_ms)
-        action: Action = exchange.start(time.monotonic())
-        while True:
-            if isinstance(action, Send):
-                if action.fresh_socket:
+        try:
+            action: Action = exchange.start(time.monotonic())
+            while True:
+                if isinstance(action, Send):
+                    if action.fresh_socket:
+                        await self._reset_socket()
+                    await self._socket.send(action.body)
+                    action = Wait(action.wait_ms)
+                elif isinstance(action, Wait):
+                    body = await self._receive(action.ms)
+                    action = exchange.after_wait(body, time.monotonic())
+                elif isinstance(action, Done):
+                    return result(action.reply)
+                elif isinstance(action, Reconnect):
+                    await self._handshake()
+                    action = exchange.reconnected(self.session, time.monotonic())
+                else:
                     await self._reset_socket()
-                await self._socket.send(action.body)
-                action = Wait(action.wait_ms)
-            elif isinstance(action, Wait):
-                body = await self._receive(action.ms)
-                action = exchange.after_wait(body, time.monotonic())
-            elif isinstance(action, Done):
-                return result(action.reply)
-            elif isinstance(action, Reconnect):
-                await self._handshake()
-                action = exchange.reconnected(self.session, time.monotonic())
-            else:
-                await self._reset_socket()
-                raise action.error
+                    raise action.error
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            # e.g. asyncio.wait_for(client.query(...), t): the socket is replaced at once,
+            # without awaiting (no re-resolving), so nothing late answers the next request
+            if exchange.abandon() and self._socket is not None and not self._keeps_route():
+                self._close_socket()
+                self._socket = self._dealer()
+            raise
 
     async def _receive(self, wait_ms: int) -> bytes | None:
         sock = self._socket

@@ -30,8 +30,9 @@ log = logging.getLogger("labmesh.host")
 #: Retry delays after a failed open: 1 s, 2 s, 4 s ... capped.
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 30.0
-#: How often a supervisor looks whether its server stopped on its own (s).
-STOPPED_POLL_S = 1.0
+#: How often a supervisor looks whether its server stopped on its own (s; the host's own
+#: stop wakes it at once).
+STOPPED_POLL_S = 0.5
 
 
 @dataclass
@@ -292,21 +293,30 @@ class HostServer:
             log.info("%s: serving %s on %s", spec.name, spec.driver, server.address)
             self._register(server)
             self._ready[spec.name].set()
-            # serve until the host stops, or the server stops on its own (a LAPLACE STOP
-            # honoured under `laplace: {allow_stop: true}`): then it is withdrawn, reported
-            # down with the reason, and not restarted (someone asked for it to stop)
-            while not self._stop.is_set() and not server.wait_stopped(STOPPED_POLL_S):
+            # serve until the host stops, or the server stops on its own: asked to by a peer
+            # (a LAPLACE STOP honoured under `laplace: {allow_stop: true}`: withdrawn,
+            # reported down with the reason, not restarted) or not (its threads died: served
+            # again after the backoff, like a device that failed to open)
+            while not self._stop.wait(STOPPED_POLL_S) and server.running:
                 pass
             if self.registrar is not None:
                 self.registrar.remove(spec.name)
-            if not self._stop.is_set():
-                state.error = f"stopped by {server.stop_reason or 'itself'}"
-                metrics.SERVERS.set_down(spec.name, True)
+            if self._stop.is_set():
+                server.stop()
+                break
+            metrics.SERVERS.set_down(spec.name, True)
+            server.stop()
+            if server.stop_reason:
+                state.state, state.error = "stopped", f"stopped by {server.stop_reason}"
                 log.warning(
                     "%s: %s; withdrawn from discovery, not restarted", spec.name, state.error
                 )
-            server.stop()
-            break
+                break
+            state.state, state.error = "retrying", "its server stopped unexpectedly"
+            log.error("%s: %s; serving it again in %.0f s", spec.name, state.error, delay)
+            if self._stop.wait(delay):
+                break
+            delay = min(delay * 2, BACKOFF_MAX_S)
         state.state = "stopped" if state.state != "failed" else state.state
 
     def _security_of(self, spec: DeviceSpec) -> ServerSecurity | None:

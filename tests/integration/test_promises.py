@@ -33,7 +33,9 @@ import pytest
 import zmq
 
 from labmesh import Device, Parameter, build_async_client, build_client, operation
+from labmesh.config import parse_host_config
 from labmesh.drivers.motor import MotorStage
+from labmesh.host import HostServer
 from labmesh.laplace import LaplaceAdapter
 from labmesh.protocol import laplace as env
 from labmesh.server import DeviceServer
@@ -557,6 +559,37 @@ def test_a_laplace_stop_to_the_only_device_ends_labmesh_serve(tmp_path: Path, sp
     said = "\n".join(host.out)
     assert "stopped  (stopped by a LAPLACE STOP from " in said, host.text
     assert said.rstrip().endswith("labmesh serve: stopped"), host.text
+
+
+def test_a_server_that_stops_without_being_asked_is_served_again(tmp_path: Path) -> None:
+    """Only a peer's request (a LAPLACE STOP) stops a device of a host for good; a server
+    that ended otherwise (its threads died) is served again after the backoff."""
+    port = free_port()
+    text = (
+        "host: h\nbind: 127.0.0.1\nmetrics_port: null\naudit: off\ndevices:\n"
+        f"  - {{name: stage, driver: motor, port: {port}, options: {{axes: [x]}}}}\n"
+    )
+    host = HostServer(parse_host_config(text, "h.yaml"), sim=True).start()
+    try:
+        assert host.wait_ready(10)
+        first = host.servers()["stage"]
+        first.stop()  # no stop_reason: nobody asked for it
+        assert wait_until(
+            lambda: (
+                host.readiness()["devices"]["stage"]
+                == {"up": False, "state": "retrying", "error": "its server stopped unexpectedly"}
+            ),
+            timeout=10,
+        )
+        assert wait_until(
+            lambda: host.servers()["stage"] is not first and host.readiness()["ready"],
+            timeout=15,
+        )
+        assert not host.finished
+        with build_client(f"tcp://127.0.0.1:{port}", timeout=5000) as client:
+            assert client.positions() == {"x": 0.0}
+    finally:
+        host.stop()
 
 
 # ---- 8. SIGTERM on `labmesh serve` disconnects every device --------------------------------

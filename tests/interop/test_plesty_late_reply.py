@@ -11,6 +11,8 @@ not be taken for the next answer, nor shift every later answer by one.
 from __future__ import annotations
 
 import asyncio
+import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -102,8 +104,8 @@ def test_a_retried_slow_query_gets_its_own_answer(slow_plesty: Any) -> None:
 
 def test_a_lock_holder_keeps_its_id_and_still_gets_its_own_answers(slow_plesty: Any) -> None:
     """A PLESTY server knows a client's locks only by its routing id, so a lock holder keeps
-    it after a timeout and the late answer comes to its new socket: the client waits for it
-    (PLESTY answers in order) and drops it before asking the next question."""
+    its socket after a timeout and the late answer comes to it: the client waits for that
+    answer and drops it before asking the next question."""
     client = build_client(
         slow_plesty.address, timeout=TIMEOUT_MS, retries=0, lease_s=None, resources="Dev1/port0"
     )
@@ -143,3 +145,52 @@ def test_an_async_lock_holder_gets_its_own_answers_too(slow_plesty: Any) -> None
     answers, late = asyncio.run(asyncio.wait_for(scenario(), 60))
     assert "slow-reply" not in answers and late == 1
     _answers_in_order(answers, ["NEXT", "THEN", "LAST"])
+
+
+@pytest.mark.parametrize("locks", [None, "Dev1/port0"], ids=["no-locks", "lock-holder"])
+def test_a_cancelled_async_query_leaves_no_answer_for_the_next(slow_plesty: Any, locks) -> None:
+    """`asyncio.wait_for(client.query(...), t)` cancels the request while it waits: its late
+    answer must not answer the next question either."""
+
+    async def scenario() -> list[str]:
+        client = await build_async_client(
+            slow_plesty.address, timeout=5000, retries=0, lease_s=None, resources=locks
+        )
+        try:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(client.query("SLOW"), 0.5)
+            answers = [await client.query("NEXT", timeout=SLOW_S * 2)]
+            answers += [await client.query(name) for name in ("THEN", "LAST")]
+            return answers
+        finally:
+            await client.close()
+
+    answers = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert "slow-reply" not in answers
+    _answers_in_order(answers, ["NEXT", "THEN", "LAST"])
+
+
+@pytest.mark.parametrize("locks", [None, "Dev1/port0"], ids=["no-locks", "lock-holder"])
+def test_a_query_interrupted_by_ctrl_c_leaves_no_answer_for_the_next(
+    slow_plesty: Any, locks
+) -> None:
+    """Ctrl+C (a real SIGINT to this thread) during a blocking query: its late answer must
+    not answer the next question."""
+    client = build_client(
+        slow_plesty.address, timeout=5000, retries=0, lease_s=None, resources=locks
+    )
+    main = threading.get_ident()
+    try:
+        timer = threading.Timer(0.5, signal.pthread_kill, (main, signal.SIGINT))
+        timer.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                client.query("SLOW")
+        finally:
+            timer.join()
+        answers = [client.query("NEXT", timeout=SLOW_S * 2)]
+        answers += [client.query(name) for name in ("THEN", "LAST")]
+        assert "slow-reply" not in answers
+        _answers_in_order(answers, ["NEXT", "THEN", "LAST"])
+    finally:
+        client.close()

@@ -103,28 +103,72 @@ def test_answers_an_id_less_peer_still_owes_are_dropped_before_the_next_request_
     assert nxt.received(reply(None, "next-reply"), 1.6).reply["result"] == "next-reply"
 
 
-def test_owed_answers_that_never_come_delay_the_next_request_by_one_wait_only():
-    plesty = _plesty_owing_one()  # (e.g. the server restarted and lost the request)
+def test_owed_answers_that_do_not_come_in_time_send_nothing_and_say_why():
+    plesty = _plesty_owing_one()  # e.g. a move still running, or a server that restarted
     nxt = plesty.exchange({"type": "query", "param": "NEXT"}, wait_ms=1000)
     assert isinstance(nxt.start(1.0), Wait)
-    send = nxt.timed_out(2.0)
-    assert isinstance(send, Send) and sent(send)["param"] == "NEXT" and plesty.owed == 0
-    assert nxt.received(reply(None, "next-reply"), 2.1).reply["result"] == "next-reply"
-    after = plesty.exchange({"type": "query", "param": "THEN"}, wait_ms=1000)
-    assert isinstance(after.start(3.0), Send)  # nothing owed any more: sent at once
+    gave_up = nxt.timed_out(2.0)
+    assert isinstance(gave_up, GiveUp) and nxt.sent == 0  # nothing was sent
+    text = str(gave_up.error)
+    assert "still owes 1 answer(s) to earlier requests" in text and "nothing was sent" in text
+    assert "close this client and connect again" in text
+    assert plesty.owed == 1  # an answer that comes later is still not taken for another's
+    again = plesty.exchange({"type": "query", "param": "NEXT"}, wait_ms=1000)
+    assert isinstance(again.start(10.0), Wait)
+    assert isinstance(again.received(reply(None, "move-result"), 12.0), Send)
+    assert again.received(reply(None, "next-reply"), 12.1).reply["result"] == "next-reply"
 
 
-def test_a_new_route_owes_nothing_and_a_retry_on_a_kept_route_skips_the_first_answer():
+def test_a_new_route_owes_nothing():
     plesty = _plesty_owing_one()
     plesty.new_route()  # the driver's next socket has its own routing id
     assert isinstance(plesty.exchange({"type": "ping"}, wait_ms=100).start(1.0), Send)
 
+
+def test_retries_on_a_kept_route_take_the_first_answer_and_owe_the_rest():
     kept = Channel("tcp://plesty:1", log)
-    retried = kept.exchange({"type": "query", "param": "P"}, wait_ms=100, attempts=2)
+    retried = kept.exchange({"type": "query", "param": "P"}, wait_ms=100, attempts=3)
     retried.start(0.0)
-    assert isinstance(retried.timed_out(0.1), Send)  # re-sent on the kept route
-    assert isinstance(retried.received(reply(None, "to-attempt-1"), 0.15), Wait)
-    assert retried.received(reply(None, "to-attempt-2"), 0.16).reply["result"] == "to-attempt-2"
+    assert isinstance(retried.timed_out(0.1), Send)  # re-sent on the kept route (no new_route)
+    assert isinstance(retried.timed_out(0.2), Send)
+    # the same question three times: the first answer to come is the answer
+    done = retried.received(reply(None, "answer"), 0.25)
+    assert isinstance(done, Done) and done.reply["result"] == "answer"
+    assert kept.owed == 2  # the other two come later, in order, and are dropped then
+    nxt = kept.exchange({"type": "query", "param": "Q"}, wait_ms=100)
+    assert isinstance(nxt.start(1.0), Wait)
+    assert isinstance(nxt.received(reply(None, "answer"), 1.01), Wait)
+    assert isinstance(nxt.received(reply(None, "answer"), 1.02), Send)
+    assert nxt.received(reply(None, "q"), 1.03).reply["result"] == "q"
+
+
+def test_retries_on_fresh_routes_owe_nothing():
+    fresh = Channel("tcp://plesty:1", log)
+    retried = fresh.exchange({"type": "query", "param": "P"}, wait_ms=100, attempts=2)
+    retried.start(0.0)
+    assert isinstance(retried.timed_out(0.1), Send)
+    fresh.new_route()  # the driver replaced the socket with a fresh id before sending
+    assert isinstance(retried.received(reply(None, "answer"), 0.15), Done)
+    assert fresh.owed == 0
+    gave_up = fresh.exchange({"type": "query", "param": "P"}, wait_ms=100, attempts=2)
+    gave_up.start(1.0)
+    gave_up.timed_out(1.1)
+    fresh.new_route()
+    assert isinstance(gave_up.timed_out(1.2), GiveUp)
+    assert fresh.owed == 1  # only the attempt on the route in use (the driver replaces it)
+
+
+def test_an_abandoned_request_to_an_id_less_peer_is_owed():
+    plesty = Channel("tcp://plesty:1", log)
+    cancelled = plesty.exchange({"type": "query", "param": "P"}, wait_ms=1000)
+    cancelled.start(0.0)
+    assert cancelled.abandon() and plesty.owed == 1  # the driver replaces its socket
+    labmesh = Channel("tcp://labmesh:1", log)
+    first = labmesh.exchange({"type": "ping"}, wait_ms=100)
+    assert isinstance(first.received(reply(first.start(0.0).rid), 0.01), Done)
+    other = labmesh.exchange({"type": "ping"}, wait_ms=100)
+    other.start(1.0)
+    assert not other.abandon() and labmesh.owed == 0  # its late reply carries its id
 
 
 def test_a_peer_that_echoes_ids_never_owes_answers():

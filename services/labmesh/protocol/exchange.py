@@ -11,10 +11,14 @@ request over their own socket; every decision lives here, once:
 - when no reply comes in time the socket is never used again: the driver replaces it (lazy
   pirate) and sends again with a new id if attempts remain, else raises the TimeoutError the
   exchange built;
-- an id-less peer (PLESTY) that still owes answers on the route in use (the driver kept the
-  routing id: a PLESTY lock holder) answers in order, so the next id-less replies are those
-  answers: a new request first waits for them (up to its own wait) and drops them, and only
-  then is sent; if they never come (lost with a restarted server) it is sent after that wait;
+- an id-less peer (PLESTY) answers every request once, but its answers carry nothing to tell
+  them apart. When it still owes answers on the route in use (the driver kept its socket: a
+  PLESTY lock holder), a new request first waits for that many id-less replies (up to its own
+  wait) and drops them, and only then is sent, so nothing of its own is in flight meanwhile
+  and the order they come in does not matter. If they do not come within that wait, nothing
+  is sent and the TimeoutError says why: an answer that comes later must not be taken for
+  this request's (a slow move), and a server that lost them (restarted) lost the client's
+  locks too, so it reconnects;
 - a `LeaseExpiredError` reply means the server refused before running anything, so when the
   caller allows it the driver connects again and the request is sent once more.
 
@@ -128,14 +132,17 @@ class Channel:
         #: replies dropped because they answered an earlier request, or did not decode
         self.late_replies = 0
         self.bad_replies = 0
-        #: attempts an id-less peer has not answered on the route in use (see new_route)
+        #: answers an id-less peer owes to finished requests on the route in use (new_route)
         self.owed = 0
+        #: counts the driver's routes (sockets with a routing id of their own)
+        self.route = 0
         self._budget = LogBudget()
 
     def new_route(self) -> None:
         """The driver's next socket has a routing id of its own: answers still owed go to the
         closed socket, none can arrive on the new one."""
         self.owed = 0
+        self.route += 1
 
     def new_id(self) -> str:
         self._counter += 1
@@ -184,6 +191,9 @@ class Exchange:
         self.rid = ""
         self._deadline = 0.0
         self._draining = False
+        #: this request's attempts not answered yet on the route in use, and that route
+        self._unanswered = 0
+        self._route = channel.route
         self._may_reconnect = may_reconnect and payload["type"] not in _SESSION_REQUESTS
         if session is not None:
             self.payload.setdefault("session", session)
@@ -207,15 +217,16 @@ class Exchange:
             channel._report("bad reply", now, "%s; ignored", exc)
             return self._wait(now)
         rid = reply.get("id")
+        self._follow_route()
         if rid is None and channel.owed and not channel.peer_echoes_ids:
-            # an id-less peer answers in order: this is the oldest answer it owed
+            # an answer an id-less peer owed (nothing of ours is in flight while draining)
             channel.owed -= 1
             channel.late_replies += 1
             channel._report(
                 "late reply",
                 now,
                 "dropped the late answer to an earlier request (the peer echoes no request "
-                "id and answers in order; %d more owed)",
+                "id; %d more owed)",
                 channel.owed,
             )
             if self._draining and not channel.owed:
@@ -234,6 +245,10 @@ class Exchange:
                 self.rid,
             )
             return self._wait(now)
+        if rid is None:  # an id-less peer: one of this request's attempts is answered (all
+            # carry the same payload); the others' answers are owed, in order
+            channel.owed += max(0, self._unanswered - 1)
+        self._unanswered = 0
         if self._may_reconnect and reply.get("type") == LeaseExpiredError.wire_type:
             self._may_reconnect = False  # once: the reply after reconnecting is final
             return Reconnect(str(reply.get("error")))
@@ -246,18 +261,17 @@ class Exchange:
     def timed_out(self, now: float) -> Send | GiveUp:
         """No reply came within the wait: send again on a fresh socket, or give up."""
         channel = self.channel
-        if self._draining:  # the answers owed never came (e.g. the server restarted)
-            channel.log.info(
-                "%s: %d earlier answer(s) still owed did not come within %d ms; asking now",
-                channel.peer,
-                channel.owed,
-                self.wait_ms,
+        self._follow_route()
+        if self._draining:  # nothing was sent: the answers owed did not come in time
+            return GiveUp(
+                TimeoutError(
+                    f"{channel.peer} still owes {channel.owed} answer(s) to earlier requests "
+                    f"(it echoes no request id, so labmesh waits for them before asking again) "
+                    f"and none came within {self.wait_ms} ms; nothing was sent. "
+                    "If an earlier call is still running, ask again later; if the server "
+                    "restarted (its locks are gone too), close this client and connect again"
+                )
             )
-            channel.owed = 0
-            self._draining = False
-            return self._attempt(now, fresh_socket=False)
-        if not channel.peer_echoes_ids:  # an id-less peer may still answer it, later
-            channel.owed += 1
         if self.sent < self.attempts:
             self.channel.log.info(
                 "%s: no reply to %s (attempt %d/%d); resetting socket",
@@ -267,7 +281,29 @@ class Exchange:
                 self.attempts,
             )
             return self._attempt(now, fresh_socket=True)
+        if not channel.peer_echoes_ids:  # an id-less peer may still answer them, later
+            channel.owed += self._unanswered
+        self._unanswered = 0
         return GiveUp(self.timeout_error())
+
+    def abandon(self) -> bool:
+        """The caller gave up waiting (cancelled, Ctrl+C): the attempts an id-less peer has not
+        answered are owed. True if the driver should replace its socket (so that, unless it
+        keeps its routing id, they go to the closed one)."""
+        self._follow_route()
+        owes = not self.channel.peer_echoes_ids and self._unanswered > 0
+        if owes:
+            self.channel.owed += self._unanswered
+        self._unanswered = 0
+        return owes
+
+    def _follow_route(self) -> None:
+        """The driver moved to a new route since this request's latest attempt was made (it
+        replaced the socket with a fresh routing id before sending it): the attempts before
+        that went to the closed socket, only the latest can be answered here."""
+        if self._route != self.channel.route:
+            self._route = self.channel.route
+            self._unanswered = min(self._unanswered, 1)
 
     def reconnected(self, session: str | None, now: float) -> Send:
         """After a new handshake: the request once more, under the new session."""
@@ -290,7 +326,9 @@ class Exchange:
         )
 
     def _attempt(self, now: float, fresh_socket: bool) -> Send:
+        self._follow_route()
         self.sent += 1
+        self._unanswered += 1
         self.rid = self.channel.new_id()
         self.payload["id"] = self.rid
         self._deadline = now + self.wait_ms / 1000
