@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 from collections.abc import Iterator
 
@@ -23,6 +24,12 @@ os.environ.setdefault("LABMESH_STATE_DIR", _STATE)  # hosts' registration ids
 # joins a multicast group on a real interface (the beacon's own tests run in network
 # namespaces they made, with `auto` or explicit settings, which this does not affect)
 os.environ.setdefault("LABMESH_BEACON", "off")
+# A runner that starts pytest in the background (`cmd &` in a script, without job control)
+# makes it ignore SIGINT, and every child inherits that: the tests that press Ctrl+C on a CLI
+# or server would then press it on a process that ignores it. They stand for a user at a
+# terminal, so the tests run with Python's default handler (children start with SIG_DFL).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture

@@ -8,15 +8,16 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from labmesh import RemoteError, build_client
+from labmesh import RemoteError, build_client, build_server
 
-from support import free_port, wait_until
+from support import MemoryMeter, free_port, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -376,3 +377,28 @@ def test_health_is_liveness_and_ready_reflects_an_unplugged_instrument(tmp_path)
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+def test_a_stop_while_the_server_is_still_starting_its_threads(monkeypatch):
+    """SIGTERM can land while the device thread already serves and the standby thread is not
+    started yet (a loaded machine): stop() must wait for it instead of failing with "cannot
+    join thread before it is started" (the seed example's `Future exception was never
+    retrieved` at exit)."""
+    standby_starting = threading.Event()
+    real_start = threading.Thread.start
+
+    def slow_standby_start(thread: threading.Thread) -> None:
+        if thread.name.startswith("standby:"):
+            standby_starting.set()
+            time.sleep(0.3)  # the scheduler looks elsewhere
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", slow_standby_start)
+    server = build_server(MemoryMeter("meter"), address="tcp://127.0.0.1:0")
+    starting = threading.Thread(target=server.start, name="starter")
+    real_start(starting)
+    assert standby_starting.wait(10)
+    server.stop()  # raised RuntimeError before
+    starting.join(10)
+    assert not starting.is_alive()
+    assert server.wait_stopped(5) and not server.running

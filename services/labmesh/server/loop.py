@@ -294,6 +294,7 @@ class DeviceServer:
         self._connect_done = threading.Event()
         self._connect_error: BaseException | None = None
         self._stopped = threading.Event()
+        self._starting = threading.Lock()
         self._lock_rows: list[dict[str, Any]] = []
         self._watchdog: Watchdog | None = None
         self.connected = False
@@ -344,16 +345,18 @@ class DeviceServer:
 
         Raises whatever the device's connect raised, after closing the socket.
         """
-        if self._threads:
-            return self
-        self.core.started_at = self.clock()
-        self._threads = [
-            threading.Thread(target=self._thread_main, name=f"device:{self.name}", daemon=True),
-            threading.Thread(target=self._thread_main, name=f"standby:{self.name}", daemon=True),
-        ]
-        self._device_thread = self._threads[0]
-        for thread in self._threads:
-            thread.start()
+        with self._starting:  # (a stop() meanwhile waits until both threads have started)
+            if self._threads:
+                return self
+            self.core.started_at = self.clock()
+            threads = [
+                threading.Thread(target=self._thread_main, name=f"{role}:{self.name}", daemon=True)
+                for role in ("device", "standby")
+            ]
+            self._device_thread = threads[0]
+            self._threads = threads
+            for thread in threads:
+                thread.start()
         if not self._connect_done.wait(self.connect_timeout_s):
             self.stop()
             raise TimeoutError(
@@ -377,7 +380,11 @@ class DeviceServer:
         self._wake()
         deadline = time.monotonic() + timeout
         me = threading.current_thread()
-        for thread in self._threads:
+        # a stop racing start() (SIGTERM while the device thread already serves and the
+        # standby is not started yet: a thread cannot be joined before it starts)
+        with self._starting:
+            threads = list(self._threads)
+        for thread in threads:
             if thread is not me:
                 thread.join(max(0.0, deadline - time.monotonic()))
         if not self._threads:
