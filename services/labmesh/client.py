@@ -148,6 +148,10 @@ class _ClientCore:
         if wait_ms is None:
             wait_ms = self._recv_timeout_ms(payload.get("timeout"))
         held = bool((self.connection_info or {}).get("resources"))
+        if attempts > 1 and self._keeps_route():
+            # the kept socket's connection loses nothing: a re-send would only run the call
+            # again and owe one more answer, so one attempt waits the whole budget
+            wait_ms, attempts = wait_ms * attempts, 1
         return self._channel.exchange(
             payload,
             wait_ms=wait_ms,
@@ -182,6 +186,18 @@ class _ClientCore:
         suffix = f"~{n}".encode()
         return self.client_id.encode()[: 255 - len(suffix)] + suffix  # ZeroMQ's limit: 255
 
+    def _abandon(self, exchange: Exchange) -> None:
+        """The caller stopped waiting (cancelled, Ctrl+C, a signal handler's exception): an
+        answer an id-less peer still owes must not be taken for the next request's, so the
+        socket is replaced unless kept (see `_keeps_route`; no re-resolving here). Interrupted
+        while the socket was being replaced, a connected client gets its socket back."""
+        if exchange.abandon() and self._socket is not None and not self._keeps_route():
+            self._close_socket()
+            self._socket = self._dealer()
+        elif self._socket is None and self._connected:
+            self._socket = self._dealer()
+        self._rcvtimeo = -1
+
     def _keeps_route(self) -> bool:
         """A client holding locks on a server that gave no session token (PLESTY, which knows
         locks only by the routing id and echoes no request id) keeps its socket after a
@@ -192,6 +208,7 @@ class _ClientCore:
         return (
             self._socket is not None
             and self.session is None
+            and not self._channel.peer_echoes_ids  # (a labmesh server between sessions does)
             and bool((self.connection_info or {}).get("resources"))
         )
 
@@ -652,14 +669,6 @@ class DeviceClient(_ClientCore):
         close_monitored(self._socket, self._monitor)  # the monitor stopped first (see there)
         self._socket = self._monitor = None
 
-    def _abandon(self, exchange: Any) -> None:
-        """The caller stopped waiting (Ctrl+C): an answer an id-less peer still owes must
-        not be taken for the next request's, so the socket is replaced (no re-resolving)."""
-        if exchange.abandon() and self._socket is not None and not self._keeps_route():
-            self._close_socket()
-            self._socket = self._dealer()
-            self._rcvtimeo = -1
-
     def _request(
         self, payload: dict[str, Any], attempts: int | None = None, wait_ms: int | None = None
     ) -> Any:
@@ -690,7 +699,7 @@ class DeviceClient(_ClientCore):
                         error = self._why_no_reply(action.error)
                         self._reset_socket()
                         raise error
-            except (KeyboardInterrupt, SystemExit):
+            except BaseException:
                 self._abandon(exchange)
                 raise
 
@@ -1011,12 +1020,10 @@ class AsyncDeviceClient(_ClientCore):
                 else:
                     await self._reset_socket()
                     raise action.error
-        except (asyncio.CancelledError, KeyboardInterrupt):
+        except BaseException:
             # e.g. asyncio.wait_for(client.query(...), t): the socket is replaced at once,
             # without awaiting (no re-resolving), so nothing late answers the next request
-            if exchange.abandon() and self._socket is not None and not self._keeps_route():
-                self._close_socket()
-                self._socket = self._dealer()
+            self._abandon(exchange)
             raise
 
     async def _receive(self, wait_ms: int) -> bytes | None:

@@ -294,29 +294,29 @@ class HostServer:
             self._register(server)
             self._ready[spec.name].set()
             # serve until the host stops, or the server stops on its own: asked to by a peer
-            # (a LAPLACE STOP honoured under `laplace: {allow_stop: true}`: withdrawn,
-            # reported down with the reason, not restarted) or not (its threads died: served
-            # again after the backoff, like a device that failed to open)
+            # (a LAPLACE STOP honoured under `laplace: {allow_stop: true}`: "stopped") or not
+            # (its threads ended: a labmesh bug, "failed"); either way it is withdrawn from
+            # discovery, reported down with the reason and not served again by this process
             while not self._stop.wait(STOPPED_POLL_S) and server.running:
                 pass
             if self.registrar is not None:
                 self.registrar.remove(spec.name)
-            if self._stop.is_set():
-                server.stop()
-                break
-            metrics.SERVERS.set_down(spec.name, True)
             server.stop()
-            if server.stop_reason:
-                state.state, state.error = "stopped", f"stopped by {server.stop_reason}"
-                log.warning(
-                    "%s: %s; withdrawn from discovery, not restarted", spec.name, state.error
-                )
-                break
-            state.state, state.error = "retrying", "its server stopped unexpectedly"
-            log.error("%s: %s; serving it again in %.0f s", spec.name, state.error, delay)
-            if self._stop.wait(delay):
-                break
-            delay = min(delay * 2, BACKOFF_MAX_S)
+            if not self._stop.is_set():
+                metrics.SERVERS.set_down(spec.name, True)
+                if server.stop_reason:
+                    state.state, state.error = "stopped", f"stopped by {server.stop_reason}"
+                    log.warning(
+                        "%s: %s; withdrawn from discovery, not restarted", spec.name, state.error
+                    )
+                else:
+                    state.state = "failed"
+                    state.error = (
+                        "its server stopped unexpectedly (a labmesh bug: the log says why); "
+                        "restart `labmesh serve` to serve it again"
+                    )
+                    log.error("%s: %s", spec.name, state.error)
+            break
         state.state = "stopped" if state.state != "failed" else state.state
 
     def _security_of(self, spec: DeviceSpec) -> ServerSecurity | None:

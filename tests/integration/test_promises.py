@@ -561,33 +561,28 @@ def test_a_laplace_stop_to_the_only_device_ends_labmesh_serve(tmp_path: Path, sp
     assert said.rstrip().endswith("labmesh serve: stopped"), host.text
 
 
-def test_a_server_that_stops_without_being_asked_is_served_again(tmp_path: Path) -> None:
-    """Only a peer's request (a LAPLACE STOP) stops a device of a host for good; a server
-    that ended otherwise (its threads died) is served again after the backoff."""
-    port = free_port()
+def test_a_server_that_stops_without_being_asked_is_reported_failed(tmp_path: Path) -> None:
+    """Only a peer's request (a LAPLACE STOP) stops a device of a host as "stopped"; a server
+    that ended otherwise (its threads died: a bug) is reported "failed", saying what to do,
+    withdrawn, and /ready says so; the host keeps serving its other devices."""
+    port, other_port = free_port(), free_port()
     text = (
         "host: h\nbind: 127.0.0.1\nmetrics_port: null\naudit: off\ndevices:\n"
         f"  - {{name: stage, driver: motor, port: {port}, options: {{axes: [x]}}}}\n"
+        f"  - {{name: other, driver: motor, port: {other_port}, options: {{axes: [y]}}}}\n"
     )
     host = HostServer(parse_host_config(text, "h.yaml"), sim=True).start()
     try:
         assert host.wait_ready(10)
-        first = host.servers()["stage"]
-        first.stop()  # no stop_reason: nobody asked for it
-        assert wait_until(
-            lambda: (
-                host.readiness()["devices"]["stage"]
-                == {"up": False, "state": "retrying", "error": "its server stopped unexpectedly"}
-            ),
-            timeout=10,
-        )
-        assert wait_until(
-            lambda: host.servers()["stage"] is not first and host.readiness()["ready"],
-            timeout=15,
-        )
-        assert not host.finished
-        with build_client(f"tcp://127.0.0.1:{port}", timeout=5000) as client:
-            assert client.positions() == {"x": 0.0}
+        host.servers()["stage"].stop()  # no stop_reason: nobody asked for it
+        assert wait_until(lambda: host.readiness()["devices"]["stage"]["state"] == "failed", 10)
+        report = host.readiness()
+        assert report["ready"] is False and report["down"] == ["stage"], report
+        assert "stopped unexpectedly" in report["devices"]["stage"]["error"], report
+        assert "restart `labmesh serve`" in report["devices"]["stage"]["error"], report
+        assert not host.finished  # nothing asked the host to end
+        with build_client(f"tcp://127.0.0.1:{other_port}", timeout=5000) as client:
+            assert client.positions() == {"y": 0.0}
     finally:
         host.stop()
 

@@ -5,8 +5,9 @@
 As peer_plesty_server.py (binds `tcp://127.0.0.1:PORT`, prints `READY <address>`, serves until
 SIGTERM, SIGINT or --max-lifetime), with a device whose `query("SLOW")` sleeps SLOW_S seconds
 before answering `"slow-reply"`; every other parameter answers at once with its own name and a
-counter (`"FAST-1"`, `"FAST-2"`, ...), so a test can tell which question a reply answers. PLESTY
-runs device calls one at a time, so a question asked during the sleep is answered after it.
+counter (`"FAST-1"`, `"FAST-2"`, ...), so a test can tell which question a reply answers, and
+`query("SLOWRUNS")` says how often SLOW ran (without counting itself). PLESTY runs device calls
+one at a time, so a question asked during the sleep is answered after it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class SlowDevice:
     def __init__(self, slow_s: float) -> None:
         self.slow_s = slow_s
         self.asked = 0
+        self.slow_runs = 0
 
     def __enter__(self) -> SlowDevice:
         return self
@@ -41,8 +43,11 @@ class SlowDevice:
     def query(self, key: str, **kwargs: Any) -> str:
         """Read a parameter."""
         if key == "SLOW":
+            self.slow_runs += 1
             time.sleep(self.slow_s)
             return "slow-reply"
+        if key == "SLOWRUNS":
+            return self.slow_runs
         self.asked += 1
         return f"{key}-{self.asked}"
 

@@ -170,27 +170,72 @@ def test_a_cancelled_async_query_leaves_no_answer_for_the_next(slow_plesty: Any,
     _answers_in_order(answers, ["NEXT", "THEN", "LAST"])
 
 
+class _Alarm(Exception):
+    """What a SIGALRM handler (a hand-made timeout) raises inside a blocking call."""
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "alarm"])
 @pytest.mark.parametrize("locks", [None, "Dev1/port0"], ids=["no-locks", "lock-holder"])
-def test_a_query_interrupted_by_ctrl_c_leaves_no_answer_for_the_next(
-    slow_plesty: Any, locks
+def test_a_query_interrupted_by_a_signal_leaves_no_answer_for_the_next(
+    slow_plesty: Any, locks, how: str
 ) -> None:
-    """Ctrl+C (a real SIGINT to this thread) during a blocking query: its late answer must
-    not answer the next question."""
+    """Ctrl+C (a real SIGINT to this thread), or a SIGALRM handler that raises, during a
+    blocking query: its late answer must not answer the next question."""
     client = build_client(
         slow_plesty.address, timeout=5000, retries=0, lease_s=None, resources=locks
     )
     main = threading.get_ident()
+
+    def alarm(_signum: int, _frame: object) -> None:
+        raise _Alarm("took too long")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
     try:
-        timer = threading.Timer(0.5, signal.pthread_kill, (main, signal.SIGINT))
+        sig = signal.SIGINT if how == "ctrl-c" else signal.SIGALRM
+        timer = threading.Timer(0.5, signal.pthread_kill, (main, sig))
         timer.start()
         try:
-            with pytest.raises(KeyboardInterrupt):
+            with pytest.raises(KeyboardInterrupt if how == "ctrl-c" else _Alarm):
                 client.query("SLOW")
         finally:
             timer.join()
+            signal.signal(signal.SIGALRM, previous)
         answers = [client.query("NEXT", timeout=SLOW_S * 2)]
         answers += [client.query(name) for name in ("THEN", "LAST")]
         assert "slow-reply" not in answers
         _answers_in_order(answers, ["NEXT", "THEN", "LAST"])
+    finally:
+        client.close()
+
+
+def test_a_lock_holder_closing_while_an_answer_is_owed_releases_its_locks(
+    slow_plesty: Any,
+) -> None:
+    """The disconnect that releases PLESTY's locks is sent at once, even while the device
+    still owes the answer to a call that timed out; another client then gets the locks."""
+    holder = build_client(
+        slow_plesty.address, timeout=TIMEOUT_MS, retries=0, lease_s=None, resources="Dev1/port0"
+    )
+    with pytest.raises(TimeoutError):
+        holder.query("SLOW")
+    holder.close()  # while SLOW still runs on the device
+    with build_client(
+        slow_plesty.address, timeout=5000, lease_s=None, resources="Dev1/port0"
+    ) as other:
+        assert other.connection_info["resources"] == ["Dev1/port0/line0"]
+
+
+def test_a_lock_holder_waits_its_whole_budget_once_instead_of_re_sending(
+    slow_plesty: Any,
+) -> None:
+    """Its kept connection loses nothing, so a re-send would only run the call again: with
+    retries=2 one attempt waits three waits (2.4 s), long enough for the 2 s SLOW."""
+    client = build_client(
+        slow_plesty.address, timeout=TIMEOUT_MS, retries=2, lease_s=None, resources="Dev1/port0"
+    )
+    try:
+        assert client.query("SLOW") == "slow-reply"
+        assert client.query("SLOWRUNS") == 1
+        assert client.query("NEXT").startswith("NEXT-")
     finally:
         client.close()

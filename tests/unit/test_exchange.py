@@ -171,6 +171,13 @@ def test_an_abandoned_request_to_an_id_less_peer_is_owed():
     assert not other.abandon() and labmesh.owed == 0  # its late reply carries its id
 
 
+def test_a_disconnect_is_sent_at_once_and_takes_the_first_answer_whatever_is_owed():
+    plesty = _plesty_owing_one()  # a lock holder closing while a call still runs
+    bye = plesty.exchange({"type": "disconnect"}, wait_ms=1000)
+    assert isinstance(bye.start(1.0), Send)  # the locks are released now, not after the call
+    assert isinstance(bye.received(reply(None, {"client_id": "c"}), 1.1), Done)
+
+
 def test_a_peer_that_echoes_ids_never_owes_answers():
     labmesh = Channel("tcp://labmesh:1", log)
     first = labmesh.exchange({"type": "ping"}, wait_ms=100)

@@ -18,7 +18,8 @@ request over their own socket; every decision lives here, once:
   and the order they come in does not matter. If they do not come within that wait, nothing
   is sent and the TimeoutError says why: an answer that comes later must not be taken for
   this request's (a slow move), and a server that lost them (restarted) lost the client's
-  locks too, so it reconnects;
+  locks too, so the caller reconnects. A `disconnect` neither waits for nor drops them (it
+  must release the locks even while a call runs; its answer is not used);
 - a `LeaseExpiredError` reply means the server refused before running anything, so when the
   caller allows it the driver connects again and the request is sent once more.
 
@@ -191,6 +192,8 @@ class Exchange:
         self.rid = ""
         self._deadline = 0.0
         self._draining = False
+        #: a disconnect: sent at once, its answer taken whatever is owed (its result is unused)
+        self._ignores_owed = payload["type"] == "disconnect"
         #: this request's attempts not answered yet on the route in use, and that route
         self._unanswered = 0
         self._route = channel.route
@@ -201,7 +204,7 @@ class Exchange:
     def start(self, now: float) -> Send | Wait:
         """The first attempt; or, when an id-less peer still owes answers on this route, a
         wait for them first (they are dropped as they come, then the request is sent)."""
-        if self.channel.owed and not self.channel.peer_echoes_ids:
+        if self.channel.owed and not self.channel.peer_echoes_ids and not self._ignores_owed:
             self._draining = True
             self._deadline = now + self.wait_ms / 1000
             return self._wait(now)
@@ -218,7 +221,7 @@ class Exchange:
             return self._wait(now)
         rid = reply.get("id")
         self._follow_route()
-        if rid is None and channel.owed and not channel.peer_echoes_ids:
+        if rid is None and channel.owed and not channel.peer_echoes_ids and not self._ignores_owed:
             # an answer an id-less peer owed (nothing of ours is in flight while draining)
             channel.owed -= 1
             channel.late_replies += 1
