@@ -191,10 +191,12 @@ class _ClientCore:
         answer an id-less peer still owes must not be taken for the next request's, so the
         socket is replaced unless kept (see `_keeps_route`; no re-resolving here). Interrupted
         while the socket was being replaced, a connected client gets its socket back."""
-        if exchange.abandon() and self._socket is not None and not self._keeps_route():
+        if not self._connected:  # closing (or never connected): no socket to keep alive
+            exchange.abandon()
+        elif exchange.abandon() and self._socket is not None and not self._keeps_route():
             self._close_socket()
             self._socket = self._dealer()
-        elif self._socket is None and self._connected:
+        elif self._socket is None:
             self._socket = self._dealer()
         self._rcvtimeo = -1
 
@@ -786,22 +788,27 @@ class DeviceClient(_ClientCore):
         with self._lock:
             if self._socket is None:
                 return
-            if self._connected:
-                self._connected = False
-                try:
-                    self._request(
-                        {"type": "disconnect"},
-                        attempts=1,
-                        wait_ms=min(self.default_timeout, CLOSE_TIMEOUT_MS),
-                    )
-                except (TimeoutError, ConnectionError) as exc:
-                    log.info("%s: disconnect not confirmed (%s); closing anyway", self.address, exc)
-            self._close_socket()
-            for sub in self._subscriptions:
-                sub.closed = True
-            self._subscriptions.clear()
-            if self._receiver is not None:
-                self._receiver.close()
+            try:
+                if self._connected:
+                    self._connected = False
+                    try:
+                        self._request(
+                            {"type": "disconnect"},
+                            attempts=1,
+                            wait_ms=min(self.default_timeout, CLOSE_TIMEOUT_MS),
+                        )
+                    except Exception as exc:  # (its answer is not used: e.g. a PLESTY
+                        # server's late error to an earlier call, taken as the disconnect's)
+                        log.info(
+                            "%s: disconnect not confirmed (%s); closing anyway", self.address, exc
+                        )
+            finally:
+                self._close_socket()
+                for sub in self._subscriptions:
+                    sub.closed = True
+                self._subscriptions.clear()
+                if self._receiver is not None:
+                    self._receiver.close()
                 self._receiver = None
 
     def __enter__(self) -> DeviceClient:
@@ -1095,21 +1102,23 @@ class AsyncDeviceClient(_ClientCore):
             self._heartbeat = None
         if self._socket is None:
             return
-        if self._connected:
-            self._connected = False
-            try:
-                await self._request(
-                    {"type": "disconnect"},
-                    attempts=1,
-                    wait_ms=min(self.default_timeout, CLOSE_TIMEOUT_MS),
-                )
-            except (TimeoutError, ConnectionError) as exc:
-                log.info("%s: disconnect not confirmed (%s); closing anyway", self.address, exc)
-        self._close_socket()
-        for sub in self._subscriptions:
-            sub.closed = True
-            sub._hand_end()
-        self._subscriptions.clear()
+        try:
+            if self._connected:
+                self._connected = False
+                try:
+                    await self._request(
+                        {"type": "disconnect"},
+                        attempts=1,
+                        wait_ms=min(self.default_timeout, CLOSE_TIMEOUT_MS),
+                    )
+                except Exception as exc:  # (its answer is not used: see DeviceClient.close)
+                    log.info("%s: disconnect not confirmed (%s); closing anyway", self.address, exc)
+        finally:
+            self._close_socket()
+            for sub in self._subscriptions:
+                sub.closed = True
+                sub._hand_end()
+            self._subscriptions.clear()
         if self._receiver is not None:
             await self._receiver.close()
             self._receiver = None

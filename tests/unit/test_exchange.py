@@ -178,6 +178,15 @@ def test_a_disconnect_is_sent_at_once_and_takes_the_first_answer_whatever_is_owe
     assert isinstance(bye.received(reply(None, {"client_id": "c"}), 1.1), Done)
 
 
+def test_a_request_json_cannot_carry_is_never_counted_as_sent():
+    plesty = Channel("tcp://plesty:1", log)
+    bad = plesty.exchange({"type": "write", "param": "P", "value": object()}, wait_ms=100)
+    with pytest.raises(Exception, match="object"):
+        bad.start(0.0)
+    assert bad.sent == 0 and not bad.abandon() and plesty.owed == 0  # nothing to wait for
+    assert isinstance(plesty.exchange({"type": "ping"}, wait_ms=100).start(1.0), Send)
+
+
 def test_a_peer_that_echoes_ids_never_owes_answers():
     labmesh = Channel("tcp://labmesh:1", log)
     first = labmesh.exchange({"type": "ping"}, wait_ms=100)

@@ -330,12 +330,13 @@ class Exchange:
 
     def _attempt(self, now: float, fresh_socket: bool) -> Send:
         self._follow_route()
-        self.sent += 1
-        self._unanswered += 1
         self.rid = self.channel.new_id()
         self.payload["id"] = self.rid
+        body = native.encode(self.payload)  # (what JSON cannot carry raises here, unsent)
+        self.sent += 1
+        self._unanswered += 1
         self._deadline = now + self.wait_ms / 1000
-        return Send(native.encode(self.payload), self.rid, self.wait_ms, fresh_socket)
+        return Send(body, self.rid, self.wait_ms, fresh_socket)
 
     def _wait(self, now: float) -> Wait:
         return Wait(max(0, math.ceil((self._deadline - now) * 1000 - 1e-6)))

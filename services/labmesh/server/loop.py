@@ -381,11 +381,13 @@ class DeviceServer:
         deadline = time.monotonic() + timeout
         me = threading.current_thread()
         # a stop racing start() (SIGTERM while the device thread already serves and the
-        # standby is not started yet: a thread cannot be joined before it starts)
-        with self._starting:
-            threads = list(self._threads)
-        for thread in threads:
-            if thread is not me:
+        # standby is not started yet) waits until start() has started both; a thread that is
+        # still not started (stop called inside start, e.g. by a signal handler) is not
+        # joined: it cannot be before it starts, and it ends at once when it does
+        if self._starting.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            self._starting.release()
+        for thread in self._threads:
+            if thread is not me and thread.ident is not None:
                 thread.join(max(0.0, deadline - time.monotonic()))
         if not self._threads:
             self._close_socket()
