@@ -685,7 +685,7 @@ class DeviceClient(_ClientCore):
                     if isinstance(action, Send):
                         if action.fresh_socket:
                             self._reset_socket()
-                        self._socket.send(action.body)
+                        self._send(action.body)
                         action = Wait(action.wait_ms)
                     elif isinstance(action, Wait):
                         body = self._receive(action.ms)
@@ -704,6 +704,18 @@ class DeviceClient(_ClientCore):
             except BaseException:
                 self._abandon(exchange)
                 raise
+
+    def _send(self, body: bytes) -> None:
+        """Queue a request without ever blocking. A DEALER whose only connection is gone (a
+        CurveZMQ handshake the server refused ends it for good, possibly before the first
+        send) blocks a plain send forever; unqueued, the request gets no reply, and the wait
+        times out and says why (_why_no_reply)."""
+        try:
+            self._socket.send(body, zmq.NOBLOCK)
+        except zmq.Again:
+            log.info(
+                "%s: no connection takes the request now; waiting out its timeout", self.address
+            )
 
     def _receive(self, wait_ms: int) -> bytes | None:
         sock = self._socket
@@ -1014,7 +1026,7 @@ class AsyncDeviceClient(_ClientCore):
                 if isinstance(action, Send):
                     if action.fresh_socket:
                         await self._reset_socket()
-                    await self._socket.send(action.body)
+                    await self._send(action.body)
                     action = Wait(action.wait_ms)
                 elif isinstance(action, Wait):
                     body = await self._receive(action.ms)
@@ -1032,6 +1044,15 @@ class AsyncDeviceClient(_ClientCore):
             # without awaiting (no re-resolving), so nothing late answers the next request
             self._abandon(exchange)
             raise
+
+    async def _send(self, body: bytes) -> None:
+        """As DeviceClient._send: never waits for a connection to take the request."""
+        try:
+            await self._socket.send(body, zmq.NOBLOCK)
+        except zmq.Again:
+            log.info(
+                "%s: no connection takes the request now; waiting out its timeout", self.address
+            )
 
     async def _receive(self, wait_ms: int) -> bytes | None:
         sock = self._socket

@@ -4,9 +4,11 @@ by `labmesh.keys` (pyzmq's zmq.auth), the handshakes are libzmq's."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,8 @@ import pytest
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
-from labmesh import RemoteError, build_client, metrics
+from labmesh import RemoteError, build_async_client, build_client, metrics
+from labmesh import client as client_module
 from labmesh.audit import AuditLog
 from labmesh.compat.laplace import LaplaceAdapter
 from labmesh.discovery import DeviceRecord, DiscoveryService, Registrar, Resolver
@@ -29,6 +32,8 @@ from labmesh.security import RELOAD_S, Keyring, ServerSecurity, load_key_pair
 from labmesh.server import DeviceServer
 
 from support import MemoryMeter, free_base, serve, wait_until
+
+_real_dealer_socket = client_module.dealer_socket
 
 pytestmark = pytest.mark.integration
 
@@ -190,6 +195,65 @@ def test_admin_force_releases_a_lock_and_nobody_else_can(lab, tmp_path):
         assert ("force_release", "alice", "denied") in outcomes
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_handshake_refused_before_the_first_send_is_an_error_not_a_hang(
+    lab, monkeypatch, flavour
+):
+    """A DEALER whose CurveZMQ handshake was refused has no connection left (libzmq does not
+    reconnect after it), and a plain send then blocks for good. On a loaded machine the refusal
+    can come between connecting the socket and sending the first request: the client hung in
+    `build_client` (seen as a 15-minute hang of the integration tier beside a CPU burner)."""
+    srv = secured(lab)
+    real_monitor = client_module.handshake_monitor
+
+    def monitor_then_fall_behind(sock: zmq.Socket) -> zmq.Socket:
+        monitor = real_monitor(sock)
+        time.sleep(1.0)  # the refusal arrives before the first send
+        return monitor
+
+    monkeypatch.setattr(client_module, "handshake_monitor", monitor_then_fall_behind)
+    if flavour == "async":  # (its timeouts stay plain: no monitor; the refusal still races)
+        monkeypatch.setattr(client_module, "dealer_socket", _dealer_then_fall_behind)
+    outcome: dict[str, BaseException] = {}
+
+    def attempt() -> None:
+        try:
+            if flavour == "sync":
+                client(srv, "mallory", lab, timeout=800, retries=0)
+            else:
+                asyncio.run(
+                    build_async_client(
+                        srv.address,
+                        key=lab.pair("mallory"),
+                        server_key=srv.server_key,
+                        timeout=800,
+                        retries=0,
+                    )
+                )
+        except BaseException as exc:  # what the caller would see
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=attempt, daemon=True)
+    thread.start()
+    thread.join(20)
+    try:
+        assert not thread.is_alive(), "the first request's send blocked"
+        error = outcome["error"]
+        if flavour == "sync":
+            assert isinstance(error, PermissionError), error
+            assert "refused this client's CurveZMQ key" in str(error)
+        else:
+            assert isinstance(error, TimeoutError), error
+    finally:
+        srv.stop()
+
+
+def _dealer_then_fall_behind(*args: Any, **kwargs: Any) -> zmq.Socket:
+    sock = _real_dealer_socket(*args, **kwargs)
+    time.sleep(1.0)  # the refusal arrives before the first send
+    return sock
 
 
 def test_a_key_file_added_or_removed_takes_effect_without_a_restart(lab):
