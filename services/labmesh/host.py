@@ -30,6 +30,9 @@ log = logging.getLogger("labmesh.host")
 #: Retry delays after a failed open: 1 s, 2 s, 4 s ... capped.
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 30.0
+#: How long stopping a host may take: its devices disconnect meanwhile (within `docker stop`'s
+#: 10 s grace before SIGKILL).
+STOP_TIMEOUT_S = 8.0
 #: How often a supervisor looks whether its server stopped on its own (s; the host's own
 #: stop wakes it at once).
 STOPPED_POLL_S = 0.5
@@ -178,6 +181,7 @@ class HostServer:
             for spec in config.devices
         }
         self._stop = threading.Event()
+        self._stop_deadline = 0.0  # set by stop()
         self._threads: list[threading.Thread] = []
         self._ready = {name: threading.Event() for name in self.devices}
         # the host file's discovery endpoints, else LABMESH_DISCOVERY (what containers set)
@@ -301,7 +305,8 @@ class HostServer:
                 pass
             if self.registrar is not None:
                 self.registrar.remove(spec.name)
-            server.stop()
+            # (on the host's stop: as long as its deadline allows, so the device disconnects)
+            server.stop(max(1.5, self._stop_deadline - time.monotonic()))
             if not self._stop.is_set():
                 metrics.SERVERS.set_down(spec.name, True)
                 if server.stop_reason:
@@ -371,11 +376,12 @@ class HostServer:
             )
         )
 
-    def stop(self, timeout: float = 3.0) -> None:
-        """Stop every device server (each disconnects its device) within about `timeout`;
-        their discovery registrations are withdrawn."""
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """Stop every device server within about `timeout`, each waiting for its device's
+        disconnect (closing an instrument can take a moment) until then; their discovery
+        registrations are withdrawn."""
+        deadline = self._stop_deadline = time.monotonic() + timeout
         self._stop.set()
-        deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         if self.registrar is not None:
