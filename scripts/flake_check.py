@@ -29,6 +29,9 @@ BURN = (
     "end = time.monotonic() + float(sys.argv[1])\n"
     "while time.monotonic() < end: pass"
 )
+#: (faulthandler: a test that runs 5 minutes prints every thread's stack)
+PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+PYTEST += ["-o", "faulthandler_timeout=300"]
 FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.M)
 
 
@@ -36,7 +39,7 @@ def pytest_run(paths: list[str], timeout: float) -> tuple[str, int | str]:
     """One pytest run in its own process group (so a run that hangs is ended with every
     server it started): its output and exit code ("timeout" if it ran out of time)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *paths],
+        PYTEST + paths,
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -48,9 +51,24 @@ def pytest_run(paths: list[str], timeout: float) -> tuple[str, int | str]:
         output, _ = proc.communicate(timeout=timeout)
         return output, proc.returncode
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the group we started: pytest and its children
-        output, _ = proc.communicate()
+        # Ctrl+C first: pytest then prints where it hung and the failures so far
+        proc.send_signal(signal.SIGINT)
+        try:
+            output, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group we started: pytest and children
+            output, _ = proc.communicate()
+        if _group_alive(proc.pid):  # servers a test started and left behind
+            os.killpg(proc.pid, signal.SIGKILL)
         return output, "timeout"
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
