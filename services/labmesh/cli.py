@@ -17,7 +17,7 @@ from typing import Any
 
 from labmesh import __version__
 from labmesh.protocol.errors import LabmeshError, RemoteError
-from labmesh.signals import wait_for_signal
+from labmesh.signals import stop_signals, wait_for_signal
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 #: The lease `monitor` keeps, so a restarted server is noticed and subscribed to again (s).
@@ -61,21 +61,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "(metrics_port: null turns metrics off)",
             EXIT_USAGE,
         )
-    host = HostServer(config, sim=args.sim, bind=args.bind).start()
-    host.wait_ready(timeout=30)
-    for row in host.status():
-        line = f"{row['name']:<20} {row['driver']:<12} {row['address']:<28} {row['state']}"
-        if row["error"]:
-            line += f"  ({row['error']})"
-        print(line, flush=True)
-    print(
-        f"labmesh serve: host {config.host}, {len(config.devices)} device(s); Ctrl+C stops",
-        flush=True,
-    )
-    try:
-        signalled = wait_for_signal(check=lambda: not host.finished)
-    finally:
-        host.stop()
+    with stop_signals() as stop:  # (from before the first device opens)
+        host = HostServer(config, sim=args.sim, bind=args.bind).start()
+        try:
+            host.wait_ready(timeout=30)
+            for row in host.status():
+                line = f"{row['name']:<20} {row['driver']:<12} {row['address']:<28} {row['state']}"
+                if row["error"]:
+                    line += f"  ({row['error']})"
+                print(line, flush=True)
+            print(
+                f"labmesh serve: host {config.host}, {len(config.devices)} device(s); Ctrl+C stops",
+                flush=True,
+            )
+            signalled = wait_for_signal(check=lambda: not host.finished, stop=stop)
+        finally:
+            host.stop()
     if not signalled:
         for row in host.status():
             print(f"{row['name']:<20} {row['state']}  ({row['error']})", flush=True)
@@ -294,26 +295,27 @@ def cmd_discovery(args: argparse.Namespace) -> int:
         security = ServerSecurity(load_key_pair(args.key), Keyring(directories=args.clients), roles)
     elif args.clients:
         raise CliError("--clients needs --key (discovery's own key pair)", EXIT_USAGE)
-    service = DiscoveryService(
-        args.address,
-        args.pub,
-        http_host=args.http_host,
-        http_port=args.http_port,
-        ttl_s=args.ttl,
-        beacon=None if args.no_beacon else BeaconSettings(),
-        security=security,
-    ).start()
-    print(
-        f"labmesh discovery: API {service.address}, changes {service.pub_address}, "
-        f"HTTP {service.http_url}; Ctrl+C stops",
-        flush=True,
-    )
-    if service.server_key:
-        print(f"  CurveZMQ: LABMESH_DISCOVERY_KEY={service.server_key}", flush=True)
-    try:
-        wait_for_signal()
-    finally:
-        service.stop()
+    with stop_signals() as stop:  # (from before the service starts)
+        service = DiscoveryService(
+            args.address,
+            args.pub,
+            http_host=args.http_host,
+            http_port=args.http_port,
+            ttl_s=args.ttl,
+            beacon=None if args.no_beacon else BeaconSettings(),
+            security=security,
+        ).start()
+        print(
+            f"labmesh discovery: API {service.address}, changes {service.pub_address}, "
+            f"HTTP {service.http_url}; Ctrl+C stops",
+            flush=True,
+        )
+        if service.server_key:
+            print(f"  CurveZMQ: LABMESH_DISCOVERY_KEY={service.server_key}", flush=True)
+        try:
+            wait_for_signal(stop=stop)
+        finally:
+            service.stop()
     print("labmesh discovery: stopped", flush=True)
     return EXIT_OK
 

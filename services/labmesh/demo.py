@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from labmesh.config import ConfigError
-from labmesh.signals import wait_for_signal
+from labmesh.signals import stop_signals, wait_for_signal
 
 #: Ports of the demo relative to --base-port (default 5550).
 DISCOVERY_API, DISCOVERY_PUB, DISCOVERY_HTTP = 0, 1, 2
@@ -387,19 +387,20 @@ def run(
     """Start, print, serve until a signal (or `wait` is set), restarting a host that crashes,
     stop. 0, or 1 when a host kept crashing (its log is kept: the message says where)."""
     t0 = time.monotonic()
-    demo = start(base_port, metrics_port, secure=secure)
-    healthy = True
-    try:
-        if prometheus:
-            start_prometheus(demo)
-        print(banner(demo), flush=True)
-        print(f"(ready in {time.monotonic() - t0:.1f} s)", flush=True)
-        if wait is not None:
-            while not wait.wait(0.5) and healthy:
-                healthy = supervise(demo)
-        else:
-            healthy = wait_for_signal(lambda: supervise(demo))
-    finally:
-        stop(demo, keep_workdir=not healthy)
+    with stop_signals() as signalled:  # (from before the first process starts)
+        demo = start(base_port, metrics_port, secure=secure)
+        healthy = True
+        try:
+            if prometheus:
+                start_prometheus(demo)
+            print(banner(demo), flush=True)
+            print(f"(ready in {time.monotonic() - t0:.1f} s)", flush=True)
+            if wait is not None:
+                while not wait.wait(0.5) and not signalled.is_set() and healthy:
+                    healthy = supervise(demo)
+            else:
+                healthy = wait_for_signal(lambda: supervise(demo), stop=signalled)
+        finally:
+            stop(demo, keep_workdir=not healthy)
     print("labmesh demo: stopped", flush=True)
     return 0 if healthy else 1

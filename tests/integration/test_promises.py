@@ -54,19 +54,29 @@ EXIT_S = 15.0
 
 # ---- drivers ------------------------------------------------------------------------------
 class Recorder(Device):
-    """A device that leaves `<markers>/<name>.connected` / `.disconnected` files behind
-    (disconnect takes `disconnect_s`, as closing a real instrument does)."""
+    """A device that leaves `<markers>/<name>.connecting`, `.connected` and `.disconnected`
+    files behind (connect takes `connect_s` and disconnect `disconnect_s`, as opening and
+    closing a real instrument do)."""
 
     kind = "recorder"
     LEVEL = Parameter(float, description="a number")
 
-    def __init__(self, name: str = "recorder", markers: str = "", disconnect_s: float = 0.0):
+    def __init__(
+        self,
+        name: str = "recorder",
+        markers: str = "",
+        disconnect_s: float = 0.0,
+        connect_s: float = 0.0,
+    ):
         super().__init__(name)
         self.markers = markers
         self.disconnect_s = float(disconnect_s)
+        self.connect_s = float(connect_s)
         self.values = {"LEVEL": 1.0}
 
     def connect(self) -> None:
+        self._mark("connecting")
+        time.sleep(self.connect_s)
         self._mark("connected")
 
     def disconnect(self) -> None:
@@ -588,6 +598,31 @@ def test_a_server_that_stops_without_being_asked_is_reported_failed(tmp_path: Pa
 
 
 # ---- 8. SIGTERM on `labmesh serve` disconnects every device --------------------------------
+def test_sigterm_while_serve_is_still_opening_its_devices_stops_it_cleanly(
+    tmp_path: Path, spawn: Any
+) -> None:
+    """`docker stop` right after `up`: the signal comes while an instrument is still opening.
+    It used to kill the process (exit -15, the instrument never closed): the handlers were
+    installed only once every device served and the banner was printed."""
+    config = _host_file(
+        tmp_path,
+        [
+            {
+                "name": "slow",
+                "driver": "test_promises:Recorder",
+                "port": free_port(),
+                "options": {"markers": str(tmp_path), "connect_s": 1.5},
+            }
+        ],
+    )
+    host = spawn("serve", str(config))
+    assert wait_until(lambda: (tmp_path / "slow.connecting").exists(), timeout=START_S)
+    host.proc.send_signal(signal.SIGTERM)
+    assert host.wait() == 0, host.text
+    assert "labmesh serve: stopped" in host.out, host.text
+    assert (tmp_path / "slow.disconnected").exists(), host.text
+
+
 def test_sigterm_on_serve_disconnects_every_device(tmp_path: Path, spawn: Any) -> None:
     names = ["dev-a", "dev-b", "dev-c"]
     config = _host_file(
