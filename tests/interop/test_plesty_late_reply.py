@@ -40,9 +40,27 @@ def slow_plesty(interop_python: Path, spawn: Callable[..., Any]) -> Any:
     return process
 
 
-def _answers_in_order(answers: list[str], names: list[str]) -> None:
-    """Each answer is to its own question (`NAME-<n>`), in the order asked."""
-    assert [a.rsplit("-", 1)[0] for a in answers] == names, answers
+#: The questions asked after the slow one, while the device may still owe its answer.
+NEXT = ["NEXT", "THEN", "LAST"]
+
+
+def _ask_next(client: Any, first_wait_s: float = SLOW_S * 2) -> list[str]:
+    """NEXT (waiting past the slow query's end), THEN and LAST, through a sync client."""
+    return [client.query(name, timeout=first_wait_s if name == "NEXT" else None) for name in NEXT]
+
+
+async def _ask_next_async(client: Any) -> list[str]:
+    """As _ask_next, through an asyncio client."""
+    return [
+        await client.query(name, timeout=SLOW_S * 2 if name == "NEXT" else None) for name in NEXT
+    ]
+
+
+def _own_answers(answers: list[str]) -> None:
+    """Each answer is to its own question (`NAME-<n>`), in the order asked, and none is the
+    slow query's late one."""
+    assert "slow-reply" not in answers, answers
+    assert [a.rsplit("-", 1)[0] for a in answers] == NEXT, answers
     counters = [int(a.rsplit("-", 1)[1]) for a in answers]
     assert counters == sorted(counters), answers
 
@@ -57,11 +75,7 @@ def test_sync_client_late_plesty_reply_does_not_answer_the_next_query(slow_plest
             client.query("SLOW")
         # asked while the device still sleeps: answered after the late reply was sent;
         # budget so that the client waits past the slow query's end
-        names = ["NEXT", "THEN", "LAST"]
-        answers = [client.query(names[0], timeout=SLOW_S * 2)]
-        answers += [client.query(name) for name in names[1:]]
-        assert "slow-reply" not in answers
-        _answers_in_order(answers, names)
+        _own_answers(_ask_next(client))
     finally:
         client.close()
 
@@ -75,15 +89,12 @@ def test_async_client_late_plesty_reply_does_not_answer_the_next_query(slow_ples
             assert (await client.query("FIRST")).startswith("FIRST-")
             with pytest.raises(TimeoutError, match="query SLOW"):
                 await client.query("SLOW")
-            answers = [await client.query("NEXT", timeout=SLOW_S * 2)]
-            answers += [await client.query(name) for name in ("THEN", "LAST")]
-            return answers
+            return await _ask_next_async(client)
         finally:
             await client.close()
 
     answers = asyncio.run(asyncio.wait_for(scenario(), 60))
-    assert "slow-reply" not in answers
-    _answers_in_order(answers, ["NEXT", "THEN", "LAST"])
+    _own_answers(answers)
 
 
 def test_a_retried_slow_query_gets_its_own_answer(slow_plesty: Any) -> None:
@@ -94,10 +105,7 @@ def test_a_retried_slow_query_gets_its_own_answer(slow_plesty: Any) -> None:
         # attempts at 0 and 0.8 s; the device answers them at 2 and 4 s, both too late
         with pytest.raises(TimeoutError, match=r"sent 2 times"):
             client.query("SLOW")
-        answers = [client.query("NEXT", timeout=SLOW_S * 3)]
-        answers += [client.query(name) for name in ("THEN", "LAST")]
-        assert "slow-reply" not in answers
-        _answers_in_order(answers, ["NEXT", "THEN", "LAST"])
+        _own_answers(_ask_next(client, first_wait_s=SLOW_S * 3))
     finally:
         client.close()
 
@@ -114,10 +122,7 @@ def test_a_lock_holder_keeps_its_id_and_still_gets_its_own_answers(slow_plesty: 
         assert client.query("FIRST").startswith("FIRST-")
         with pytest.raises(TimeoutError):
             client.query("SLOW")
-        answers = [client.query("NEXT", timeout=SLOW_S * 2)]
-        answers += [client.query(name) for name in ("THEN", "LAST")]
-        assert "slow-reply" not in answers
-        _answers_in_order(answers, ["NEXT", "THEN", "LAST"])
+        _own_answers(_ask_next(client))
         assert client._channel.late_replies == 1  # the late answer came, and was dropped
     finally:
         client.close()
@@ -136,15 +141,13 @@ def test_an_async_lock_holder_gets_its_own_answers_too(slow_plesty: Any) -> None
             assert client.connection_info["resources"] == ["Dev1/port0/line0"]
             with pytest.raises(TimeoutError):
                 await client.query("SLOW")
-            answers = [await client.query("NEXT", timeout=SLOW_S * 2)]
-            answers += [await client.query(name) for name in ("THEN", "LAST")]
-            return answers, client._channel.late_replies
+            return await _ask_next_async(client), client._channel.late_replies
         finally:
             await client.close()
 
     answers, late = asyncio.run(asyncio.wait_for(scenario(), 60))
-    assert "slow-reply" not in answers and late == 1
-    _answers_in_order(answers, ["NEXT", "THEN", "LAST"])
+    _own_answers(answers)
+    assert late == 1
 
 
 @pytest.mark.parametrize("locks", [None, "Dev1/port0"], ids=["no-locks", "lock-holder"])
@@ -159,15 +162,12 @@ def test_a_cancelled_async_query_leaves_no_answer_for_the_next(slow_plesty: Any,
         try:
             with pytest.raises(asyncio.TimeoutError):
                 await asyncio.wait_for(client.query("SLOW"), 0.5)
-            answers = [await client.query("NEXT", timeout=SLOW_S * 2)]
-            answers += [await client.query(name) for name in ("THEN", "LAST")]
-            return answers
+            return await _ask_next_async(client)
         finally:
             await client.close()
 
     answers = asyncio.run(asyncio.wait_for(scenario(), 60))
-    assert "slow-reply" not in answers
-    _answers_in_order(answers, ["NEXT", "THEN", "LAST"])
+    _own_answers(answers)
 
 
 class _Alarm(Exception):
@@ -200,10 +200,7 @@ def test_a_query_interrupted_by_a_signal_leaves_no_answer_for_the_next(
         finally:
             timer.join()
             signal.signal(signal.SIGALRM, previous)
-        answers = [client.query("NEXT", timeout=SLOW_S * 2)]
-        answers += [client.query(name) for name in ("THEN", "LAST")]
-        assert "slow-reply" not in answers
-        _answers_in_order(answers, ["NEXT", "THEN", "LAST"])
+        _own_answers(_ask_next(client))
     finally:
         client.close()
 
